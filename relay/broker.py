@@ -1,0 +1,88 @@
+"""Keeping a RabbitMQ connection: connect with backoff, run a session, reconnect when it drops.
+
+relay uses plain connections with this loop instead of aio-pika's robust connection, so that
+every reconnect runs the same code as the first connect (declare topology, open channels, start
+consumers) and a lost channel is handled like a lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractConnection
+from aiormq.exceptions import AMQPError
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+MAX_RECONNECT_DELAY = 5.0
+
+BROKER_ERRORS = (AMQPError, OSError, asyncio.TimeoutError, RuntimeError)
+
+Session = Callable[[AbstractConnection, asyncio.Event], Awaitable[None]]
+
+
+async def keep_connected(
+    url: str, session: Session, *, what: str, until: asyncio.Event | None = None
+) -> None:
+    """Run `session(connection, over)` on each new connection until `until` is set (or cancelled).
+
+    `over` is set when the connection drops; the session may set it too. A session runs until it
+    returns, typically after awaiting `over`; then the connection is closed and, unless `until`
+    is set, a new one is made.
+    """
+    until = until or asyncio.Event()
+    delay = 0.2
+    while not until.is_set():
+        try:
+            connection = await aio_pika.connect(url, timeout=5)
+        except BROKER_ERRORS as exc:
+            log.warning("broker unreachable", component=what, error=_describe(exc), retry_in=delay)
+            await until_set(asyncio.sleep(delay), until)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)
+            continue
+        delay = 0.2
+        over = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: over.set())
+        log.info("broker connected", component=what)
+        try:
+            await session(connection, over)
+        except BROKER_ERRORS as exc:
+            log.warning("broker session failed", component=what, error=_describe(exc))
+            await until_set(asyncio.sleep(delay), until)
+        finally:
+            await asyncio.shield(_close(connection))
+        if not until.is_set():
+            log.warning("broker connection lost", component=what)
+
+
+async def until_set(awaitable: Awaitable[T], *events: asyncio.Event) -> T | None:
+    """The result of `awaitable`, or None (and `awaitable` cancelled) if an event is set first."""
+    task = asyncio.ensure_future(awaitable)
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait([task, *waiters], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
+
+
+async def _close(connection: AbstractConnection) -> None:
+    try:
+        await asyncio.wait_for(connection.close(), timeout=5)
+    except BROKER_ERRORS:
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,190 @@
+"""The `relay` command: parses arguments, loads settings, configures logging, runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from relay import __version__, topology
+from relay.broker import BROKER_ERRORS
+from relay.errors import ConfigError
+from relay.ingress import create_app
+from relay.logging import configure
+from relay.send import send
+from relay.settings import Secret, Settings
+from relay.worker import Worker
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_BROKER = 3
+
+log = structlog.get_logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits 2 on bad usage
+    try:
+        settings = Settings.from_file(args.config)
+        configure(args.log_level)
+        return _run(args.run(settings, args))
+    except ConfigError as exc:
+        print(f"relay: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="A webhook relay on RabbitMQ.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[..., Awaitable[int]], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", help="TOML config (default: $RELAY_CONFIG, config/relay.toml)")
+        sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+        sub.set_defaults(run=run)
+        return sub
+
+    ingress = command("ingress", _ingress, "Serve the webhook ingress.")
+    ingress.add_argument("--host", help="override ingress.host")
+    ingress.add_argument("--port", type=int, help="override ingress.port")
+    worker = command("worker", _worker, "Deliver messages to handlers.")
+    worker.add_argument("--handler", action="append", help="only this handler (repeatable)")
+    run = command("run", _run_both, "Ingress and worker in one process, for development.")
+    run.add_argument("--host", help="override ingress.host")
+    run.add_argument("--port", type=int, help="override ingress.port")
+
+    sender = command("send", _send, "Sign and POST sample Envoice webhooks to an ingress.")
+    sender.add_argument("--url", help="default: the config's ingress port and source path")
+    sender.add_argument("--source", help="source name (default: the first source)")
+    sender.add_argument("--count", type=_positive, default=10, help="webhooks to send (10)")
+    sender.add_argument("--invoices", type=_positive, default=3, help="invoices to spread over")
+    sender.add_argument("--secret", help="sign with this secret instead of the config's")
+
+    topo = command("topology", _topology, "Declare or export relay's RabbitMQ topology.")
+    topo.add_argument("action", choices=["declare", "export"])
+    return parser
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
+    ingress = settings.ingress
+    ingress = replace(ingress, host=args.host or ingress.host, port=args.port or ingress.port)
+    return replace(settings, ingress=ingress)
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _serve_ingress(settings: Settings, stopping: asyncio.Event) -> None:
+    runner = web.AppRunner(
+        create_app(settings), access_log=None, shutdown_timeout=settings.ingress.drain_seconds
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.ingress.host, settings.ingress.port).start()
+        log.info("ingress listening", host=settings.ingress.host, port=settings.ingress.port,
+                 broker=settings.broker.safe_url, sources=[s.path for s in settings.sources])  # fmt: skip
+        await stopping.wait()
+        log.info("ingress draining")
+    finally:
+        await runner.cleanup()  # stops accepting, finishes in-flight requests, closes the broker
+
+
+async def _ingress(settings: Settings, args: argparse.Namespace) -> int:
+    stopping = asyncio.Event()
+    _stop_on_signals(stopping.set)
+    try:
+        await _serve_ingress(_with_listen(settings, args), stopping)
+    except OSError as exc:
+        print(f"relay: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    log.info("ingress stopped")
+    return EXIT_OK
+
+
+async def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    worker = Worker(settings, args.handler)
+    _stop_on_signals(worker.stop)
+    await worker.async_run()
+    log.info("worker stopped")
+    return EXIT_OK
+
+
+async def _run_both(settings: Settings, args: argparse.Namespace) -> int:
+    settings = _with_listen(settings, args)
+    worker = Worker(settings)
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        worker.stop()
+
+    _stop_on_signals(stop)
+    try:
+        await asyncio.gather(_serve_ingress(settings, stopping), worker.async_run())
+    except OSError as exc:
+        print(f"relay: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _send(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.sources:
+        raise ConfigError("sources: none configured")
+    source = settings.source(args.source) if args.source else settings.sources[0]
+    if args.secret:
+        source = replace(source, secrets=(Secret(args.secret, "--secret"),))
+    url = args.url or f"http://127.0.0.1:{settings.ingress.port}{source.path}"
+    report = await send(source, url, count=args.count, invoices=args.invoices)
+    print(report.line())
+    for error in report.errors[:5]:
+        print(f"  {error}", file=sys.stderr)
+    return EXIT_OK if report.answers.total() == report.answers["accepted"] else EXIT_FAILURE
+
+
+async def _topology(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "export":
+        sys.stdout.buffer.write(
+            orjson.dumps(topology.export(topology.describe(settings)), option=orjson.OPT_INDENT_2)
+        )
+        sys.stdout.write("\n")
+        return EXIT_OK
+    try:
+        await topology.declare_all(settings)
+    except BROKER_ERRORS as exc:
+        print(f"relay: broker unreachable or refused: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    print(f"declared relay topology on {settings.broker.safe_url}")
+    return EXIT_OK
+
+

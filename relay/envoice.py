@@ -1,0 +1,219 @@
+"""The Envoice provider: signature recipe, payload validation, event names, samples."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from relay.errors import BadPayload, BadSignature
+from relay.provider import Event
+from relay.verify import hex_signature, hex_signature_matches
+
+if TYPE_CHECKING:
+    from relay.settings import SourceSettings
+
+# The Activity Type enum of Envoice's OpenAPI spec, in order from 0 (SPEC "The Envoice webhook").
+TYPE_NAMES = (
+    "Created Draft Cloned SentViaEmail SentViaSms SentReminderViaEmail SentReminderViaSms "
+    "Opened Viewed Rejected Updated Paid Unpaid Overdue NewManualPayment NewPaymentWithPaypal "
+    "NewPaymentWithStripe NewPaymentWithPayoneer SentToAccountant DownloadedAsPdf "
+    "MarkAsPaidByTheClient OpenedAttachment NewPaymentWithSquare NewPaymentWithKlikAndPay "
+    "NewPaymentWithRazorpay NewPaymentWithWepay NewPaymentWithHalkbank ChangeStatus OrderUpdated "
+    "OrderCreated NewPaymentWithTwoCheckout NewPaymentWithPaymentWall NewPaymentWithBamboraEU "
+    "NewPaymentWithBamboraNA Void NewPaymentWithNlb NewPaymentWithAuthorizeNet "
+    "NewPaymentWithBraintree EstimationCreated EstimationDraft EstimationCloned "
+    "EstimationSentViaEmail EstimationOpened EstimationViewed EstimationAccepted "
+    "EstimationRejected EstimationUpdated EstimationDownloadedAsPdf InvoiceDigitallySigned"
+).split()
+
+# .NET-style timestamps: up to 7 fractional digits, `Z` or an offset (UTC when absent).
+_TIMESTAMP_RE = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,7})?(?:Z|[+-]\d\d:\d\d)?", re.ASCII
+)
+_PLACEHOLDER_RE = re.compile(r"(\{Timestamp\}|\{Activity\})")
+_DECODER = json.JSONDecoder()
+_WS = " \t\n\r"
+
+# Activity fields: name -> (accepted types, required)
+_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "Id": ((int,), True),
+    "Type": ((int, str), True),
+    "CreatedOn": ((str,), True),
+    "Message": ((str, type(None)), False),
+    "Link": ((str, type(None)), False),
+    "InvoiceNumber": ((str, type(None)), False),
+    "InvoiceId": ((int, type(None)), False),
+    "OrderNumber": ((str, type(None)), False),
+    "OrderId": ((int, type(None)), False),
+}
+
+
+def snake_case(name: str) -> str:
+    """`NewPaymentWithBamboraEU` -> `new_payment_with_bambora_eu`."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+def type_names(source: SourceSettings) -> dict[int, str]:
+    """Code -> PascalCase name: the built-in enum, overridden and extended by `types`."""
+    return {**dict(enumerate(TYPE_NAMES)), **source.types}
+
+
+def event_names(source: SourceSettings) -> list[str]:
+    return [snake_case(name) for name in type_names(source).values()]
+
+
+def event_name(source: SourceSettings, code: int) -> str:
+    name = type_names(source).get(code)
+    return snake_case(name) if name else f"type_{code}"
+
+
+def parse(body: bytes, source: SourceSettings, now: float) -> Event:
+    """Verify the signature and validate the payload of one Envoice webhook."""
+    fields, activity_raw = _top_level(body)
+    activity = fields.get("Activity")
+    if not isinstance(activity, dict):
+        raise BadPayload("Activity: required, must be an object")
+    timestamp = fields.get("Timestamp")
+    if not isinstance(timestamp, str):
+        raise BadPayload("Timestamp: required, must be a string")
+    signature = fields.get("Signature")
+    if not isinstance(signature, str) or not signature:
+        raise BadSignature("Signature: missing")
+    message = _signed_message(source.signature_template, timestamp, activity_raw)
+    if not hex_signature_matches(signature, source.signature_algorithm, source.secrets, message):
+        raise BadSignature("Signature: does not match")
+    sent_at = _parse_time(timestamp, "Timestamp")
+    if source.tolerance_seconds and abs(now - sent_at.timestamp()) > source.tolerance_seconds:
+        raise BadSignature(f"Timestamp: outside the tolerance of {source.tolerance_seconds}s")
+    return _event(activity, source)
+
+
+def _event(activity: dict[str, Any], source: SourceSettings) -> Event:
+    for name, (kinds, required) in _FIELDS.items():
+        if name not in activity:
+            if required:
+                raise BadPayload(f"Activity.{name}: required")
+            continue
+        value = activity[name]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise BadPayload(f"Activity.{name}: must be {wanted}")
+    _parse_time(activity["CreatedOn"], "Activity.CreatedOn")
+    code = _type_code(activity["Type"], source)
+    activity_id = activity["Id"]
+    if activity_id < 0:
+        raise BadPayload("Activity.Id: must not be negative")
+    if activity.get("InvoiceId"):
+        key = f"invoice:{activity['InvoiceId']}"
+    elif activity.get("OrderId"):
+        key = f"order:{activity['OrderId']}"
+    else:
+        key = f"activity:{activity_id}"
+    return Event(
+        id=str(activity_id),
+        source=source.name,
+        name=event_name(source, code),
+        type=code,
+        key=key,
+        occurred_at=activity["CreatedOn"],
+        data=activity,
+    )
+
+
+def _type_code(value: int | str, source: SourceSettings) -> int:
+    if isinstance(value, int):
+        if value < 0:
+            raise BadPayload("Activity.Type: must not be negative")
+        return value
+    wanted = value.strip().lower()
+    for code, name in type_names(source).items():
+        if name.lower() == wanted:
+            return code
+    raise BadPayload(f"Activity.Type: unknown type name {value[:64]!r}")
+
+
+def _parse_time(value: str, field: str) -> datetime:
+    if not _TIMESTAMP_RE.fullmatch(value):
+        raise BadPayload(f"{field}: expected an ISO 8601 timestamp like 2026-11-28T12:00:00Z")
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _signed_message(template: str, timestamp: str, activity_raw: bytes) -> bytes:
+    values = {"{Timestamp}": timestamp.encode(), "{Activity}": activity_raw}
+    return b"".join(values.get(part) or part.encode() for part in _PLACEHOLDER_RE.split(template))
+
+
+def _top_level(body: bytes) -> tuple[dict[str, Any], bytes]:
+    """Parse the top-level object; also return the exact bytes of the `Activity` value."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPayload("body is not valid UTF-8") from None
+    fields: dict[str, Any] = {}
+    activity_raw = b""
+    try:
+        i = _skip(text, 0)
+        if text[i : i + 1] != "{":
+            raise BadPayload("body must be a JSON object")
+        i = _skip(text, i + 1)
+        while text[i : i + 1] != "}":
+            if fields:
+                i = _skip(text, _expect(text, i, ","))
+            if text[i : i + 1] != '"':
+                raise ValueError("expected a key")
+            key, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, _expect(text, _skip(text, i), ":"))
+            fields[key], end = _DECODER.raw_decode(text, i)
+            if key == "Activity":
+                activity_raw = text[i:end].encode("utf-8")
+            i = _skip(text, end)
+        if _skip(text, i + 1) != len(text):
+            raise ValueError("extra data after the object")
+    except (ValueError, IndexError) as exc:
+        if isinstance(exc, BadPayload):
+            raise
+        raise BadPayload("body is not valid JSON") from None
+    return fields, activity_raw
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
+
+
+def _expect(text: str, i: int, char: str) -> int:
+    if text[i : i + 1] != char:
+        raise ValueError(f"expected {char!r}")
+    return i + 1
+
+
+def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> bytes:
+    """A signed Envoice webhook for invoice `key`, signed with the source's first secret."""
+    created = datetime.fromtimestamp(now, UTC)
+    timestamp = created.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"  # 7 digits, like .NET
+    code = random.choice((0, 3, 7, 8, 10, 11, 14, 16))
+    activity = orjson.dumps(
+        {
+            "Message": f"{TYPE_NAMES[code]} on invoice INV-{key}",
+            "Link": f"https://app.envoice.example/invoices/{key}",
+            "Type": code,
+            "InvoiceNumber": f"INV-{key}",
+            "InvoiceId": key,
+            "OrderNumber": "",
+            "OrderId": 0,
+            "Id": event_id,
+            "CreatedOn": timestamp,
+        }
+    )
+    message = _signed_message(source.signature_template, timestamp, activity)
+    signature = hex_signature(source.signature_algorithm, source.secrets[0], message)
+    head = orjson.dumps({"Signature": signature, "Timestamp": timestamp})
+    return head[:-1] + b',"Activity":' + activity + b"}"

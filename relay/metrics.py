@@ -1,0 +1,25 @@
+"""Prometheus metrics (SPEC "Logs and metrics")."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "relay_ingress_requests_total", "Webhook requests answered, by source and status",
+    ["source", "status"],
+)  # fmt: skip
+PUBLISH_SECONDS = Histogram(
+    "relay_publish_seconds", "Time from publish to broker confirm",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)  # fmt: skip
+DELIVERIES = Counter(
+    "relay_deliveries_total", "Delivery attempts, by handler and outcome", ["handler", "outcome"]
+)
+DELIVERY_SECONDS = Histogram(
+    "relay_delivery_seconds", "Duration of one delivery attempt", ["handler"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+HANDLER_STATE = Gauge(
+    "relay_handler_state", "1 for the handler's current state (live, retrying, parked)",
+    ["handler", "state"],
+)  # fmt: skip

@@ -1,0 +1,375 @@
+"""Settings: frozen dataclasses loaded once from one TOML file and passed down."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from relay.errors import ConfigError
+
+DEFAULT_CONFIG = "config/relay.toml"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+SIGNATURE_ALGORITHMS = ("hmac-sha256", "sha256")
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret value; its repr names where it came from, never the value."""
+
+    value: str = field(repr=False)
+    origin: str = "literal"
+
+    def __repr__(self) -> str:
+        return f"Secret(<{self.origin}>)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerSettings:
+    url: str = field(default="amqp://guest:guest@localhost:5672/", repr=False)
+    exchange: str = "relay.activities"
+    publish_timeout_seconds: float = 5.0
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, for logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def __repr__(self) -> str:
+        return f"BrokerSettings(url={self.safe_url!r}, exchange={self.exchange!r})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngressSettings:
+    host: str = "0.0.0.0"  # noqa: S104 - an ingress listens on all interfaces by default
+    port: int = 8080
+    max_body_bytes: int = 1_048_576
+    duplicate_window: int = 100_000
+    drain_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceSettings:
+    name: str
+    path: str
+    scheme: str
+    secrets: tuple[Secret, ...]
+    tolerance_seconds: int = 300
+    signature_template: str = "{Timestamp}.{Activity}"
+    signature_algorithm: str = "hmac-sha256"
+    types: Mapping[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandlerSettings:
+    name: str
+    events: tuple[str, ...]
+    bindings: tuple[str, ...]
+    url: str | None = None
+    call: str | None = None
+    signing_secret: Secret | None = None
+    partitions: int = 4
+    max_attempts: int = 8
+    backoff_initial_ms: int = 500
+    backoff_max_ms: int = 60_000
+    timeout_seconds: float = 10.0
+
+    def queue(self, partition: int) -> str:
+        return f"relay.{self.name}.{partition}"
+
+    @property
+    def queues(self) -> list[str]:
+        return [self.queue(i) for i in range(self.partitions)]
+
+    @property
+    def exchange(self) -> str:
+        """The handler's consistent-hash exchange that spreads keys over its partitions."""
+        return f"relay.{self.name}"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"relay.{self.name}.dlq"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    ingress: IngressSettings = field(default_factory=IngressSettings)
+    sources: tuple[SourceSettings, ...] = ()
+    handlers: tuple[HandlerSettings, ...] = ()
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None) -> Settings:
+        """Load and validate; raise ConfigError naming the offending key."""
+        path = Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
+        t = _Table(raw, "")
+        t.only("broker", "ingress", "sources", "handlers")
+        broker = _broker(t.table("broker"))
+        ingress = _ingress(t.table("ingress"))
+        sources = tuple(_source(s) for s in t.tables("sources"))
+        _unique(sources, "name", "sources")
+        _unique(sources, "path", "sources")
+        handlers = tuple(_handler(h, sources) for h in t.tables("handlers"))
+        _unique(handlers, "name", "handlers")
+        return cls(broker=broker, ingress=ingress, sources=sources, handlers=handlers)
+
+    def source(self, name: str) -> SourceSettings:
+        return next(s for s in self.sources if s.name == name)
+
+    def handler(self, name: str) -> HandlerSettings:
+        for handler in self.handlers:
+            if handler.name == name:
+                return handler
+        raise ConfigError(f"no handler named {name!r} in the config")
+
+
+class _Table:
+    """A TOML table being validated; knows its own key path for error messages."""
+
+    def __init__(self, raw: Mapping[str, Any], path: str) -> None:
+        self.raw, self.path = raw, path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def only(self, *names: str) -> None:
+        for name in self.raw:
+            if name not in names:
+                raise ConfigError(f"{self.key(name)}: unknown key")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        if name not in self.raw:
+            if default is None:
+                raise ConfigError(f"{self.key(name)}: required")
+            return default
+        value = self.raw[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            wanted = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.key(name)}: expected {wanted}, got {value!r}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float, integer: bool = True) -> Any:
+        value = self.get(name, int if integer else (int, float), default)
+        if value < minimum:
+            raise ConfigError(f"{self.key(name)}: must be at least {minimum}, got {value!r}")
+        return value
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.get(name, dict, {}), self.key(name))
+
+    def tables(self, name: str) -> list[_Table]:
+        items = self.get(name, list, [])
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{self.key(name)}[{i}]: expected a table")
+        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(items)]
+
+    def name(self) -> str:
+        value: str = self.get("name", str)
+        if not NAME_RE.match(value):
+            raise ConfigError(
+                f"{self.key('name')}: {value!r} must be lowercase letters, digits, '_' or '-'"
+            )
+        return value
+
+
+def resolve_secret(spec: str, key: str) -> Secret:
+    """`env:NAME`, `env:NAME:-default` (development only), `file:/path`, or a literal."""
+    if spec.startswith("env:"):
+        name, _, default = spec[4:].partition(":-")
+        value = os.environ.get(name) or default
+        if not value:
+            raise ConfigError(f"{key}: environment variable {name} is not set")
+        return Secret(value, f"env:{name}" if name in os.environ else f"env:{name} default")
+    if spec.startswith("file:"):
+        try:
+            value = Path(spec[5:]).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read secret file: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{key}: secret file is empty")
+        return Secret(value, spec)
+    if not spec:
+        raise ConfigError(f"{key}: secret is empty")
+    return Secret(spec)
+
+
+def _broker(t: _Table) -> BrokerSettings:
+    t.only("url", "exchange", "publish_timeout_seconds")
+    url = os.environ.get("RELAY_AMQP_URL") or t.get("url", str, BrokerSettings.url)
+    if urlsplit(url).scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"{t.key('url')}: expected an amqp:// or amqps:// URL")
+    return BrokerSettings(
+        url=url,
+        exchange=t.get("exchange", str, BrokerSettings.exchange),
+        publish_timeout_seconds=t.number(
+            "publish_timeout_seconds", 5.0, minimum=0.1, integer=False
+        ),
+    )
+
+
+def _ingress(t: _Table) -> IngressSettings:
+    t.only("host", "port", "max_body_bytes", "duplicate_window", "drain_seconds")
+    port = t.number("port", 8080, minimum=0)
+    if port > 65535:
+        raise ConfigError(f"{t.key('port')}: must be at most 65535, got {port}")
+    return IngressSettings(
+        host=t.get("host", str, IngressSettings.host),
+        port=port,
+        max_body_bytes=t.number("max_body_bytes", 1_048_576, minimum=1),
+        duplicate_window=t.number("duplicate_window", 100_000, minimum=0),
+        drain_seconds=t.number("drain_seconds", 10.0, minimum=0, integer=False),
+    )
+
+
+def _source(t: _Table) -> SourceSettings:
+    from relay.provider import PROVIDERS
+
+    t.only(
+        "name", "path", "scheme", "secrets", "tolerance_seconds",
+        "signature_template", "signature_algorithm", "types",
+    )  # fmt: skip
+    path = t.get("path", str)
+    if not path.startswith("/"):
+        raise ConfigError(f"{t.key('path')}: must start with '/'")
+    scheme = t.get("scheme", str)
+    if scheme not in PROVIDERS:
+        supported = ", ".join(sorted(PROVIDERS))
+        raise ConfigError(f"{t.key('scheme')}: unknown scheme {scheme!r} (supported: {supported})")
+    specs = t.get("secrets", list)
+    if not specs or not all(isinstance(s, str) for s in specs):
+        raise ConfigError(f"{t.key('secrets')}: expected a non-empty list of strings")
+    algorithm = t.get("signature_algorithm", str, "hmac-sha256")
+    if algorithm not in SIGNATURE_ALGORITHMS:
+        raise ConfigError(
+            f"{t.key('signature_algorithm')}: expected one of {', '.join(SIGNATURE_ALGORITHMS)}"
+        )
+    template = t.get("signature_template", str, "{Timestamp}.{Activity}")
+    if "{Activity}" not in template:
+        raise ConfigError(f"{t.key('signature_template')}: must contain {{Activity}}")
+    types: dict[int, str] = {}
+    for code, name in t.get("types", dict, {}).items():
+        if not code.isdigit() or not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{t.key('types')}.{code}: expected <integer> = \"TypeName\"")
+        types[int(code)] = name
+    return SourceSettings(
+        name=t.name(),
+        path=path,
+        scheme=scheme,
+        secrets=tuple(resolve_secret(s, f"{t.key('secrets')}[{i}]") for i, s in enumerate(specs)),
+        tolerance_seconds=t.number("tolerance_seconds", 300, minimum=0),
+        signature_template=template,
+        signature_algorithm=algorithm,
+        types=types,
+    )
+
+
+def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
+    t.only(
+        "name", "events", "url", "call", "signing_secret", "partitions", "max_attempts",
+        "backoff_initial_ms", "backoff_max_ms", "timeout_seconds",
+    )  # fmt: skip
+    events = t.get("events", list)
+    if not events or not all(isinstance(e, str) for e in events):
+        raise ConfigError(f"{t.key('events')}: expected a non-empty list of strings")
+    url, call = t.get("url", str, ""), t.get("call", str, "")
+    if bool(url) == bool(call):
+        raise ConfigError(f"{t.key('url')}: give exactly one of url or call")
+    if url and urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"{t.key('url')}: expected an http:// or https:// URL")
+    if call and not re.match(r"^[\w.]+:\w+$", call):
+        raise ConfigError(f"{t.key('call')}: expected 'package.module:function'")
+    secret = t.get("signing_secret", str, "")
+    initial = t.number("backoff_initial_ms", 500, minimum=1)
+    return HandlerSettings(
+        name=t.name(),
+        events=tuple(events),
+        bindings=_bindings(events, sources, t.key("events")),
+        url=url or None,
+        call=call or None,
+        signing_secret=resolve_secret(secret, t.key("signing_secret")) if secret else None,
+        partitions=t.number("partitions", 4, minimum=1),
+        max_attempts=t.number("max_attempts", 8, minimum=1),
+        backoff_initial_ms=initial,
+        backoff_max_ms=t.number("backoff_max_ms", max(60_000, initial), minimum=initial),
+        timeout_seconds=t.number("timeout_seconds", 10.0, minimum=0.001, integer=False),
+    )
+
+
+def _bindings(events: list[str], sources: tuple[SourceSettings, ...], key: str) -> tuple[str, ...]:
+    """Topic patterns as bindings; a `*` inside a word expands against known event names."""
+    from relay.provider import PROVIDERS
+
+    bindings: list[str] = []
+    for i, pattern in enumerate(events):
+        words = pattern.split(".")
+        if any(not w for w in words):
+            raise ConfigError(f"{key}[{i}]: {pattern!r} has an empty word")
+        if words[0] not in ("*", "#") and words[0] not in {s.name for s in sources}:
+            raise ConfigError(f"{key}[{i}]: {pattern!r} names no configured source")
+        plain = all(w in ("*", "#") or ("*" not in w and "#" not in w) for w in words)
+        candidates = [
+            f"{s.name}.{event}" for s in sources for event in PROVIDERS[s.scheme].event_names(s)
+        ]
+        matches = [c for c in candidates if topic_matches(pattern, c)]
+        if plain:
+            unknown_type = len(words) == 2 and re.fullmatch(r"type_\d+", words[1])
+            if not matches and not unknown_type:
+                raise ConfigError(f"{key}[{i}]: {pattern!r} matches no known event")
+            bindings.append(pattern)
+        elif not matches:
+            raise ConfigError(f"{key}[{i}]: {pattern!r} matches no known event")
+        else:
+            bindings.extend(matches)
+    return tuple(dict.fromkeys(bindings))
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """RabbitMQ topic matching, with `*` also allowed inside a word (as a glob)."""
+    return _words_match(pattern.split("."), routing_key.split("."))
+
+
+def _words_match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_words_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    glob = ".*".join(re.escape(part) for part in head.split("*"))
+    return re.fullmatch(glob, words[0]) is not None and _words_match(rest, words[1:])
+
+
+def _unique(items: tuple[Any, ...], attr: str, key: str) -> None:
+    seen: set[Any] = set()
+    for i, item in enumerate(items):
+        value = getattr(item, attr)
+        if value in seen:
+            raise ConfigError(f"{key}[{i}].{attr}: {value!r} is used twice")
+        seen.add(value)
