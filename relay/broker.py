@@ -48,7 +48,7 @@ async def keep_connected(
             continue
         delay = 0.2
         over = asyncio.Event()
-        connection.close_callbacks.add(lambda *_: over.set())
+        connection.close_callbacks.add(lambda *_, over=over: over.set())
         log.info("broker connected", component=what)
         try:
             await session(connection, over)
@@ -78,10 +78,8 @@ async def until_set(awaitable: Awaitable[T], *events: asyncio.Event) -> T | None
 
 
 async def _close(connection: AbstractConnection) -> None:
-    try:
+    with contextlib.suppress(*BROKER_ERRORS):
         await asyncio.wait_for(connection.close(), timeout=5)
-    except BROKER_ERRORS:
-        pass
 
 
 def _describe(exc: BaseException) -> str:

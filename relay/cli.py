@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: Callable[..., Awaitable[int]], help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, run: Callable[..., Awaitable[int]], help: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--config", help="TOML config (default: $RELAY_CONFIG, config/relay.toml)")
         sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
@@ -112,8 +114,13 @@ async def _serve_ingress(settings: Settings, stopping: asyncio.Event) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.ingress.host, settings.ingress.port).start()
-        log.info("ingress listening", host=settings.ingress.host, port=settings.ingress.port,
-                 broker=settings.broker.safe_url, sources=[s.path for s in settings.sources])  # fmt: skip
+        log.info(
+            "ingress listening",
+            host=settings.ingress.host,
+            port=settings.ingress.port,
+            broker=settings.broker.safe_url,
+            sources=[s.path for s in settings.sources],
+        )
         await stopping.wait()
         log.info("ingress draining")
     finally:
@@ -186,5 +193,3 @@ async def _topology(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_BROKER
     print(f"declared relay topology on {settings.broker.safe_url}")
     return EXIT_OK
-
-

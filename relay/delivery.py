@@ -41,7 +41,7 @@ class Target(Protocol):
 
 
 def classify(status: int, retry_after: str | None = None) -> Outcome:
-    """SPEC "Delivery to handlers": 2xx success; 4xx but 408/409/425/429 permanent; else transient."""
+    """2xx is success; 4xx but 408/409/425/429 is permanent; anything else is transient."""
     if 200 <= status < 300:
         return Outcome(Verdict.SUCCESS, f"HTTP {status}", status)
     if 400 <= status < 500 and status not in TRANSIENT_4XX:

@@ -66,7 +66,7 @@ class Publisher:
 
     @property
     def ready(self) -> bool:
-        return self._exchange is not None and not self._exchange.channel.is_closed
+        return self._exchange is not None
 
     def start(self) -> None:
         self._task = asyncio.create_task(

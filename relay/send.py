@@ -24,9 +24,7 @@ class SendReport:
         return f"sent {total}: {parts or 'nothing'}"
 
 
-async def send(
-    source: SourceSettings, url: str, *, count: int, invoices: int, timeout: float = 30
-) -> SendReport:
+async def send(source: SourceSettings, url: str, *, count: int, invoices: int) -> SendReport:
     """POST `count` signed webhooks spread over `invoices` invoices, in order per invoice."""
     provider = PROVIDERS[source.scheme]
     report = SendReport()
@@ -51,7 +49,7 @@ async def send(
                 report.answers["failed"] += 1
                 report.errors.append(f"{type(exc).__name__}: {exc}")
 
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    client_timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         await asyncio.gather(*(send_invoice(session, k, ids) for k, ids in per_invoice.items()))
     return report

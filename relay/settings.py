@@ -168,7 +168,7 @@ class _Table:
             return default
         value = self.raw[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds)
             raise ConfigError(f"{self.key(name)}: expected {wanted}, got {value!r}")
         return value
@@ -221,12 +221,14 @@ def resolve_secret(spec: str, key: str) -> Secret:
 
 def _broker(t: _Table) -> BrokerSettings:
     t.only("url", "exchange", "publish_timeout_seconds")
-    url = os.environ.get("RELAY_AMQP_URL") or t.get("url", str, BrokerSettings.url)
+    url = os.environ.get("RELAY_AMQP_URL") or t.get(
+        "url", str, "amqp://guest:guest@localhost:5672/"
+    )
     if urlsplit(url).scheme not in ("amqp", "amqps"):
         raise ConfigError(f"{t.key('url')}: expected an amqp:// or amqps:// URL")
     return BrokerSettings(
         url=url,
-        exchange=t.get("exchange", str, BrokerSettings.exchange),
+        exchange=t.get("exchange", str, "relay.activities"),
         publish_timeout_seconds=t.number(
             "publish_timeout_seconds", 5.0, minimum=0.1, integer=False
         ),
@@ -239,7 +241,7 @@ def _ingress(t: _Table) -> IngressSettings:
     if port > 65535:
         raise ConfigError(f"{t.key('port')}: must be at most 65535, got {port}")
     return IngressSettings(
-        host=t.get("host", str, IngressSettings.host),
+        host=t.get("host", str, "0.0.0.0"),  # noqa: S104 - the ingress serves a network
         port=port,
         max_body_bytes=t.number("max_body_bytes", 1_048_576, minimum=1),
         duplicate_window=t.number("duplicate_window", 100_000, minimum=0),
@@ -275,7 +277,7 @@ def _source(t: _Table) -> SourceSettings:
     types: dict[int, str] = {}
     for code, name in t.get("types", dict, {}).items():
         if not code.isdigit() or not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"{t.key('types')}.{code}: expected <integer> = \"TypeName\"")
+            raise ConfigError(f'{t.key("types")}.{code}: expected <integer> = "TypeName"')
         types[int(code)] = name
     return SourceSettings(
         name=t.name(),

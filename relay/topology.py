@@ -1,10 +1,10 @@
 """The broker objects relay needs, as one description used to declare and to export them.
 
-    relay.activities (topic, alternate exchange relay.unrouted)
-      --<pattern>--> relay.<handler> (x-consistent-hash on header x-relay-key)
-                       --> relay.<handler>.<i> (quorum, single active consumer)
-    relay.unrouted (fanout) --> relay.unrouted (quorum)
-    relay.<handler>.dlq (quorum; no single active consumer so `relay dlq` can read it)
+relay.activities (topic, alternate exchange relay.unrouted)
+  --<pattern>--> relay.<handler> (x-consistent-hash on header x-relay-key)
+                   --> relay.<handler>.<i> (quorum, single active consumer)
+relay.unrouted (fanout) --> relay.unrouted (quorum)
+relay.<handler>.dlq (quorum; no single active consumer so `relay dlq` can read it)
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def describe(settings: Settings, handlers: list[HandlerSettings] | None = None) 
     queues = [Queue(UNROUTED, QUORUM)]
     bindings = [Binding(UNROUTED, UNROUTED, "queue", "")]
     for handler in settings.handlers if handlers is None else handlers:
-        exchanges.append(Exchange(handler.exchange, "x-consistent-hash", {"hash-header": KEY_HEADER}))
+        exchanges.append(
+            Exchange(handler.exchange, "x-consistent-hash", {"hash-header": KEY_HEADER})
+        )
         bindings += [Binding(main, handler.exchange, "exchange", key) for key in handler.bindings]
         for queue in handler.queues:
             queues.append(Queue(queue, partition_arguments()))

@@ -40,7 +40,7 @@ class Partition:
     async def consume(
         self, connection: AbstractConnection, dead_letters: AbstractChannel, done: asyncio.Event
     ) -> None:
-        """Deliver until `done` is set or the channel closes; unacked messages return to the head."""
+        """Deliver until `done` is set or the channel closes; unacked messages go back first."""
         channel = await connection.channel(publisher_confirms=False)
         closed = asyncio.Event()
         channel.close_callbacks.add(lambda *_: closed.set())
@@ -104,7 +104,7 @@ class Partition:
         cap = self.handler.backoff_max_ms / 1000
         if outcome.retry_after is not None:
             return min(outcome.retry_after, cap)
-        base = min(cap, self.handler.backoff_initial_ms / 1000 * 2 ** (attempt - 1))
+        base: float = min(cap, self.handler.backoff_initial_ms / 1000 * 2 ** (attempt - 1))
         return base * random.uniform(0.8, 1.0)
 
     async def _dead_letter(
@@ -163,7 +163,9 @@ class Worker:
         async with aiohttp.ClientSession() as session:
             targets = {h.name: target_for(h, session) for h in self._handlers}
             self._partitions = [
-                Partition(h, i, targets[h.name]) for h in self._handlers for i in range(h.partitions)
+                Partition(h, i, targets[h.name])
+                for h in self._handlers
+                for i in range(h.partitions)
             ]
             await keep_connected(
                 self._settings.broker.url, self._session, what="worker", until=self._stopping
