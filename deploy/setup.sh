@@ -1,0 +1,57 @@
+# Sourced by deploy/run.sh and deploy/test.sh: a venv with relay installed, and a RabbitMQ
+# that answers with the plugins relay needs. Safe to run again; it only does what is missing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RELAY_VENV:-$ROOT/.venv}"
+AMQP_HOST="${RELAY_AMQP_HOST:-127.0.0.1}"
+AMQP_PORT="${RELAY_AMQP_PORT:-5672}"
+
+say() { echo "relay-setup: $*" >&2; }
+
+ensure_venv() {  # $1: pip extras, e.g. "[test]" or ""
+    local python="${PYTHON:-python3}"
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        say "Python 3.11 or newer is needed as \$PYTHON or python3"; exit 1
+    fi
+    [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT$1" 2>&1 \
+        | grep -v "^WARNING: Location" >&2 || true
+    "$VENV/bin/python" -c 'import relay' || { say "installing relay failed"; exit 1; }
+}
+
+broker_answers() {
+    "$VENV/bin/python" - "$AMQP_HOST" "$AMQP_PORT" <<'PY'
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+except OSError:
+    sys.exit(1)
+PY
+}
+
+ensure_rabbitmq() {
+    if [ -n "${RELAY_AMQP_URL:-}" ] && [ -z "${RELAY_AMQP_HOST:-}" ]; then
+        say "using \$RELAY_AMQP_URL as it is; it needs the rabbitmq_consistent_hash_exchange plugin"
+        return
+    fi
+    if ! broker_answers; then
+        if command -v rabbitmqctl >/dev/null && rabbitmqctl -q status >/dev/null 2>&1; then
+            say "RabbitMQ node is up but its app is stopped: starting it"
+            rabbitmqctl -q start_app
+        elif command -v rabbitmq-server >/dev/null; then
+            say "no RabbitMQ on $AMQP_HOST:$AMQP_PORT: starting a local one"
+            rabbitmq-server -detached
+        else
+            say "no RabbitMQ on $AMQP_HOST:$AMQP_PORT and rabbitmq-server is not installed:" \
+                "install it (apt-get install rabbitmq-server) or set RELAY_AMQP_URL"
+            exit 1
+        fi
+        for _ in $(seq 1 120); do broker_answers && break; sleep 1; done
+        broker_answers || { say "RabbitMQ did not come up within 120 s"; exit 1; }
+    fi
+    if command -v rabbitmq-plugins >/dev/null; then
+        rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange rabbitmq_management \
+            >/dev/null || { say "could not enable RabbitMQ plugins"; exit 1; }
+    fi
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: venv + package + test tools, RabbitMQ, then lint, types and the test suite.
+source "$(dirname "$0")/setup.sh"
+ensure_venv "[test]"
+ensure_rabbitmq
+cd "$ROOT"
+echo "== ruff" && "$VENV/bin/ruff" check relay tests && "$VENV/bin/ruff" format --check relay tests
+echo "== mypy" && "$VENV/bin/mypy" --strict relay
+echo "== pytest" && exec "$VENV/bin/pytest" "$@"
