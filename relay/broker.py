@@ -46,15 +46,16 @@ async def keep_connected(
             await until_set(asyncio.sleep(delay), until)
             delay = min(delay * 2, MAX_RECONNECT_DELAY)
             continue
-        delay = 0.2
         over = asyncio.Event()
         connection.close_callbacks.add(lambda *_, over=over: over.set())
         log.info("broker connected", component=what)
         try:
             await session(connection, over)
-        except BROKER_ERRORS as exc:
+            delay = 0.2
+        except BROKER_ERRORS as exc:  # e.g. a declare refused: back off as for a failed connect
             log.warning("broker session failed", component=what, error=_describe(exc))
             await until_set(asyncio.sleep(delay), until)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)
         finally:
             await asyncio.shield(_close(connection))
         if not until.is_set():

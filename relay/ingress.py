@@ -8,6 +8,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -109,18 +110,18 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
         structlog.contextvars.bind_contextvars(message_id=event.message_id)
         status = await request.app[ACCEPTOR].accept(event)
         metrics.REQUESTS.labels(source.name, "200").inc()
-        return web.json_response({"status": status, "id": event.message_id})
+        return _json({"status": status, "id": event.message_id})
 
     return receive
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return _json({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     if request.app[ACCEPTOR].publisher.ready:
-        return web.json_response({"status": "ready"})
+        return _json({"status": "ready"})
     return _error(503, "broker connection is not usable", retry_after=True)
 
 
@@ -166,4 +167,12 @@ def _rejected(
 
 def _error(status: int, error: str, *, retry_after: bool = False) -> web.Response:
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if retry_after else None
-    return web.json_response({"error": error}, status=status, headers=headers)
+    return _json({"error": error}, status=status, headers=headers)
+
+
+def _json(
+    payload: dict[str, str], *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json"
+    )

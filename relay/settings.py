@@ -135,6 +135,11 @@ class Settings:
         _unique(sources, "path", "sources")
         handlers = tuple(_handler(h, sources) for h in t.tables("handlers"))
         _unique(handlers, "name", "handlers")
+        for i, handler in enumerate(handlers):
+            if handler.exchange in (broker.exchange, "relay.unrouted"):
+                raise ConfigError(
+                    f"handlers[{i}].name: {handler.name!r} clashes with exchange {handler.exchange}"
+                )
         return cls(broker=broker, ingress=ingress, sources=sources, handlers=handlers)
 
     def source(self, name: str) -> SourceSettings:

@@ -1,0 +1,525 @@
+"""The worker in-process against the real broker: delivery, order, retries, dead letters, stops."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Protocol
+
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from relay import Reject, Retry
+from relay.provider import PROVIDERS, Event
+from relay.publisher import Publisher
+from relay.settings import Settings
+from relay.worker import Worker
+from tests import handlers_for_tests
+from tests.conftest import AMQP_URL, MakeSettings
+from tests.handlers_for_tests import HANG, HttpHandler
+from tests.support import TcpProxy, activity, eventually, signed_body
+
+pytestmark = pytest.mark.rabbit
+
+STOP_WITHIN = 5.0  # seconds a worker may take to stop
+RECORD = {"call": "tests.handlers_for_tests:record"}
+
+_event_ids = itertools.count(time.time_ns() // 1000)
+
+
+def handler(target: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """A handler of every Envoice event: one partition and quick retries unless told otherwise."""
+    return {
+        "name": "h",
+        "events": ["envoice.#"],
+        "partitions": 1,
+        "backoff_initial_ms": 20,
+        "backoff_max_ms": 100,
+        "timeout_seconds": 2.0,
+        **target,
+        **options,
+    }
+
+
+def new_event(settings: Settings, invoice: int = 42) -> Event:
+    """A verified Envoice `paid` event on `invoice`, as the ingress would publish it."""
+    source = settings.sources[0]
+    act = activity(Id=next(_event_ids), InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
+    return PROVIDERS[source.scheme].parse(signed_body(source, act), source, time.time())
+
+
+def ids(events: list[Event]) -> list[str]:
+    return [e.message_id for e in events]
+
+
+async def queue_depth(channel: AbstractChannel, name: str) -> int:
+    """Ready messages in a queue (unacked ones are not counted)."""
+    queue = await channel.declare_queue(name, passive=True)
+    count = queue.declaration_result.message_count
+    assert count is not None
+    return count
+
+
+async def dead_letter(channel: AbstractChannel, settings: Settings) -> AbstractIncomingMessage:
+    """The next message of the handler's dead-letter queue (waits for it)."""
+    queue = await channel.get_queue(settings.handlers[0].dead_letter_queue)
+    message: AbstractIncomingMessage = await eventually(
+        lambda: queue.get(no_ack=True, fail=False), what="a dead letter"
+    )
+    return message
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+class RunningWorker:
+    """A Worker running as a task, as `relay worker` runs it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.worker = Worker(settings)
+        self.task = asyncio.create_task(self.worker.async_run())
+
+    @property
+    def consuming(self) -> bool:
+        return self.worker.ready.is_set()
+
+    async def started(self) -> None:
+        await eventually(lambda: self.consuming or self.task.done(), what="worker consuming")
+        if self.task.done():
+            self.task.result()  # raises what the worker died of
+            raise AssertionError("worker returned before consuming")
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        done, _ = await asyncio.wait({self.task}, timeout=STOP_WITHIN)
+        assert done, f"worker did not stop within {STOP_WITHIN}s"
+        self.task.result()
+
+
+StartWorker = Callable[[Settings], Awaitable[RunningWorker]]
+Publish = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def start_worker(make_settings: MakeSettings) -> AsyncIterator[StartWorker]:
+    """Starts workers and waits until they consume; stops those still running after the test.
+
+    Depends on `make_settings` so that workers stop before their queues are deleted.
+    """
+    workers: list[RunningWorker] = []
+
+    async def start(settings: Settings) -> RunningWorker:
+        running = RunningWorker(settings)
+        workers.append(running)
+        await running.started()
+        return running
+
+    yield start
+    for running in workers:
+        if not running.task.done():
+            running.task.cancel() if running.worker.stop() else None
+    await asyncio.wait_for(
+        asyncio.gather(*(w.task for w in workers), return_exceptions=True), STOP_WITHIN
+    )
+
+
+@pytest.fixture
+async def publish() -> AsyncIterator[Publish]:
+    """`await publish(settings, *events)`: publishes in order, each confirmed by the broker."""
+    publishers: dict[tuple[str, str], Publisher] = {}
+
+    async def publish(settings: Settings, *events: Event) -> None:
+        key = (settings.broker.url, settings.broker.exchange)
+        if key not in publishers:
+            publishers[key] = Publisher(settings)
+            publishers[key].start()
+        publisher = publishers[key]
+        await eventually(lambda: publisher.ready, what="publisher connected")
+        for event in events:
+            await publisher.publish(event)
+
+    yield publish
+    for publisher in publishers.values():
+        await publisher.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorder() -> Iterator[None]:
+    handlers_for_tests.reset()
+    yield
+    handlers_for_tests.reset()
+
+
+@pytest.fixture
+async def http_handler() -> AsyncIterator[HttpHandler]:
+    server = HttpHandler()
+    await server.start()
+    yield server
+    await server.close()
+
+
+class Downstream(Protocol):
+    """A handler under test, Python or HTTP, seen the same way: plan failures, read calls."""
+
+    config: dict[str, Any]
+
+    def fail(self, message_id: str, *kinds: str) -> None:
+        """Fail the message's next deliveries: each kind is "transient" or "permanent"."""
+
+    def calls(self) -> list[str]:
+        """Message ids of every delivery attempt, in order."""
+        ...
+
+    def dead_letter_reason(self) -> tuple[str, int]:
+        """The x-relay-reason and x-relay-status of a permanent failure."""
+        ...
+
+
+class PythonDownstream:
+    config = RECORD
+
+    def fail(self, message_id: str, *kinds: str) -> None:
+        made = {"transient": lambda: Retry("busy"), "permanent": lambda: Reject("no such invoice")}
+        handlers_for_tests.failures[message_id] = [made[kind]() for kind in kinds]
+
+    def calls(self) -> list[str]:
+        return [m["id"] for m in handlers_for_tests.calls]
+
+    def dead_letter_reason(self) -> tuple[str, int]:
+        return "Reject: no such invoice", 0
+
+
+class HttpDownstream:
+    STATUS = {"transient": 503, "permanent": 400}
+
+    def __init__(self, server: HttpHandler) -> None:
+        self.server = server
+        self.config = {"url": server.url}
+
+    def fail(self, message_id: str, *kinds: str) -> None:
+        self.server.plan(message_id, [self.STATUS[kind] for kind in kinds])
+
+    def calls(self) -> list[str]:
+        return [r.id for r in self.server.requests]
+
+    def dead_letter_reason(self) -> tuple[str, int]:
+        return "HTTP 400", 400
+
+
+@pytest.fixture(params=["python", "http"])
+def downstream(request: pytest.FixtureRequest, http_handler: HttpHandler) -> Downstream:
+    return PythonDownstream() if request.param == "python" else HttpDownstream(http_handler)
+
+
+async def calls_become(downstream: Downstream, expected: list[str]) -> None:
+    """Wait until as many attempts as expected were made, then compare them exactly."""
+    await eventually(lambda: len(downstream.calls()) >= len(expected), what=f"calls {expected}")
+    assert downstream.calls() == expected
+
+
+# --- delivery and order -----------------------------------------------------------------------
+
+
+async def test_python_handler_gets_the_message_body(
+    make_settings: MakeSettings, start_worker: StartWorker, publish: Publish
+) -> None:
+    settings = make_settings(handlers=[handler(RECORD)])
+    event = new_event(settings, invoice=7)
+    await start_worker(settings)
+
+    await publish(settings, event)
+
+    [body] = await eventually(lambda: handlers_for_tests.calls, what="a delivery")
+    assert body["id"] == event.message_id
+    assert (body["source"], body["event"], body["type"]) == ("envoice", "paid", 11)
+    assert body["key"] == "invoice:7"
+    assert body["occurred_at"] == event.data["CreatedOn"]
+    assert body["data"] == event.data
+    assert datetime.fromisoformat(body["received_at"]).tzinfo is not None
+
+
+async def test_python_handler_gets_each_key_in_publish_order(
+    make_settings: MakeSettings, start_worker: StartWorker, publish: Publish
+) -> None:
+    # Given 8 invoices over 2 partitions, 8 events each
+    settings = make_settings(handlers=[handler(RECORD, partitions=2)])
+    per_invoice = {invoice: [new_event(settings, invoice) for _ in range(8)] for invoice in range(8)}
+    await start_worker(settings)
+
+    # When each invoice's events are published in order, invoices concurrently
+    await asyncio.gather(*(publish(settings, *events) for events in per_invoice.values()))
+
+    # Then each invoice's events arrive in that order, each once
+    total = sum(len(events) for events in per_invoice.values())
+    await eventually(lambda: len(handlers_for_tests.calls) >= total, what=f"{total} deliveries")
+    for invoice, events in per_invoice.items():
+        got = [m["id"] for m in handlers_for_tests.calls if m["key"] == f"invoice:{invoice}"]
+        assert got == ids(events), f"invoice {invoice}"
+
+
+# --- transient failures -----------------------------------------------------------------------
+
+
+async def test_transient_failures_are_retried_while_the_partition_waits(
+    downstream: Downstream,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    # Given two events of one invoice queued, the first failing twice
+    settings = make_settings(handlers=[handler(downstream.config)])
+    first, second = new_event(settings), new_event(settings)
+    downstream.fail(first.message_id, "transient", "transient")
+    await publish(settings, first, second)
+
+    # When the worker delivers them
+    await start_worker(settings)
+
+    # Then the first is tried three times before the second is tried at all
+    await calls_become(downstream, ids([first, first, first, second]))
+
+
+async def test_a_python_handler_that_crashes_is_retried(
+    make_settings: MakeSettings, start_worker: StartWorker, publish: Publish
+) -> None:
+    settings = make_settings(handlers=[handler(RECORD)])
+    first, second = new_event(settings), new_event(settings)
+    handlers_for_tests.failures[first.message_id] = [RuntimeError("handler bug")]
+    await publish(settings, first, second)
+
+    await start_worker(settings)
+
+    await calls_become(PythonDownstream(), ids([first, first, second]))
+
+
+async def test_http_retries_count_attempts_and_back_off_exponentially(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    settings = make_settings(
+        handlers=[handler({"url": http_handler.url}, backoff_initial_ms=50, backoff_max_ms=1000)]
+    )
+    first, second = new_event(settings), new_event(settings)
+    http_handler.plan(first.message_id, [503, 503])
+    await publish(settings, first, second)
+
+    await start_worker(settings)
+
+    await eventually(lambda: http_handler.of(second.message_id), what="the second delivered")
+    tries = http_handler.of(first.message_id)
+    assert [r.attempt for r in tries] == [1, 2, 3]
+    assert http_handler.of(second.message_id)[0].attempt == 1
+    # backoff = initial * 2^(n-1), less at most 20% jitter
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(tries)]
+    assert gaps[0] >= 0.8 * 0.050
+    assert gaps[1] >= 0.8 * 0.100
+
+
+@pytest.mark.parametrize("backoff_max_ms", [60_000, 100], ids=["max-above", "max-below"])
+async def test_retry_after_is_honoured(
+    backoff_max_ms: int,
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    settings = make_settings(
+        handlers=[handler({"url": http_handler.url}, backoff_max_ms=backoff_max_ms)]
+    )
+    event = new_event(settings)
+    http_handler.plan(event.message_id, [(429, {"Retry-After": "1"})])
+    await publish(settings, event)
+
+    await start_worker(settings)
+
+    tries = await eventually(lambda: http_handler.of(event.message_id)[1:] and
+                             http_handler.of(event.message_id), what="a second attempt")  # fmt: skip
+    assert tries[1].at - tries[0].at >= 0.9
+
+
+async def test_a_handler_timeout_is_transient(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    # Given a handler that hangs on the first attempt, longer than the timeout
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, timeout_seconds=0.3)])
+    first, second = new_event(settings), new_event(settings)
+    http_handler.plan(first.message_id, [HANG])
+    await publish(settings, first, second)
+
+    # When the worker delivers
+    await start_worker(settings)
+
+    # Then the first is given up after the timeout and tried again, before the second
+    await calls_become(HttpDownstream(http_handler), ids([first, first, second]))
+    tries = http_handler.of(first.message_id)
+    assert [r.attempt for r in tries] == [1, 2]
+    assert tries[1].at - tries[0].at >= 0.3
+
+
+# --- permanent failures -----------------------------------------------------------------------
+
+
+async def test_a_permanent_failure_is_dead_lettered_and_the_partition_moves_on(
+    downstream: Downstream,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+) -> None:
+    # Given two events of one invoice, the first failing once transiently, then permanently
+    settings = make_settings(handlers=[handler(downstream.config)])
+    first, second = new_event(settings), new_event(settings)
+    downstream.fail(first.message_id, "transient", "permanent")
+    await publish(settings, first, second)
+
+    # When the worker delivers them
+    await start_worker(settings)
+
+    # Then the second is delivered after the first's two attempts
+    await calls_become(downstream, ids([first, first, second]))
+    # and the first is in the dead-letter queue, with why, how often and when
+    dead = await dead_letter(channel, settings)
+    assert dead.message_id == first.message_id
+    assert dead.body == (await _published_body(first, dead))
+    headers = dead.headers
+    reason, status = downstream.dead_letter_reason()
+    assert headers["x-relay-handler"] == settings.handlers[0].name
+    assert headers["x-relay-reason"] == reason
+    assert headers["x-relay-status"] == status
+    assert headers["x-relay-attempts"] == 2
+    assert headers["x-relay-key"] == first.key
+    first_at = datetime.fromisoformat(str(headers["x-relay-first-attempt"]))
+    last_at = datetime.fromisoformat(str(headers["x-relay-last-attempt"]))
+    assert first_at <= last_at
+    assert await queue_depth(channel, settings.handlers[0].dead_letter_queue) == 0
+
+
+async def _published_body(event: Event, dead: AbstractIncomingMessage) -> bytes:
+    """The body relay published for `event` (its received_at is only known from the message)."""
+    from relay.publisher import envelope
+
+    received_at = datetime.fromisoformat(_json(dead.body)["received_at"])
+    return envelope(event, received_at)
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    import orjson
+
+    parsed: dict[str, Any] = orjson.loads(body)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [(s, True) for s in (408, 409, 425, 429, 500)] + [(s, False) for s in (401, 404, 410, 422)],
+)
+async def test_http_status_decides_retry_or_dead_letter(
+    status: int,
+    transient: bool,
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+) -> None:
+    settings = make_settings(handlers=[handler({"url": http_handler.url})])
+    first, second = new_event(settings), new_event(settings)
+    http_handler.plan(first.message_id, [status])
+    await publish(settings, first, second)
+
+    await start_worker(settings)
+
+    retried = [first, first, second] if transient else [first, second]
+    await calls_become(HttpDownstream(http_handler), ids(retried))
+    dlq = settings.handlers[0].dead_letter_queue
+    if transient:
+        assert await queue_depth(channel, dlq) == 0
+    else:
+        dead = await dead_letter(channel, settings)
+        assert (dead.message_id, dead.headers["x-relay-status"]) == (first.message_id, status)
+
+
+# --- stopping and broker loss -----------------------------------------------------------------
+
+
+async def test_stop_during_backoff_returns_the_message_to_the_head_of_its_queue(
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+) -> None:
+    # Given a worker backing off (for ~30 s) after a first failed attempt
+    settings = make_settings(
+        handlers=[handler(RECORD, backoff_initial_ms=30_000, backoff_max_ms=60_000)]
+    )
+    partition = settings.handlers[0].queue(0)
+    first, second = new_event(settings), new_event(settings)
+    handlers_for_tests.failures[first.message_id] = [Retry("busy")]
+    worker = await start_worker(settings)
+    await publish(settings, first)
+    await eventually(lambda: handlers_for_tests.calls, what="the first attempt")
+    # and a later event of the same invoice waiting behind it
+    await publish(settings, second)
+    assert await queue_depth(channel, partition) == 1
+
+    # When the worker is stopped
+    await worker.stop()
+
+    # Then the held message is back in the queue, not lost
+    await eventually(lambda: _depth_is(channel, partition, 2), what="both messages queued")
+    # and a new worker delivers it before the later one
+    await start_worker(settings)
+    await calls_become(PythonDownstream(), ids([first, first, second]))
+
+
+async def _depth_is(channel: AbstractChannel, queue: str, depth: int) -> bool:
+    return await queue_depth(channel, queue) == depth
+
+
+async def test_worker_reconnects_after_the_broker_connection_is_cut(
+    make_settings: MakeSettings, start_worker: StartWorker, publish: Publish
+) -> None:
+    # Given a worker connected through a proxy, and a publisher connected directly
+    proxy = TcpProxy()
+    await proxy.start()
+    partitions = 2
+    settings = make_settings(handlers=[handler(RECORD, partitions=partitions)], url=proxy.url())
+    direct = replace(settings, broker=replace(settings.broker, url=AMQP_URL))
+    per_invoice = {invoice: [new_event(settings, invoice) for _ in range(25)] for invoice in range(6)}
+    total = sum(len(events) for events in per_invoice.values())
+    worker = await start_worker(settings)
+    try:
+        # When events are published per invoice in order while the connection is cut
+        publishing = asyncio.gather(*(publish(direct, *events) for events in per_invoice.values()))
+        await eventually(lambda: len(handlers_for_tests.calls) >= 30, what="deliveries")
+        await proxy.cut()
+        await eventually(lambda: not worker.consuming, what="the worker noticing the cut")
+        await proxy.start()  # the same port: the broker is back
+        await publishing
+
+        # Then the worker reconnects by itself and delivers everything, each invoice in order
+        await eventually(worker.consuming.__bool__ if False else lambda: worker.consuming)
+        await eventually(
+            lambda: {m["id"] for m in handlers_for_tests.calls} >= set().union(
+                *(ids(events) for events in per_invoice.values())
+            ),
+            timeout=20,
+            what=f"all {total} delivered",
+        )
+    finally:
+        await worker.stop()
+        await proxy.cut()
+    duplicates = len(handlers_for_tests.calls) - total
+    assert 0 <= duplicates <= partitions, "at most the one in-flight delivery per partition"
+    for invoice, events in per_invoice.items():
+        got = [m["id"] for m in handlers_for_tests.calls if m["key"] == f"invoice:{invoice}"]
+        assert list(dict.fromkeys(got)) == ids(events), f"invoice {invoice}"
