@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
+import prometheus_client
 import structlog
 from aiohttp import web
 
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     ingress.add_argument("--port", type=int, help="override ingress.port")
     worker = command("worker", _worker, "Deliver messages to handlers.")
     worker.add_argument("--handler", action="append", help="only this handler (repeatable)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     run = command("run", _run_both, "Ingress and worker in one process, for development.")
     run.add_argument("--host", help="override ingress.host")
     run.add_argument("--port", type=int, help="override ingress.port")
@@ -142,6 +144,8 @@ async def _ingress(settings: Settings, args: argparse.Namespace) -> int:
 async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     worker = Worker(settings, args.handler)
     _stop_on_signals(worker.stop)
+    if args.metrics_port is not None:
+        prometheus_client.start_http_server(args.metrics_port, addr=settings.ingress.host)
     await worker.async_run()
     log.info("worker stopped")
     return EXIT_OK

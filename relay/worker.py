@@ -27,6 +27,8 @@ from relay.settings import HandlerSettings, Settings
 
 log = structlog.get_logger()
 
+DEPTH_INTERVAL_SECONDS = 10
+
 
 class Partition:
     """One partition queue of one handler, consumed by one sequential loop."""
@@ -180,12 +182,26 @@ class Worker:
         await topology.declare(dead_letters, topology.describe(self._settings, self._handlers))
         self.ready.set()
         log.info("worker consuming", partitions=[p.queue for p in self._partitions])
+        depths = asyncio.ensure_future(self._watch_depths(connection, over))
         try:
             await asyncio.gather(
                 *(self._keep_consuming(p, connection, dead_letters, over) for p in self._partitions)
             )
         finally:
             self.ready.clear()
+            depths.cancel()
+
+    async def _watch_depths(self, connection: AbstractConnection, over: asyncio.Event) -> None:
+        """Keeps the queue depth gauge current for this worker's queues (best effort)."""
+        queues = [q for h in self._handlers for q in (*h.queues, h.dead_letter_queue)]
+        with contextlib.suppress(*BROKER_ERRORS):
+            channel = await connection.channel(publisher_confirms=False)
+            while not over.is_set():
+                for name in queues:
+                    queue = await channel.declare_queue(name, passive=True)
+                    depth = queue.declaration_result.message_count or 0
+                    metrics.QUEUE_DEPTH.labels(name).set(depth)
+                await until_set(asyncio.sleep(DEPTH_INTERVAL_SECONDS), over)
 
     async def _keep_consuming(
         self,

@@ -204,6 +204,10 @@ def signed_without(field: str) -> Body:
         pytest.param(signed(Type=1.5), "Activity.Type", id="type-a-float"),
         pytest.param(signed(Type="NoSuchType"), "Activity.Type", id="type-unknown-name"),
         pytest.param(signed(CreatedOn="28/11/2026 12:00"), "Activity.CreatedOn", id="bad-date"),
+        pytest.param(signed(CreatedOn="2026-02-30T12:00:00Z"), "Activity.CreatedOn",
+                     id="impossible-date"),  # fmt: skip
+        pytest.param(lambda s: signed_body(s, b"[" * 100_000 + b"]" * 100_000), "",
+                     id="deeply-nested"),  # fmt: skip
     ],
 )
 async def test_malformed_payload_is_400_naming_the_problem(
@@ -214,8 +218,20 @@ async def test_malformed_payload_is_400_naming_the_problem(
 
     assert status == 400, answer
     assert headers["Content-Type"].startswith("application/json")
+    assert answer["error"]
     assert named in answer["error"]
     assert await depth(channel, settings) == 0
+
+
+async def test_impossible_timestamp_is_a_client_error_naming_it(
+    settings: Settings, source: SourceSettings
+) -> None:
+    async with running_ingress(settings) as ingress:
+        body = signed_body(source, activity(), timestamp="2026-11-28T25:00:00Z")
+        status, answer, _ = await ingress.post(PATH, body)
+
+    assert status in (400, 401), answer
+    assert "Timestamp" in answer["error"]
 
 
 # --- 401 -----------------------------------------------------------------------------------
