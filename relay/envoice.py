@@ -141,9 +141,14 @@ def _type_code(value: int | str, source: SourceSettings) -> int:
 
 
 def _parse_time(value: str, field: str) -> datetime:
-    if not _TIMESTAMP_RE.fullmatch(value):
-        raise BadPayload(f"{field}: expected an ISO 8601 timestamp like 2026-11-28T12:00:00Z")
-    parsed = datetime.fromisoformat(value)
+    try:
+        if not _TIMESTAMP_RE.fullmatch(value):
+            raise ValueError(value)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadPayload(
+            f"{field}: expected an ISO 8601 timestamp like 2026-11-28T12:00:00Z"
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -178,10 +183,10 @@ def _top_level(body: bytes) -> tuple[dict[str, Any], bytes]:
             i = _skip(text, end)
         if _skip(text, i + 1) != len(text):
             raise ValueError("extra data after the object")
-    except (ValueError, IndexError) as exc:
-        if isinstance(exc, BadPayload):
-            raise
-        raise BadPayload("body is not valid JSON") from None
+    except BadPayload:
+        raise
+    except (ValueError, IndexError, RecursionError):
+        raise BadPayload("body is not valid JSON (or nested too deeply)") from None
     return fields, activity_raw
 
 

@@ -60,11 +60,8 @@ class Acceptor:
             return "duplicate"
         publishing = asyncio.ensure_future(self._publish(event))
         self._in_flight[message_id] = publishing
-        try:
-            await asyncio.shield(publishing)  # a client that goes away does not cancel a publish
-        finally:
-            if publishing.done():
-                del self._in_flight[message_id]
+        publishing.add_done_callback(lambda _: self._in_flight.pop(message_id, None))
+        await asyncio.shield(publishing)  # a client that goes away does not cancel a publish
         return "accepted"
 
     async def _publish(self, event: Event) -> None:
@@ -148,7 +145,10 @@ async def error_middleware(
         reason = exc.reason
         if exc.status == 413:
             reason = f"body larger than {request.app[SETTINGS].ingress.max_body_bytes} bytes"
-        return _rejected(request, exc.status, reason)
+        response = _rejected(request, exc.status, reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("request failed")
         return _rejected(request, 500, "internal error")
