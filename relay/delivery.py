@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a `Retry-After` of delta-seconds or an HTTP date; None when absent or bad."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if re.fullmatch(r"\s*\d+\s*", value, re.ASCII):
         return float(value)
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
@@ -98,9 +99,9 @@ class HttpTarget:
 class CallTarget:
     """Awaits `func(body_dict)`; `Retry` is transient, `Reject` permanent, returning is success."""
 
-    def __init__(self, handler: HandlerSettings) -> None:
+    def __init__(self, handler: HandlerSettings, key: str) -> None:
         assert handler.call is not None
-        self._func = load_callable(handler.call, f"handlers.{handler.name}.call")
+        self._func = load_callable(handler.call, key)
         self._timeout = handler.timeout_seconds
 
     async def deliver(self, body: bytes, message_id: str, attempt: int) -> Outcome:
@@ -122,12 +123,8 @@ def load_callable(spec: str, key: str) -> Callable[[dict[str, Any]], Awaitable[A
     module_name, _, name = spec.partition(":")
     try:
         func = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{key}: cannot import {spec!r}: {exc}") from None
+    except Exception as exc:  # whatever importing the module raised
+        raise ConfigError(f"{key}: cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
     if not inspect.iscoroutinefunction(func):
         raise ConfigError(f"{key}: {spec!r} is not an async function")
     return func  # type: ignore[no-any-return]
-
-
-def target_for(handler: HandlerSettings, session: aiohttp.ClientSession) -> Target:
-    return HttpTarget(handler, session) if handler.url else CallTarget(handler)

@@ -38,7 +38,13 @@ _TIMESTAMP_RE = re.compile(
     r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,7})?(?:Z|[+-]\d\d:\d\d)?", re.ASCII
 )
 _PLACEHOLDER_RE = re.compile(r"(\{Timestamp\}|\{Activity\})")
-_DECODER = json.JSONDecoder()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _WS = " \t\n\r"
 
 # Activity fields: name -> (accepted types, required)
@@ -176,6 +182,8 @@ def _top_level(body: bytes) -> tuple[dict[str, Any], bytes]:
             if text[i : i + 1] != '"':
                 raise ValueError("expected a key")
             key, i = _DECODER.raw_decode(text, i)
+            if key in fields:
+                raise BadPayload(f"{key}: duplicate key")
             i = _skip(text, _expect(text, _skip(text, i), ":"))
             fields[key], end = _DECODER.raw_decode(text, i)
             if key == "Activity":

@@ -175,7 +175,8 @@ class _Table:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self.key(name)}: expected {wanted}, got {value!r}")
+            got = type(value).__name__  # never the value: it may be a secret
+            raise ConfigError(f"{self.key(name)}: expected {wanted}, got {got}")
         return value
 
     def number(self, name: str, default: float, *, minimum: float, integer: bool = True) -> Any:
@@ -281,7 +282,7 @@ def _source(t: _Table) -> SourceSettings:
         raise ConfigError(f"{t.key('signature_template')}: must contain {{Activity}}")
     types: dict[int, str] = {}
     for code, name in t.get("types", dict, {}).items():
-        if not code.isdigit() or not isinstance(name, str) or not name.isidentifier():
+        if not re.fullmatch(r"\d+", code, re.ASCII) or not str(name).isidentifier():
             raise ConfigError(f'{t.key("types")}.{code}: expected <integer> = "TypeName"')
         types[int(code)] = name
     return SourceSettings(

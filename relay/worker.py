@@ -22,12 +22,13 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from relay import metrics, topology
 from relay.broker import BROKER_ERRORS, keep_connected, until_set
-from relay.delivery import Outcome, Target, Verdict, target_for
+from relay.delivery import CallTarget, HttpTarget, Outcome, Target, Verdict
 from relay.settings import HandlerSettings, Settings
 
 log = structlog.get_logger()
 
 DEPTH_INTERVAL_SECONDS = 10
+RETRY_AFTER_MAX_SECONDS = 900  # a handler's Retry-After is honoured up to 15 minutes
 
 
 class Partition:
@@ -102,12 +103,14 @@ class Partition:
                 return  # stopping: the message stays unacked and returns to the head
 
     def backoff(self, attempt: int, outcome: Outcome) -> float:
-        """Exponential from backoff_initial_ms, doubling, capped at backoff_max_ms, with jitter."""
+        """Exponential from backoff_initial_ms, doubling, capped at backoff_max_ms, with jitter;
+        a handler's Retry-After (up to RETRY_AFTER_MAX_SECONDS) is waited at least."""
         cap = self.handler.backoff_max_ms / 1000
-        if outcome.retry_after is not None:
-            return min(outcome.retry_after, cap)
         base: float = min(cap, self.handler.backoff_initial_ms / 1000 * 2 ** (attempt - 1))
-        return base * random.uniform(0.8, 1.0)
+        delay = base * random.uniform(0.8, 1.0)
+        if outcome.retry_after is not None:
+            delay = max(delay, min(outcome.retry_after, RETRY_AFTER_MAX_SECONDS))
+        return delay
 
     async def _dead_letter(
         self,
@@ -150,6 +153,12 @@ class Worker:
         self._settings = settings
         names = handler_names or [h.name for h in settings.handlers]
         self._handlers = [settings.handler(name) for name in names]
+        # Python handlers are imported now, so a bad `call` fails at start (exit 2).
+        self._targets: dict[str, Target] = {
+            h.name: CallTarget(h, f"handlers[{settings.handlers.index(h)}].call")
+            for h in self._handlers
+            if h.call
+        }
         self._stopping = asyncio.Event()
         self._over: asyncio.Event | None = None
         self.ready = asyncio.Event()  # set while consuming
@@ -163,7 +172,10 @@ class Worker:
     async def async_run(self) -> None:
         """Consume until `stop()`, reconnecting whenever the broker connection drops."""
         async with aiohttp.ClientSession() as session:
-            targets = {h.name: target_for(h, session) for h in self._handlers}
+            targets: dict[str, Target] = {
+                h.name: HttpTarget(h, session) for h in self._handlers if h.url
+            }
+            targets.update(self._targets)
             self._partitions = [
                 Partition(h, i, targets[h.name])
                 for h in self._handlers

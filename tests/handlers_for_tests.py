@@ -85,6 +85,13 @@ class HttpHandler:
         self._closing.set()
         await self._runner.cleanup()
 
+    async def __aenter__(self) -> HttpHandler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     def plan(self, message_id: str, answers: Iterable[Answer]) -> None:
         self.answers[message_id] = list(answers)
 

@@ -70,9 +70,7 @@ def signed_body(
     raw = act if isinstance(act, bytes) else orjson.dumps(act)
     if signature is None:
         message = _signed_message(source.signature_template, timestamp, raw)
-        signature = hex_signature(
-            source.signature_algorithm, source.secrets[secret_index], message
-        )
+        signature = hex_signature(source.signature_algorithm, source.secrets[secret_index], message)
     head = orjson.dumps({"Signature": signature, "Timestamp": timestamp})
     return head[:-1] + b',"Activity":' + raw + b"}"
 

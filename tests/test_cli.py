@@ -1,0 +1,236 @@
+"""The `relay` command: usage, exit codes, topology export/declare, send."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel
+
+import relay
+from tests.conftest import AMQP_URL, MakeSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
+COMMANDS = ["ingress", "worker", "run", "send", "topology"]
+
+
+def run_relay(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m relay ARGS` from the repository root, with a deadline."""
+    base = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        check=False,
+    )
+
+
+def write_config(
+    tmp_path: Path, *, exchange: str = "relay.activities", handler: str = "billing", extra: str = ""
+) -> str:
+    path = tmp_path / "relay.toml"
+    path.write_text(f"""
+[broker]
+exchange = "{exchange}"
+
+[[sources]]
+name = "envoice"
+path = "/webhooks/envoice"
+scheme = "envoice"
+secrets = ["test-secret"]
+
+[[handlers]]
+name = "{handler}"
+events = ["envoice.paid", "envoice.new_payment_with_*"]
+url = "http://127.0.0.1:1/hooks"
+partitions = 2
+{extra}""")
+    return str(path)
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands() -> None:
+    result = run_relay("--help")
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: relay")
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help(command: str) -> None:
+    result = run_relay(command, "--help")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: relay {command}")
+    assert "--config" in result.stdout
+
+
+def test_version() -> None:
+    result = run_relay("--version")
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"relay {relay.__version__}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["topology"],
+        ["topology", "drop"],
+        ["send", "--count", "0"],
+        ["send", "--invoices", "many"],
+        ["ingress", "--port", "http"],
+        ["worker", "--log-level", "loud"],
+        ["worker", "--no-such-flag"],
+    ],
+    ids=" ".join,
+)
+def test_bad_usage_exits_2(args: list[str]) -> None:
+    result = run_relay(*args)
+
+    assert result.returncode == 2
+    assert "usage: relay" in result.stderr
+    assert result.stdout == ""
+
+
+# --- topology ---------------------------------------------------------------------------------
+
+
+def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in items}
+
+
+def test_topology_export(tmp_path: Path) -> None:
+    result = run_relay("topology", "export", "--config", write_config(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    definitions = json.loads(result.stdout)
+    exchanges = by_name(definitions["exchanges"])
+    assert exchanges.keys() == {"relay.activities", "relay.unrouted", "relay.billing"}
+    assert exchanges["relay.activities"]["type"] == "topic"
+    assert exchanges["relay.activities"]["arguments"] == {"alternate-exchange": "relay.unrouted"}
+    assert exchanges["relay.unrouted"]["type"] == "fanout"
+    assert exchanges["relay.billing"]["type"] == "x-consistent-hash"
+    assert exchanges["relay.billing"]["arguments"] == {"hash-header": "x-relay-key"}
+
+    queues = by_name(definitions["queues"])
+    partitions = {"relay.billing.0", "relay.billing.1"}
+    assert queues.keys() == partitions | {"relay.billing.dlq", "relay.unrouted"}
+    for name in partitions:
+        assert queues[name]["arguments"] == {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+        }
+    for name in ("relay.billing.dlq", "relay.unrouted"):
+        assert queues[name]["arguments"] == {"x-queue-type": "quorum"}
+    for item in definitions["exchanges"] + definitions["queues"]:
+        assert (item["durable"], item["auto_delete"], item["vhost"]) == (True, False, "/")
+
+    bindings = {
+        (b["source"], b["destination"], b["destination_type"], b["routing_key"])
+        for b in definitions["bindings"]
+    }
+    to_handler = {b for b in bindings if b[:3] == ("relay.activities", "relay.billing", "exchange")}
+    assert {b[3] for b in to_handler} >= {"envoice.paid", "envoice.new_payment_with_stripe"}
+    assert len(to_handler) == 16
+    assert ("relay.billing", "relay.billing.0", "queue", "1") in bindings
+    assert ("relay.billing", "relay.billing.1", "queue", "1") in bindings
+    assert ("relay.unrouted", "relay.unrouted", "queue", "") in bindings
+    assert len(bindings) == 16 + 2 + 1
+
+
+def test_topology_declare_with_broker_unreachable_exits_3(tmp_path: Path) -> None:
+    result = run_relay(
+        "topology",
+        "declare",
+        "--config",
+        write_config(tmp_path),
+        env={"RELAY_AMQP_URL": CLOSED_BROKER},
+    )
+
+    assert result.returncode == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "broker" in lines[0]
+    assert "guest:guest" not in result.stderr + result.stdout
+
+
+@pytest.mark.rabbit
+async def test_topology_declare_creates_the_queues(
+    tmp_path: Path, make_settings: MakeSettings, channel: AbstractChannel
+) -> None:
+    # Given settings with test-unique names (the fixture deletes what they name afterwards)
+    settings = make_settings(
+        handlers=[
+            {"name": "billing", "events": ["envoice.paid"], "url": "http://x/", "partitions": 2}
+        ]
+    )
+    handler = settings.handlers[0]
+    config = write_config(tmp_path, exchange=settings.broker.exchange, handler=handler.name)
+    env = {"RELAY_AMQP_URL": AMQP_URL}
+
+    # When declared twice (idempotent)
+    for _ in range(2):
+        result = await asyncio.to_thread(
+            run_relay, "topology", "declare", "--config", config, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("declared relay topology on amqp://")
+
+    # Then every queue and exchange exists
+    for name in [*handler.queues, handler.dead_letter_queue]:
+        await channel.declare_queue(name, passive=True)
+    for name in (settings.broker.exchange, handler.exchange):
+        await channel.declare_exchange(name, passive=True)
+    assert [*handler.queues, handler.dead_letter_queue] == [
+        f"relay.{handler.name}.0",
+        f"relay.{handler.name}.1",
+        f"relay.{handler.name}.dlq",
+    ]
+
+
+# --- send -------------------------------------------------------------------------------------
+
+
+def test_send_to_nothing_listening_exits_1(tmp_path: Path) -> None:
+    result = run_relay(
+        "send",
+        "--config", write_config(tmp_path),
+        "--url", "http://127.0.0.1:1/webhooks/envoice",
+        "--count", "3",
+        "--invoices", "2",
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stdout.strip() == "sent 3: 3 failed"
+    errors = result.stderr.splitlines()
+    assert len(errors) == 3
+    assert all(line.strip().startswith("ClientConnectorError: ") for line in errors)
+
+
+def test_send_without_sources_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("[ingress]\nport = 8080\n")
+
+    result = run_relay("send", "--config", str(path), "--url", "http://127.0.0.1:1/")
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["relay: config error: sources: none configured"]
