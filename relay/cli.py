@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ import prometheus_client
 import structlog
 from aiohttp import web
 
-from relay import __version__, topology
+from relay import __version__, deadletters, status, topology
 from relay.broker import BROKER_ERRORS
 from relay.errors import ConfigError
 from relay.ingress import create_app
@@ -87,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
 
     topo = command("topology", _topology, "Declare or export relay's RabbitMQ topology.")
     topo.add_argument("action", choices=["declare", "export"])
+
+    stat = command("status", _status, "Per handler: partitions, depth, consumers, state.")
+    stat.add_argument("--json", action="store_true", help="machine-readable output")
+
+    dlq = command("dlq", _dlq, "List, replay or purge a handler's dead letters.")
+    dlq.add_argument("action", choices=["list", "replay", "purge"])
+    dlq.add_argument("--handler", required=True, help="handler name")
+    dlq.add_argument("--id", action="append", help="only this message id (repeatable)")
+    dlq.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    dlq.add_argument("--limit", type=_positive, default=1000, help="list: at most this many")
+    dlq.add_argument("--yes", action="store_true", help="purge: do not ask for confirmation")
     return parser
 
 
@@ -181,6 +193,60 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     for error in report.errors[:5]:
         print(f"  {error}", file=sys.stderr)
     return EXIT_OK if report.answers.total() == report.answers["accepted"] else EXIT_FAILURE
+
+
+async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        handlers, unrouted = await status.status(settings)
+    except BROKER_ERRORS as exc:
+        print(f"relay: broker unreachable or refused: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    if args.json:
+        print(orjson.dumps(status.as_dict(handlers, unrouted)).decode())
+    else:
+        print(status.render(handlers, unrouted))
+    return EXIT_OK
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    handler = settings.handler(args.handler)
+    try:
+        if args.action == "list":
+            letters = await deadletters.list_dead_letters(settings, handler, args.limit)
+            _print_dead_letters(letters, as_json=args.json)
+            return EXIT_OK
+        if args.action == "purge" and not args.yes and not _confirm(handler.name, args.id):
+            print("relay: purge cancelled", file=sys.stderr)
+            return EXIT_FAILURE
+        act = deadletters.replay if args.action == "replay" else deadletters.purge
+        count = await act(settings, handler, args.id)
+    except BROKER_ERRORS as exc:
+        print(f"relay: broker unreachable or refused: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    print(f"{args.action}: {count} dead letter(s) of {handler.name}")
+    return EXIT_OK if count or not args.id else EXIT_FAILURE
+
+
+def _confirm(handler: str, ids: list[str] | None) -> bool:
+    what = f"{len(ids)} dead letter(s)" if ids else "ALL dead letters"
+    try:
+        return input(f"Purge {what} of handler {handler}? [y/N] ").strip().lower() == "y"
+    except EOFError:
+        return False
+
+
+def _print_dead_letters(letters: list[deadletters.DeadLetter], *, as_json: bool) -> None:
+    now = datetime.now(UTC)
+    for letter in letters:
+        if as_json:
+            print(letter.as_json().decode())
+            continue
+        age = letter.age_seconds(now)
+        age_text = f"{age:.0f}s" if age is not None else "?"
+        print(f"{letter.id}  {letter.key}  {letter.event}  attempts={letter.attempts}  "
+              f"age={age_text}  {letter.reason}")  # fmt: skip
+    if not as_json:
+        print(f"{len(letters)} dead letter(s)")
 
 
 async def _topology(settings: Settings, args: argparse.Namespace) -> int:

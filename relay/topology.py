@@ -4,7 +4,8 @@ relay.activities (topic, alternate exchange relay.unrouted)
   --<pattern>--> relay.<handler> (x-consistent-hash on header x-relay-key)
                    --> relay.<handler>.<i> (quorum, single active consumer)
 relay.unrouted (fanout) --> relay.unrouted (quorum)
-relay.<handler>.dlq (quorum; no single active consumer so `relay dlq` can read it)
+relay.<handler>.dlq (classic: see relay/deadletters.py for why)
+relay.state (stream: handler state records, see relay/state.py)
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from relay.settings import HandlerSettings, Settings
+from relay.state import STATE_STREAM, STREAM_ARGUMENTS
 
 UNROUTED = "relay.unrouted"
 KEY_HEADER = "x-relay-key"
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+CLASSIC: dict[str, Any] = {}  # the default queue type
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,7 @@ def describe(settings: Settings, handlers: list[HandlerSettings] | None = None) 
         Exchange(main, "topic", {"alternate-exchange": UNROUTED}),
         Exchange(UNROUTED, "fanout"),
     ]
-    queues = [Queue(UNROUTED, QUORUM)]
+    queues = [Queue(UNROUTED, QUORUM), Queue(STATE_STREAM, STREAM_ARGUMENTS)]
     bindings = [Binding(UNROUTED, UNROUTED, "queue", "")]
     for handler in settings.handlers if handlers is None else handlers:
         exchanges.append(
@@ -71,7 +74,7 @@ def describe(settings: Settings, handlers: list[HandlerSettings] | None = None) 
         for queue in handler.queues:
             queues.append(Queue(queue, partition_arguments()))
             bindings.append(Binding(handler.exchange, queue, "queue", "1"))  # key = weight
-        queues.append(Queue(handler.dead_letter_queue, QUORUM))
+        queues.append(Queue(handler.dead_letter_queue, CLASSIC))
     return Topology(exchanges, queues, bindings)
 
 

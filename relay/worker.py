@@ -15,35 +15,43 @@ import random
 import time
 from datetime import UTC, datetime
 
-import aio_pika
 import aiohttp
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from relay import metrics, topology
 from relay.broker import BROKER_ERRORS, keep_connected, until_set
+from relay.deadletters import dead_letter
 from relay.delivery import CallTarget, HttpTarget, Outcome, Target, Verdict
 from relay.settings import HandlerSettings, Settings
+from relay.state import STATE_STREAM, State, record
 
 log = structlog.get_logger()
 
 DEPTH_INTERVAL_SECONDS = 10
 RETRY_AFTER_MAX_SECONDS = 900  # a handler's Retry-After is honoured up to 15 minutes
+STATE_PUBLISH_TIMEOUT_SECONDS = 5
 
 
 class Partition:
-    """One partition queue of one handler, consumed by one sequential loop."""
+    """One partition queue of one handler, consumed by one sequential loop.
+
+    `failures` counts transient failures in a row; it outlives channels and deliveries, so a
+    message that comes back (consumer_timeout, reconnect) finds the partition still parked.
+    """
 
     def __init__(self, handler: HandlerSettings, index: int, target: Target) -> None:
         self.handler = handler
         self.queue = handler.queue(index)
         self._target = target
-        self.state = "live"
+        self.failures = 0
+        self.state = State.LIVE
+        metrics.HANDLER_STATE.labels(handler.name, State.LIVE).inc()
 
     async def consume(
-        self, connection: AbstractConnection, dead_letters: AbstractChannel, done: asyncio.Event
+        self, connection: AbstractConnection, publisher: AbstractChannel, over: asyncio.Event
     ) -> None:
-        """Deliver until `done` is set or the channel closes; unacked messages go back first."""
+        """Deliver until `over` is set or the channel closes; unacked messages go back first."""
         channel = await connection.channel(publisher_confirms=False)
         closed = asyncio.Event()
         channel.close_callbacks.add(lambda *_: closed.set())
@@ -56,11 +64,11 @@ class Partition:
             await channel.set_qos(prefetch_count=1)
             queue = await channel.get_queue(self.queue, ensure=False)
             consumer_tag = await queue.consume(receive)
-            while not done.is_set():
-                message = await until_set(inbox.get(), done, closed)
+            while not over.is_set():
+                message = await until_set(inbox.get(), over, closed)
                 if message is None:
                     break
-                await self._handle(message, dead_letters, done)
+                await self._handle(message, publisher, over, closed)
             if not closed.is_set():
                 await queue.cancel(consumer_tag)
         finally:
@@ -70,12 +78,15 @@ class Partition:
                     await channel.close()
 
     async def _handle(
-        self, message: AbstractIncomingMessage, dead_letters: AbstractChannel, done: asyncio.Event
+        self, message: AbstractIncomingMessage, publisher: AbstractChannel, *stop: asyncio.Event
     ) -> None:
         message_id = message.message_id or "?"
         bound = log.bind(handler=self.handler.name, partition=self.queue, message_id=message_id)
+        # Delivered before (worker crash, lost connection, consumer_timeout): count those tries.
+        delivered_before = (message.headers or {}).get("x-delivery-count")
+        attempt = delivered_before if isinstance(delivered_before, int) else 0
+        self.failures = max(self.failures, attempt)
         first_attempt = datetime.now(UTC)
-        attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
@@ -86,64 +97,62 @@ class Partition:
             metrics.DELIVERIES.labels(self.handler.name, outcome.verdict.value).inc()
             if outcome.verdict is Verdict.SUCCESS:
                 bound.info("delivered", attempt=attempt, detail=outcome.detail)
-                self._set_state("live")
                 await message.ack()
+                await self._recovered(publisher)
                 return
             if outcome.verdict is Verdict.PERMANENT:
                 bound.warning("dead-lettered", attempt=attempt, detail=outcome.detail)
-                await self._dead_letter(message, outcome, attempt, first_attempt, dead_letters)
+                dead = dead_letter(message, self.handler, outcome, attempt, first_attempt)
+                await publisher.default_exchange.publish(dead, self.handler.dead_letter_queue)
                 await message.ack()
+                await self._recovered(publisher)
                 return
-            delay = self.backoff(attempt, outcome)
-            self._set_state("retrying" if attempt < self.handler.max_attempts else "parked")
+            self.failures += 1
+            parked = self.failures >= self.handler.max_attempts
+            delay = self.backoff(self.failures, outcome)
+            await self._set_state(publisher, State.PARKED if parked else State.RETRYING, outcome)
             bound.warning(
                 "delivery failed", attempt=attempt, detail=outcome.detail, retry_in=round(delay, 3)
             )
-            if await until_set(asyncio.sleep(delay, result=True), done) is None:
-                return  # stopping: the message stays unacked and returns to the head
+            if await until_set(asyncio.sleep(delay, result=True), *stop) is None:
+                return  # stopping or channel lost: the message returns to the head unacked
 
-    def backoff(self, attempt: int, outcome: Outcome) -> float:
-        """Exponential from backoff_initial_ms, doubling, capped at backoff_max_ms, with jitter;
-        a handler's Retry-After (up to RETRY_AFTER_MAX_SECONDS) is waited at least."""
+    def backoff(self, failures: int, outcome: Outcome) -> float:
+        """Exponential from backoff_initial_ms, doubling, with jitter; once parked, one probe
+        per backoff_max_ms. A handler's Retry-After (up to 15 minutes) is waited at least."""
         cap = self.handler.backoff_max_ms / 1000
-        base: float = min(cap, self.handler.backoff_initial_ms / 1000 * 2 ** (attempt - 1))
-        delay = base * random.uniform(0.8, 1.0)
+        if failures >= self.handler.max_attempts:
+            delay = cap
+        else:
+            delay = min(cap, self.handler.backoff_initial_ms / 1000 * 2 ** (failures - 1))
+            delay *= random.uniform(0.8, 1.0)
         if outcome.retry_after is not None:
             delay = max(delay, min(outcome.retry_after, RETRY_AFTER_MAX_SECONDS))
         return delay
 
-    async def _dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        outcome: Outcome,
-        attempts: int,
-        first_attempt: datetime,
-        channel: AbstractChannel,
-    ) -> None:
-        headers = {
-            **(message.headers or {}),
-            "x-relay-handler": self.handler.name,
-            "x-relay-reason": outcome.detail,
-            "x-relay-status": outcome.status or 0,
-            "x-relay-attempts": attempts,
-            "x-relay-first-attempt": first_attempt.isoformat(),
-            "x-relay-last-attempt": datetime.now(UTC).isoformat(),
-        }
-        dead = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-        )
-        await channel.default_exchange.publish(dead, self.handler.dead_letter_queue)
+    async def _recovered(self, publisher: AbstractChannel) -> None:
+        self.failures = 0
+        if self.state is not State.LIVE:
+            await self._set_state(publisher, State.LIVE, None)
 
-    def _set_state(self, state: str) -> None:
-        if state != self.state:
-            log.info("partition state", partition=self.queue, handler=self.handler.name,
-                     previous=self.state, state=state)  # fmt: skip
-            self.state = state
+    async def _set_state(
+        self, publisher: AbstractChannel, state: State, outcome: Outcome | None
+    ) -> None:
+        if state is self.state:
+            return
+        detail = outcome.detail if outcome else ""
+        log.warning("handler state", handler=self.handler.name, partition=self.queue,
+                    previous=self.state.value, state=state.value, detail=detail)  # fmt: skip
+        metrics.HANDLER_STATE.labels(self.handler.name, self.state).dec()
+        metrics.HANDLER_STATE.labels(self.handler.name, state).inc()
+        self.state = state
+        try:  # best effort: a lost record must not hold up delivery
+            async with asyncio.timeout(STATE_PUBLISH_TIMEOUT_SECONDS):
+                await publisher.default_exchange.publish(
+                    record(self.handler.name, self.queue, state, detail), STATE_STREAM
+                )
+        except (*BROKER_ERRORS, TimeoutError) as exc:
+            log.warning("state record not written", partition=self.queue, error=repr(exc))
 
 
 class Worker:
@@ -189,15 +198,15 @@ class Worker:
         self._over = over
         if self._stopping.is_set():
             return
-        dead_letters = await connection.channel(publisher_confirms=True)
-        dead_letters.close_callbacks.add(lambda *_: over.set())
-        await topology.declare(dead_letters, topology.describe(self._settings, self._handlers))
+        publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        publisher.close_callbacks.add(lambda *_: over.set())
+        await topology.declare(publisher, topology.describe(self._settings, self._handlers))
         self.ready.set()
         log.info("worker consuming", partitions=[p.queue for p in self._partitions])
         depths = asyncio.ensure_future(self._watch_depths(connection, over))
         try:
             await asyncio.gather(
-                *(self._keep_consuming(p, connection, dead_letters, over) for p in self._partitions)
+                *(self._keep_consuming(p, connection, publisher, over) for p in self._partitions)
             )
         finally:
             self.ready.clear()
@@ -219,13 +228,13 @@ class Worker:
         self,
         partition: Partition,
         connection: AbstractConnection,
-        dead_letters: AbstractChannel,
+        publisher: AbstractChannel,
         over: asyncio.Event,
     ) -> None:
         """Consume a partition, reopening its channel if the broker closes it (consumer_timeout)."""
         while not over.is_set():
             try:
-                await partition.consume(connection, dead_letters, over)
+                await partition.consume(connection, publisher, over)
             except BROKER_ERRORS as exc:
                 if over.is_set():
                     return

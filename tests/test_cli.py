@@ -133,14 +133,15 @@ def test_topology_export(tmp_path: Path) -> None:
 
     queues = by_name(definitions["queues"])
     partitions = {"relay.billing.0", "relay.billing.1"}
-    assert queues.keys() == partitions | {"relay.billing.dlq", "relay.unrouted"}
+    assert queues.keys() == partitions | {"relay.billing.dlq", "relay.unrouted", "relay.state"}
     for name in partitions:
         assert queues[name]["arguments"] == {
             "x-queue-type": "quorum",
             "x-single-active-consumer": True,
         }
-    for name in ("relay.billing.dlq", "relay.unrouted"):
-        assert queues[name]["arguments"] == {"x-queue-type": "quorum"}
+    assert queues["relay.unrouted"]["arguments"] == {"x-queue-type": "quorum"}
+    assert queues["relay.billing.dlq"]["arguments"] == {}  # classic: see relay/deadletters.py
+    assert queues["relay.state"]["arguments"]["x-queue-type"] == "stream"
     for item in definitions["exchanges"] + definitions["queues"]:
         assert (item["durable"], item["auto_delete"], item["vhost"]) == (True, False, "/")
 
