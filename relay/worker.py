@@ -54,7 +54,13 @@ class Partition:
         """Deliver until `over` is set or the channel closes; unacked messages go back first."""
         channel = await connection.channel(publisher_confirms=False)
         closed = asyncio.Event()
-        channel.close_callbacks.add(lambda *_: closed.set())
+        why: list[BaseException | None] = []
+
+        def on_close(_: object, exc: BaseException | None = None) -> None:
+            why.append(exc)
+            closed.set()
+
+        channel.close_callbacks.add(on_close)
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
         async def receive(message: AbstractIncomingMessage) -> None:
@@ -69,6 +75,8 @@ class Partition:
                 if message is None:
                     break
                 await self._handle(message, publisher, over, closed)
+            if closed.is_set() and not over.is_set():  # e.g. consumer_timeout; reopened by caller
+                raise ConnectionError(f"channel closed by the broker: {why[0]!r}")
             if not closed.is_set():
                 await queue.cancel(consumer_tag)
         finally:
