@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BROKER_ERRORS as exc:  # commands that need the broker now; servers retry instead
+        print(f"relay: broker unreachable or refused: {exc!r}", file=sys.stderr)
+        return EXIT_BROKER
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -196,11 +199,7 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        handlers, unrouted = await status.status(settings)
-    except BROKER_ERRORS as exc:
-        print(f"relay: broker unreachable or refused: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+    handlers, unrouted = await status.status(settings)
     if args.json:
         print(orjson.dumps(status.as_dict(handlers, unrouted)).decode())
     else:
@@ -210,19 +209,15 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     handler = settings.handler(args.handler)
-    try:
-        if args.action == "list":
-            letters = await deadletters.list_dead_letters(settings, handler, args.limit)
-            _print_dead_letters(letters, as_json=args.json)
-            return EXIT_OK
-        if args.action == "purge" and not args.yes and not _confirm(handler.name, args.id):
-            print("relay: purge cancelled", file=sys.stderr)
-            return EXIT_FAILURE
-        act = deadletters.replay if args.action == "replay" else deadletters.purge
-        count = await act(settings, handler, args.id)
-    except BROKER_ERRORS as exc:
-        print(f"relay: broker unreachable or refused: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+    if args.action == "list":
+        letters = await deadletters.list_dead_letters(settings, handler, args.limit)
+        _print_dead_letters(letters, as_json=args.json)
+        return EXIT_OK
+    if args.action == "purge" and not args.yes and not _confirm(handler.name, args.id):
+        print("relay: purge cancelled", file=sys.stderr)
+        return EXIT_FAILURE
+    act = deadletters.replay if args.action == "replay" else deadletters.purge
+    count = await act(settings, handler, args.id)
     print(f"{args.action}: {count} dead letter(s) of {handler.name}")
     return EXIT_OK if count or not args.id else EXIT_FAILURE
 
@@ -256,10 +251,6 @@ async def _topology(settings: Settings, args: argparse.Namespace) -> int:
         )
         sys.stdout.write("\n")
         return EXIT_OK
-    try:
-        await topology.declare_all(settings)
-    except BROKER_ERRORS as exc:
-        print(f"relay: broker unreachable or refused: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+    await topology.declare_all(settings)
     print(f"declared relay topology on {settings.broker.safe_url}")
     return EXIT_OK
