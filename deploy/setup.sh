@@ -32,7 +32,7 @@ PY
 
 ensure_rabbitmq() {
     if [ -n "${RELAY_AMQP_URL:-}" ] && [ -z "${RELAY_AMQP_HOST:-}" ]; then
-        say "using \$RELAY_AMQP_URL as it is; it needs the rabbitmq_consistent_hash_exchange plugin"
+        say "using \$RELAY_AMQP_URL as it is"
         return
     fi
     if ! broker_answers; then
@@ -51,7 +51,7 @@ ensure_rabbitmq() {
         broker_answers || { say "RabbitMQ did not come up within 120 s"; exit 1; }
     fi
     if command -v rabbitmq-plugins >/dev/null; then
-        rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange rabbitmq_management \
+        rabbitmq-plugins -q enable rabbitmq_management \
             >/dev/null || { say "could not enable RabbitMQ plugins"; exit 1; }
     fi
 }

@@ -18,6 +18,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from relay import topology
 from relay.delivery import Outcome
 from relay.settings import HandlerSettings, Settings
 
@@ -136,6 +137,9 @@ async def replay(settings: Settings, handler: HandlerSettings, ids: list[str] | 
             headers = {
                 k: v for k, v in (message.headers or {}).items() if k not in DEAD_LETTER_HEADERS
             }
+            # The partition for today's partition count (it may have changed since).
+            key = str(headers.get(topology.KEY_HEADER, ""))
+            headers.update(topology.partition_headers(key, [handler.partitions]))
             again = aio_pika.Message(
                 message.body,
                 headers={**headers, "x-relay-replayed": True},

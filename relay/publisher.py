@@ -41,7 +41,7 @@ def envelope(event: Event, received_at: datetime) -> bytes:
     )
 
 
-def message(event: Event, received_at: datetime) -> aio_pika.Message:
+def message(event: Event, received_at: datetime, partition_counts: list[int]) -> aio_pika.Message:
     return aio_pika.Message(
         envelope(event, received_at),
         content_type="application/json",
@@ -52,6 +52,7 @@ def message(event: Event, received_at: datetime) -> aio_pika.Message:
             "x-relay-source": event.source,
             "x-relay-event": event.name,
             topology.KEY_HEADER: event.key,
+            **topology.partition_headers(event.key, partition_counts),
         },
     )
 
@@ -61,6 +62,7 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._partition_counts = topology.partition_counts(settings)
         self._exchange: AbstractExchange | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -82,7 +84,7 @@ class Publisher:
     async def _session(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         channel.close_callbacks.add(lambda *_: lost.set())
-        await topology.declare(channel, topology.describe(self._settings))
+        await topology.declare(channel, topology.describe(self._settings, state=False))
         self._exchange = await channel.get_exchange(self._settings.broker.exchange, ensure=False)
         try:
             await lost.wait()
@@ -94,7 +96,7 @@ class Publisher:
         exchange = self._exchange
         if exchange is None:
             raise BrokerUnavailable("broker not connected")
-        msg = message(event, datetime.now(UTC))
+        msg = message(event, datetime.now(UTC), self._partition_counts)
         try:
             async with asyncio.timeout(self._settings.broker.publish_timeout_seconds):
                 await exchange.publish(msg, event.routing_key, mandatory=True)

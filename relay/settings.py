@@ -94,7 +94,7 @@ class HandlerSettings:
 
     @property
     def exchange(self) -> str:
-        """The handler's consistent-hash exchange that spreads keys over its partitions."""
+        """The handler's headers exchange that routes each key to its partition."""
         return f"relay.{self.name}"
 
     @property

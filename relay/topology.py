@@ -1,15 +1,22 @@
 """The broker objects relay needs, as one description used to declare and to export them.
 
 relay.activities (topic, alternate exchange relay.unrouted)
-  --<pattern>--> relay.<handler> (x-consistent-hash on header x-relay-key)
+  --<pattern>--> relay.<handler> (headers: relay-p<N> = i, N = the handler's partitions)
                    --> relay.<handler>.<i> (quorum, single active consumer)
 relay.unrouted (fanout) --> relay.unrouted (quorum)
 relay.<handler>.dlq (classic: see relay/deadletters.py for why)
 relay.state (stream: handler state records, see relay/state.py)
+
+The publisher picks the partition: crc32(ordering key) % N, sent as header relay-p<N> for
+each partition count N in use. The mapping is stateless, so a key stays in its partition across
+broker restarts; the consistent-hash exchange plugin rebuilds its ring on restart and may move
+keys (rabbitmq-server #3386), which would reorder a key whose messages wait in the old queue.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +51,7 @@ class Binding:
     destination: str
     destination_type: str  # "queue" | "exchange"
     routing_key: str
+    arguments: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,23 +65,43 @@ def partition_arguments() -> dict[str, Any]:
     return {**QUORUM, "x-single-active-consumer": True}
 
 
-def describe(settings: Settings, handlers: list[HandlerSettings] | None = None) -> Topology:
-    """Everything relay declares for `settings` (optionally only some handlers)."""
+def partition_header(partitions: int) -> str:
+    # Not `x-...`: a headers exchange ignores binding arguments that start with `x-`.
+    return f"relay-p{partitions}"
+
+
+def partition_headers(key: str, counts: Iterable[int]) -> dict[str, str]:
+    """The partition of `key` for each partition count: crc32(key) % count."""
+    digest = zlib.crc32(key.encode())
+    return {partition_header(n): str(digest % n) for n in counts}
+
+
+def partition_counts(settings: Settings) -> list[int]:
+    return sorted({h.partitions for h in settings.handlers})
+
+
+def describe(
+    settings: Settings, handlers: list[HandlerSettings] | None = None, *, state: bool = True
+) -> Topology:
+    """Everything relay declares for `settings`: optionally only some handlers, or without the
+    state stream (the ingress does not write it)."""
     main = settings.broker.exchange
     exchanges = [
         Exchange(main, "topic", {"alternate-exchange": UNROUTED}),
         Exchange(UNROUTED, "fanout"),
     ]
-    queues = [Queue(UNROUTED, QUORUM), Queue(STATE_STREAM, STREAM_ARGUMENTS)]
+    queues = [Queue(UNROUTED, QUORUM)]
+    if state:
+        queues.append(Queue(STATE_STREAM, STREAM_ARGUMENTS))
     bindings = [Binding(UNROUTED, UNROUTED, "queue", "")]
     for handler in settings.handlers if handlers is None else handlers:
-        exchanges.append(
-            Exchange(handler.exchange, "x-consistent-hash", {"hash-header": KEY_HEADER})
-        )
+        exchanges.append(Exchange(handler.exchange, "headers"))
         bindings += [Binding(main, handler.exchange, "exchange", key) for key in handler.bindings]
-        for queue in handler.queues:
+        header = partition_header(handler.partitions)
+        for i, queue in enumerate(handler.queues):
             queues.append(Queue(queue, partition_arguments()))
-            bindings.append(Binding(handler.exchange, queue, "queue", "1"))  # key = weight
+            match = {"x-match": "all", header: str(i)}
+            bindings.append(Binding(handler.exchange, queue, "queue", "", match))
         queues.append(Queue(handler.dead_letter_queue, CLASSIC))
     return Topology(exchanges, queues, bindings)
 
@@ -89,10 +117,10 @@ async def declare(channel: AbstractChannel, topology: Topology) -> None:
     for q in topology.queues:
         queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
     for b in topology.bindings:
-        if b.destination_type == "queue":
-            await queues[b.destination].bind(exchanges[b.source], routing_key=b.routing_key)
-        else:
-            await exchanges[b.destination].bind(exchanges[b.source], routing_key=b.routing_key)
+        destination = queues if b.destination_type == "queue" else exchanges
+        await destination[b.destination].bind(
+            exchanges[b.source], routing_key=b.routing_key, arguments=b.arguments
+        )
 
 
 def export(topology: Topology, vhost: str = "/") -> dict[str, Any]:
@@ -111,7 +139,7 @@ def export(topology: Topology, vhost: str = "/") -> dict[str, Any]:
         "bindings": [
             {"source": b.source, "vhost": vhost, "destination": b.destination,
              "destination_type": b.destination_type, "routing_key": b.routing_key,
-             "arguments": {}}
+             "arguments": b.arguments}
             for b in topology.bindings
         ],
     }  # fmt: skip

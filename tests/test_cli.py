@@ -128,8 +128,8 @@ def test_topology_export(tmp_path: Path) -> None:
     assert exchanges["relay.activities"]["type"] == "topic"
     assert exchanges["relay.activities"]["arguments"] == {"alternate-exchange": "relay.unrouted"}
     assert exchanges["relay.unrouted"]["type"] == "fanout"
-    assert exchanges["relay.billing"]["type"] == "x-consistent-hash"
-    assert exchanges["relay.billing"]["arguments"] == {"hash-header": "x-relay-key"}
+    assert exchanges["relay.billing"]["type"] == "headers"
+    assert exchanges["relay.billing"]["arguments"] == {}
 
     queues = by_name(definitions["queues"])
     partitions = {"relay.billing.0", "relay.billing.1"}
@@ -152,8 +152,15 @@ def test_topology_export(tmp_path: Path) -> None:
     to_handler = {b for b in bindings if b[:3] == ("relay.activities", "relay.billing", "exchange")}
     assert {b[3] for b in to_handler} >= {"envoice.paid", "envoice.new_payment_with_stripe"}
     assert len(to_handler) == 16
-    assert ("relay.billing", "relay.billing.0", "queue", "1") in bindings
-    assert ("relay.billing", "relay.billing.1", "queue", "1") in bindings
+    partition_bindings = [
+        (b["destination"], b["arguments"])
+        for b in definitions["bindings"]
+        if b["source"] == "relay.billing"
+    ]
+    assert sorted(partition_bindings) == [
+        ("relay.billing.0", {"x-match": "all", "relay-p2": "0"}),
+        ("relay.billing.1", {"x-match": "all", "relay-p2": "1"}),
+    ]
     assert ("relay.unrouted", "relay.unrouted", "queue", "") in bindings
     assert len(bindings) == 16 + 2 + 1
 
