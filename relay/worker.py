@@ -37,7 +37,9 @@ class Partition:
     """One partition queue of one handler, consumed by one sequential loop.
 
     `failures` counts transient failures in a row; it outlives channels and deliveries, so a
-    message that comes back (consumer_timeout, reconnect) finds the partition still parked.
+    message that comes back (consumer_timeout, reconnect) finds the partition still parked, and
+    `_tries` keeps the attempt count and first attempt time of the message being retried.
+    The state is unknown (None) until the first outcome, which is then recorded.
     """
 
     def __init__(self, handler: HandlerSettings, index: int, target: Target) -> None:
@@ -45,8 +47,8 @@ class Partition:
         self.queue = handler.queue(index)
         self._target = target
         self.failures = 0
-        self.state = State.LIVE
-        metrics.HANDLER_STATE.labels(handler.name, State.LIVE).inc()
+        self.state: State | None = None
+        self._tries: tuple[str, int, datetime] | None = None
 
     async def consume(
         self, connection: AbstractConnection, publisher: AbstractChannel, over: asyncio.Event
@@ -93,10 +95,13 @@ class Partition:
         # Delivered before (worker crash, lost connection, consumer_timeout): count those tries.
         delivered_before = (message.headers or {}).get("x-delivery-count")
         attempt = delivered_before if isinstance(delivered_before, int) else 0
-        self.failures = max(self.failures, attempt)
         first_attempt = datetime.now(UTC)
+        if self._tries is not None and self._tries[0] == message_id:  # back after a cut
+            attempt, first_attempt = max(attempt, self._tries[1]), self._tries[2]
+        self.failures = max(self.failures, attempt)
         while True:
             attempt += 1
+            self._tries = (message_id, attempt, first_attempt)
             started = time.perf_counter()
             outcome = await self._target.deliver(message.body, message_id, attempt)
             metrics.DELIVERY_SECONDS.labels(self.handler.name).observe(
@@ -140,6 +145,7 @@ class Partition:
 
     async def _recovered(self, publisher: AbstractChannel) -> None:
         self.failures = 0
+        self._tries = None
         if self.state is not State.LIVE:
             await self._set_state(publisher, State.LIVE, None)
 
@@ -149,9 +155,12 @@ class Partition:
         if state is self.state:
             return
         detail = outcome.detail if outcome else ""
-        log.warning("handler state", handler=self.handler.name, partition=self.queue,
-                    previous=self.state.value, state=state.value, detail=detail)  # fmt: skip
-        metrics.HANDLER_STATE.labels(self.handler.name, self.state).dec()
+        previous = self.state.value if self.state else "unknown"
+        level = log.info if state is State.LIVE else log.warning
+        level("handler state", handler=self.handler.name, partition=self.queue,
+              previous=previous, state=state.value, detail=detail)  # fmt: skip
+        if self.state is not None:
+            metrics.HANDLER_STATE.labels(self.handler.name, self.state).dec()
         metrics.HANDLER_STATE.labels(self.handler.name, state).inc()
         self.state = state
         try:  # best effort: a lost record must not hold up delivery

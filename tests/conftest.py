@@ -1,23 +1,33 @@
-"""Fixtures: settings with test-unique broker names (cleaned up after), broker connections."""
+"""Fixtures: settings with test-unique broker names (cleaned up after), broker connections,
+in-process workers, a publisher, HTTP and Python handlers, captured logs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relay import topology
+from relay.provider import Event
+from relay.publisher import Publisher
 from relay.settings import Settings
+from relay.state import STATE_STREAM
+from tests import handlers_for_tests
+from tests.handlers_for_tests import HttpHandler
+from tests.support import STOP_WITHIN, RunningWorker, eventually, toml
 
 AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 SECRET = "test-secret"
-
-MakeSettings = Callable[..., Settings]
+SHARED_QUEUES = {topology.UNROUTED, STATE_STREAM}  # every relay declares them: never deleted
+SHARED_EXCHANGES = {topology.UNROUTED}
 
 
 def settings_dict(
@@ -48,37 +58,136 @@ def settings_dict(
     return raw
 
 
-@pytest.fixture
-async def make_settings() -> AsyncIterator[MakeSettings]:
-    """Settings factory; everything the settings name on the broker is deleted after the test."""
-    made: list[Settings] = []
+async def delete_topology(settings: Settings) -> None:
+    """Delete the queues and exchanges relay declares for `settings`, except the shared ones.
 
-    def make(**kwargs: Any) -> Settings:
+    Connects to the broker directly: a test's settings may point at a proxy it has cut."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        described = topology.describe(settings)
+        for queue in described.queues:
+            if queue.name not in SHARED_QUEUES:
+                await (await connection.channel()).queue_delete(queue.name)
+        for exchange in described.exchanges:
+            if exchange.name not in SHARED_EXCHANGES:
+                await (await connection.channel()).exchange_delete(exchange.name)
+
+
+class SettingsFactory:
+    """`make_settings(handlers=[...], ...)`: settings with names unique to the test (see
+    `settings_dict`); `make_settings.config_file(settings)` writes them as a TOML file."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._raw: dict[str, dict[str, Any]] = {}  # by exchange name
+        self.made: list[Settings] = []
+
+    def __call__(self, **kwargs: Any) -> Settings:
         raw = settings_dict(uuid.uuid4().hex[:8], **kwargs)
         settings = Settings.from_dict(raw)
-        made.append(settings)
+        self._raw[settings.broker.exchange] = raw
+        self.made.append(settings)
         return settings
 
-    yield make
-    if not made:
-        return
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        for settings in made:
-            described = topology.describe(settings)
-            for queue in described.queues:
-                if queue.name != topology.UNROUTED:
-                    channel = await connection.channel()
-                    await channel.queue_delete(queue.name)
-            for exchange in described.exchanges:
-                if exchange.name != topology.UNROUTED:
-                    channel = await connection.channel()
-                    await channel.exchange_delete(exchange.name)
+    def config_file(self, settings: Settings) -> str:
+        path = self._directory / f"{settings.broker.exchange}.toml"
+        path.write_text(toml(self._raw[settings.broker.exchange]), encoding="utf-8")
+        assert Settings.from_file(path) == settings
+        return str(path)
+
+
+MakeSettings = SettingsFactory
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[AbstractChannel]:
-    """A channel on the real broker, for a test to inspect or arrange queues."""
+async def make_settings(tmp_path: Path) -> AsyncIterator[MakeSettings]:
+    """Settings factory; everything the settings name on the broker is deleted after the test."""
+    factory = SettingsFactory(tmp_path)
+    yield factory
+    for settings in factory.made:
+        await delete_topology(settings)
+
+
+@pytest.fixture
+async def connection() -> AsyncIterator[AbstractConnection]:
+    """A connection to the real broker, for a test to inspect or arrange queues."""
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        yield await connection.channel()
+        yield connection
+
+
+@pytest.fixture
+async def channel(connection: AbstractConnection) -> AbstractChannel:
+    """A channel on the real broker, for a test to inspect or arrange queues."""
+    return await connection.channel()
+
+
+# --- workers, publishing, handlers ------------------------------------------------------------
+
+StartWorker = Callable[[Settings], Awaitable[RunningWorker]]
+Publish = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def start_worker(make_settings: MakeSettings) -> AsyncIterator[StartWorker]:
+    """Starts workers and waits until they consume; stops those still running after the test.
+
+    Depends on `make_settings` so that workers stop before their queues are deleted.
+    """
+    workers: list[RunningWorker] = []
+
+    async def start(settings: Settings) -> RunningWorker:
+        running = RunningWorker(settings)
+        workers.append(running)
+        await running.started()
+        return running
+
+    yield start
+    for running in workers:
+        running.worker.stop()
+    tasks = {w.task for w in workers}
+    if tasks:
+        _, stuck = await asyncio.wait(tasks, timeout=STOP_WITHIN)
+        for task in stuck:
+            task.cancel()
+        assert not stuck, "a worker did not stop"
+
+
+@pytest.fixture
+async def publish() -> AsyncIterator[Publish]:
+    """`await publish(settings, *events)`: publishes in order, each confirmed by the broker."""
+    publishers: dict[tuple[str, str], Publisher] = {}
+
+    async def publish(settings: Settings, *events: Event) -> None:
+        key = (settings.broker.url, settings.broker.exchange)
+        if key not in publishers:
+            publishers[key] = Publisher(settings)
+            publishers[key].start()
+        publisher = publishers[key]
+        await eventually(lambda: publisher.ready, what="publisher connected")
+        for event in events:
+            await publisher.publish(event)
+
+    yield publish
+    for publisher in publishers.values():
+        await publisher.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorder() -> Iterator[None]:
+    handlers_for_tests.reset()
+    yield
+    handlers_for_tests.reset()
+
+
+@pytest.fixture
+async def http_handler() -> AsyncIterator[HttpHandler]:
+    async with HttpHandler() as server:
+        yield server
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """What in-process relay code logs during the test, one dict per line (`event`, fields)."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured

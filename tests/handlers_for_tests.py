@@ -4,15 +4,20 @@
   `calls`; `failures[message_id]` lists what to raise on that message's next calls, in turn.
 - `HttpHandler` is a real aiohttp server on a loopback port: every request lands in `requests`;
   `answers[message_id]` lists the answers to give that message's next requests (a status, a
-  `(status, headers)` pair, or `HANG`), then it answers 200.
+  `(status, headers)` pair, `HANG` or a `Held`), then it answers `default` (200 unless told
+  otherwise: set it to 503 for an outage, to 422 to reject everything).
+- `journal` is a Python handler for worker subprocesses: it appends every call to a JSON-lines
+  file and raises while a flag file exists (both named by environment variables).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,17 +40,48 @@ def reset() -> None:
     failures.clear()
 
 
+JOURNAL_ENV = "RELAY_TEST_JOURNAL"  # the JSON-lines file `journal` appends to
+BROKEN_ENV = "RELAY_TEST_BROKEN"  # while the file it names exists, `journal` raises
+
+
+async def journal(message: dict[str, Any]) -> None:
+    """Appends `{"id", "key", "ok"}` to $RELAY_TEST_JOURNAL; raises while $RELAY_TEST_BROKEN
+    exists (a plain exception, as a handler bug would)."""
+    if not _write_journal(message):
+        raise RuntimeError("handler is broken")
+
+
+def _write_journal(message: dict[str, Any]) -> bool:
+    ok = not Path(os.environ[BROKEN_ENV]).exists()
+    line = orjson.dumps({"id": message["id"], "key": message["key"], "ok": ok}) + b"\n"
+    with Path(os.environ[JOURNAL_ENV]).open("ab") as out:  # one short line: no need for a thread
+        out.write(line)
+    return ok
+
+
 HANG = "hang"  # an answer that never comes: the request hangs until the server closes
-Answer = int | tuple[int, dict[str, str]] | str
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """An answer held back until `release` is set: the request stays in flight until then."""
+
+    release: asyncio.Event
+    then: int = 200
+
+
+Answer = int | tuple[int, dict[str, str]] | str | Held
+
+
+@dataclass(slots=True)
 class Request:
-    """One request as the handler server saw it."""
+    """One request as the handler server saw it, and the answer it got once given."""
 
     at: float  # time.monotonic() on arrival
     headers: dict[str, str]  # names in lower case
     body: bytes
+    status: int | None = None  # the answer's status
+    answered_at: float | None = None  # time.monotonic() when answered
 
     @property
     def json(self) -> dict[str, Any]:
@@ -57,8 +93,16 @@ class Request:
         return str(self.json["id"])
 
     @property
+    def key(self) -> str:
+        return str(self.json["key"])
+
+    @property
     def attempt(self) -> int:
         return int(self.headers["x-relay-attempt"])
+
+    @property
+    def accepted(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
 
 
 class HttpHandler:
@@ -69,6 +113,8 @@ class HttpHandler:
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.answers: dict[str, list[Answer]] = {}
+        self.default: Answer = 200  # the answer when none is planned
+        self.latency = 0.0  # seconds each request takes before it is answered
         self._closing = asyncio.Event()
         app = web.Application()
         app.router.add_post(self.path, self._receive)
@@ -98,6 +144,10 @@ class HttpHandler:
     def of(self, message_id: str) -> list[Request]:
         return [r for r in self.requests if r.id == message_id]
 
+    def accepted(self, key: str | None = None) -> list[str]:
+        """Ids of the requests answered 2xx (of one ordering key, if given), in arrival order."""
+        return [r.id for r in self.requests if r.accepted and (key is None or r.key == key)]
+
     async def _receive(self, request: web.Request) -> web.Response:
         received = Request(
             at=time.monotonic(),
@@ -106,9 +156,15 @@ class HttpHandler:
         )
         self.requests.append(received)
         planned = self.answers.get(received.id)
-        answer = planned.pop(0) if planned else 200
+        answer = planned.pop(0) if planned else self.default
+        if self.latency:
+            await asyncio.sleep(self.latency)
         if answer == HANG:
             await self._closing.wait()
             answer = 503
+        if isinstance(answer, Held):
+            await answer.release.wait()
+            answer = answer.then
         status, headers = answer if isinstance(answer, tuple) else (answer, {})
+        received.status, received.answered_at = int(status), time.monotonic()
         return web.Response(status=int(status), headers=headers)

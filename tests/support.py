@@ -1,21 +1,34 @@
-"""Helpers for relay's tests: polling with a deadline, a TCP proxy to cut the broker, samples."""
+"""Helpers for relay's tests: polling with a deadline, a TCP proxy to cut the broker, samples,
+an in-process worker, the `relay` command as a subprocess, config files."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
+from aio_pika.abc import AbstractChannel
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from relay.envoice import _signed_message
 from relay.ingress import ACCEPTOR, create_app
+from relay.provider import PROVIDERS, Event
 from relay.settings import Settings, SourceSettings
 from relay.verify import hex_signature
+from relay.worker import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_WITHIN = 5.0  # seconds a worker may take to stop
 
 
 async def eventually(
@@ -158,3 +171,173 @@ class TcpProxy:
         finally:
             writer.transport.abort()
             self._writers.discard(writer)
+
+
+# --- events -----------------------------------------------------------------------------------
+
+_event_ids = itertools.count(time.time_ns() // 1000)
+
+
+def handler(target: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """A handler of every Envoice event: one partition and quick retries unless told otherwise."""
+    return {
+        "name": "h",
+        "events": ["envoice.#"],
+        "partitions": 1,
+        "backoff_initial_ms": 20,
+        "backoff_max_ms": 100,
+        "timeout_seconds": 2.0,
+        **target,
+        **options,
+    }
+
+
+def new_event(settings: Settings, invoice: int = 42) -> Event:
+    """A verified Envoice `paid` event on `invoice`, as the ingress would publish it."""
+    source = settings.sources[0]
+    act = activity(Id=next(_event_ids), InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
+    return PROVIDERS[source.scheme].parse(signed_body(source, act), source, time.time())
+
+
+def events_per_invoice(settings: Settings, invoices: int, each: int) -> dict[int, list[Event]]:
+    """`each` events for each of invoices 1..`invoices`, in the order they are to be published."""
+    return {i: [new_event(settings, i) for _ in range(each)] for i in range(1, invoices + 1)}
+
+
+def ids(events: list[Event]) -> list[str]:
+    return [e.message_id for e in events]
+
+
+def of_key(events: list[Event], key: str) -> list[str]:
+    """Ids of the events with this ordering key, in list order."""
+    return [e.message_id for e in events if e.key == key]
+
+
+# --- broker -----------------------------------------------------------------------------------
+
+
+async def queue_depth(channel: AbstractChannel, name: str) -> int:
+    """Ready messages in a queue (unacked ones are not counted)."""
+    queue = await channel.declare_queue(name, passive=True)
+    count = queue.declaration_result.message_count
+    assert count is not None
+    return count
+
+
+async def depth_is(channel: AbstractChannel, name: str, depth: int) -> bool:
+    return await queue_depth(channel, name) == depth
+
+
+@contextlib.asynccontextmanager
+async def steady_stream(
+    publish: Callable[..., Awaitable[None]], settings: Settings, *, invoices: int, per_second: float
+) -> AsyncIterator[list[Event]]:
+    """Publishes events round-robin over invoices 1..`invoices` at a steady rate while the block
+    runs; yields the list of those published (each confirmed), in publish order."""
+    published: list[Event] = []
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        for invoice in itertools.cycle(range(1, invoices + 1)):
+            event = new_event(settings, invoice)
+            await publish(settings, event)
+            published.append(event)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1 / per_second)  # the pace, or stop
+            if stop.is_set():
+                return
+
+    task = asyncio.create_task(run())
+    try:
+        yield published
+    finally:
+        stop.set()
+        await task  # the last publish completes: `published` is exactly what the broker has
+
+
+class RunningWorker:
+    """A Worker running as a task, as `relay worker` runs it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.worker = Worker(settings)
+        self.task = asyncio.create_task(self.worker.async_run())
+
+    @property
+    def consuming(self) -> bool:
+        return self.worker.ready.is_set()
+
+    async def started(self) -> None:
+        await eventually(lambda: self.consuming or self.task.done(), what="worker consuming")
+        if self.task.done():
+            self.task.result()  # raises what the worker died of
+            raise AssertionError("worker returned before consuming")
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        done, _ = await asyncio.wait({self.task}, timeout=STOP_WITHIN)
+        assert done, f"worker did not stop within {STOP_WITHIN}s"
+        self.task.result()
+
+
+def logged(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    """The captured log lines (see the `logs` fixture) of one event, in order."""
+    return [line for line in logs if line["event"] == event]
+
+
+# --- the relay command ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def lines(self) -> list[str]:
+        return self.stdout.splitlines()
+
+
+async def relay_command(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> Completed:
+    """`python -m relay ARGS` from the repository root, no stdin; killed if it outlives `timeout`
+    or the test."""
+    base = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env={**base, **(env or {})},
+    )  # fmt: skip
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Completed(process.returncode, stdout.decode(), stderr.decode())
+
+
+def toml(raw: dict[str, Any]) -> str:
+    """A config dict as TOML: top-level tables and arrays of tables of plain values."""
+    lines: list[str] = []
+    for name, value in raw.items():
+        tables = value if isinstance(value, list) else [value]
+        header = f"[[{name}]]" if isinstance(value, list) else f"[{name}]"
+        for table in tables:
+            lines += [header, *(f"{k} = {_toml_value(v)}" for k, v in table.items()), ""]
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")

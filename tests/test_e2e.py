@@ -7,221 +7,28 @@ import base64
 import hashlib
 import hmac
 import itertools
-import json
 import os
-import signal
-import socket
-import sys
 import time
-import tomllib
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
-import orjson
 import pytest
 
-from relay import topology
-from relay.settings import Settings
-from tests.conftest import AMQP_URL, settings_dict
 from tests.handlers_for_tests import HttpHandler, Request
+from tests.processes import Config, Relay
 from tests.support import activity, eventually, signed_body
 
 pytestmark = pytest.mark.rabbit
 
-STARTUP_SECONDS = 20.0
-EXIT_SECONDS = 20.0
-
-
-# --- config files -----------------------------------------------------------------------------
-
-
-def toml(raw: dict[str, Any]) -> str:
-    """A config dict as TOML: top-level tables and arrays of tables of plain values."""
-    lines: list[str] = []
-    for name, value in raw.items():
-        tables = value if isinstance(value, list) else [value]
-        header = f"[[{name}]]" if isinstance(value, list) else f"[{name}]"
-        for table in tables:
-            lines += [header, *(f"{k} = {_toml_value(v)}" for k, v in table.items()), ""]
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def delete_topology(settings: Settings) -> None:
-    """Delete the queues and exchanges relay declares for `settings`, except the shared ones."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        described = topology.describe(settings)
-        for queue in described.queues:
-            if queue.name != topology.UNROUTED:
-                await (await connection.channel()).queue_delete(queue.name)
-        for exchange in described.exchanges:
-            if exchange.name != topology.UNROUTED:
-                await (await connection.channel()).exchange_delete(exchange.name)
-
-
-@dataclass(frozen=True)
-class Config:
-    """A config file for the relay processes, and what it says."""
-
-    path: Path
-    settings: Settings
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.ingress.port}"
-
-    @property
-    def webhook_url(self) -> str:
-        return self.base_url + self.settings.sources[0].path
-
 
 @pytest.fixture
-async def relay_config(tmp_path: Path) -> AsyncIterator[Callable[[dict[str, Any]], Config]]:
-    """Writes a config with one handler, unique broker names and a free ingress port.
-
-    Everything it names on the broker is deleted after the test.
-    """
-    made: list[Config] = []
-
-    def make(handler: dict[str, Any]) -> Config:
-        raw = settings_dict(uuid.uuid4().hex[:8], handlers=[handler], ingress={"port": free_port()})
-        path = tmp_path / f"relay-{len(made)}.toml"
-        path.write_text(toml(raw), encoding="utf-8")
-        assert tomllib.loads(path.read_text(encoding="utf-8")) == raw
-        config = Config(path, Settings.from_file(path))
-        made.append(config)
-        return config
-
-    yield make
-    for config in made:
-        await delete_topology(config.settings)
-
-
-# --- processes --------------------------------------------------------------------------------
-
-
-class RelayProcess:
-    """A `relay` command running as a subprocess, its output going to a file."""
-
-    def __init__(self, args: tuple[str, ...], process: asyncio.subprocess.Process, log: Path):
-        self.args, self.process, self.log = args, process, log
-
-    def output(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def logged(self, event: str) -> int:
-        """How many JSON log lines with this `event` the process wrote so far."""
-        lines = (line for line in self.output().splitlines() if line.startswith("{"))
-        return sum(1 for line in lines if orjson.loads(line).get("event") == event)
-
-    def check_running(self) -> None:
-        if self.process.returncode is not None:
-            raise AssertionError(
-                f"relay {self.args[0]} exited {self.process.returncode}:\n{self.output()}"
-            )
-
-    async def exit_code(self) -> int:
-        return await asyncio.wait_for(self.process.wait(), EXIT_SECONDS)
-
-    async def terminate(self) -> int:
-        """SIGTERM, then the exit code: the process drains and exits by itself."""
-        self.process.send_signal(signal.SIGTERM)
-        return await self.exit_code()
-
-
-RunRelay = Callable[..., Awaitable[RelayProcess]]
-
-
-@pytest.fixture
-async def run_relay(
-    tmp_path: Path, relay_config: Callable[[dict[str, Any]], Config]
-) -> AsyncIterator[RunRelay]:
-    """`await run_relay("worker", config=config)`: `python -m relay worker --config ...`.
-
-    Processes still running after the test are killed (before `relay_config` deletes their
-    queues); every output is printed (pytest shows it when the test fails).
-    """
-    started: list[RelayProcess] = []
-
-    async def run(*args: str, config: Config) -> RelayProcess:
-        log = tmp_path / f"{len(started)}-{args[0]}.log"
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay", *args, "--config", str(config.path),
-                stdout=out, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        started.append(RelayProcess(args, process, log))
-        return started[-1]
-
-    yield run
-    for relay in started:
-        if relay.process.returncode is None:
-            relay.process.kill()
-            await relay.process.wait()
-        print(f"--- relay {' '.join(relay.args)} (exit {relay.process.returncode}):")
-        print(relay.output())
-
-
-async def ingress_ready(ingress: RelayProcess, config: Config) -> bool:
-    ingress.check_running()
-    try:
-        async with (
-            aiohttp.ClientSession() as client,
-            client.get(config.base_url + "/readyz") as response,
-        ):
-            return response.status == 200
-    except aiohttp.ClientConnectionError:
-        return False
-
-
-def worker_consuming(worker: RelayProcess) -> bool:
-    worker.check_running()
-    return worker.logged("worker consuming") > 0
-
-
-async def start_relay(run_relay: RunRelay, config: Config) -> tuple[RelayProcess, RelayProcess]:
-    """`relay ingress` and `relay worker`, each in its own process, ready to work."""
-    ingress = await run_relay("ingress", config=config)
-    worker = await run_relay("worker", config=config)
-    await eventually(
-        lambda: ingress_ready(ingress, config), timeout=STARTUP_SECONDS, what="ingress ready"
-    )
-    await eventually(
-        lambda: worker_consuming(worker), timeout=STARTUP_SECONDS, what="worker consuming"
-    )
-    return ingress, worker
-
-
-@pytest.fixture
-async def http_handler() -> AsyncIterator[HttpHandler]:
-    async with HttpHandler() as server:
-        yield server
+async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
+    """Config files and relay processes; after the test, processes still running are killed,
+    every output is printed (pytest shows it when the test fails), the queues deleted."""
+    async with Relay(tmp_path) as relay:
+        yield relay
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -270,17 +77,15 @@ def standard_webhooks_signature(secret: str, request: Request) -> str:
 
 
 async def test_webhooks_reach_an_http_handler_signed_and_in_order_per_invoice(
-    relay_config: Callable[[dict[str, Any]], Config],
-    run_relay: RunRelay,
-    http_handler: HttpHandler,
+    relay: Relay, http_handler: HttpHandler
 ) -> None:
     # Given relay's ingress and worker processes, and an HTTP handler with 4 partitions
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    config = relay_config(
+    config = relay.config(
         {"name": "billing", "events": ["envoice.#"], "url": http_handler.url,
          "signing_secret": secret, "partitions": 4}
     )  # fmt: skip
-    ingress, worker = await start_relay(run_relay, config)
+    ingress, worker = await relay.start(config)
 
     # When 200 signed webhooks over 10 invoices are POSTed, in order per invoice
     sent = activities(invoices=10, each=20)
@@ -313,17 +118,15 @@ async def test_webhooks_reach_an_http_handler_signed_and_in_order_per_invoice(
     assert await worker.terminate() == 0
 
 
-async def test_relay_send_reaches_the_built_in_log_handler(
-    relay_config: Callable[[dict[str, Any]], Config], run_relay: RunRelay
-) -> None:
+async def test_relay_send_reaches_the_built_in_log_handler(relay: Relay) -> None:
     # Given relay's ingress and worker processes, with the built-in logging handler
-    config = relay_config(
+    config = relay.config(
         {"name": "log", "events": ["envoice.#"], "call": "relay.handlers:log", "partitions": 4}
     )
-    ingress, worker = await start_relay(run_relay, config)
+    ingress, worker = await relay.start(config)
 
     # When `relay send` POSTs 20 sample webhooks over 4 invoices
-    sender = await run_relay(
+    sender = await relay.run(
         "send", "--count", "20", "--invoices", "4", "--url", config.webhook_url, config=config
     )
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
@@ -15,63 +14,24 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from relay import Reject, Retry
-from relay.provider import PROVIDERS, Event
-from relay.publisher import Publisher
 from relay.settings import Settings
-from relay.worker import Worker
 from tests import handlers_for_tests
-from tests.conftest import AMQP_URL, MakeSettings
+from tests.conftest import AMQP_URL, MakeSettings, Publish, StartWorker
 from tests.handlers_for_tests import HANG, HttpHandler
-from tests.support import TcpProxy, activity, eventually, signed_body
+from tests.support import (
+    TcpProxy,
+    depth_is,
+    events_per_invoice,
+    eventually,
+    handler,
+    ids,
+    new_event,
+    queue_depth,
+)
 
 pytestmark = pytest.mark.rabbit
 
-STOP_WITHIN = 5.0  # seconds a worker may take to stop
 RECORD = {"call": "tests.handlers_for_tests:record"}
-
-_event_ids = itertools.count(time.time_ns() // 1000)
-
-
-def handler(target: dict[str, Any], **options: Any) -> dict[str, Any]:
-    """A handler of every Envoice event: one partition and quick retries unless told otherwise."""
-    return {
-        "name": "h",
-        "events": ["envoice.#"],
-        "partitions": 1,
-        "backoff_initial_ms": 20,
-        "backoff_max_ms": 100,
-        "timeout_seconds": 2.0,
-        **target,
-        **options,
-    }
-
-
-def new_event(settings: Settings, invoice: int = 42) -> Event:
-    """A verified Envoice `paid` event on `invoice`, as the ingress would publish it."""
-    source = settings.sources[0]
-    act = activity(Id=next(_event_ids), InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
-    return PROVIDERS[source.scheme].parse(signed_body(source, act), source, time.time())
-
-
-def events_per_invoice(settings: Settings, invoices: int, each: int) -> dict[int, list[Event]]:
-    """`each` events for each of invoices 1..`invoices`, in the order they are to be published."""
-    return {i: [new_event(settings, i) for _ in range(each)] for i in range(1, invoices + 1)}
-
-
-def ids(events: list[Event]) -> list[str]:
-    return [e.message_id for e in events]
-
-
-async def queue_depth(channel: AbstractChannel, name: str) -> int:
-    """Ready messages in a queue (unacked ones are not counted)."""
-    queue = await channel.declare_queue(name, passive=True)
-    count = queue.declaration_result.message_count
-    assert count is not None
-    return count
-
-
-async def depth_is(channel: AbstractChannel, name: str, depth: int) -> bool:
-    return await queue_depth(channel, name) == depth
 
 
 async def dead_letter(channel: AbstractChannel, settings: Settings) -> AbstractIncomingMessage:
@@ -84,92 +44,6 @@ async def dead_letter(channel: AbstractChannel, settings: Settings) -> AbstractI
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-class RunningWorker:
-    """A Worker running as a task, as `relay worker` runs it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.worker = Worker(settings)
-        self.task = asyncio.create_task(self.worker.async_run())
-
-    @property
-    def consuming(self) -> bool:
-        return self.worker.ready.is_set()
-
-    async def started(self) -> None:
-        await eventually(lambda: self.consuming or self.task.done(), what="worker consuming")
-        if self.task.done():
-            self.task.result()  # raises what the worker died of
-            raise AssertionError("worker returned before consuming")
-
-    async def stop(self) -> None:
-        self.worker.stop()
-        done, _ = await asyncio.wait({self.task}, timeout=STOP_WITHIN)
-        assert done, f"worker did not stop within {STOP_WITHIN}s"
-        self.task.result()
-
-
-StartWorker = Callable[[Settings], Awaitable[RunningWorker]]
-Publish = Callable[..., Awaitable[None]]
-
-
-@pytest.fixture
-async def start_worker(make_settings: MakeSettings) -> AsyncIterator[StartWorker]:
-    """Starts workers and waits until they consume; stops those still running after the test.
-
-    Depends on `make_settings` so that workers stop before their queues are deleted.
-    """
-    workers: list[RunningWorker] = []
-
-    async def start(settings: Settings) -> RunningWorker:
-        running = RunningWorker(settings)
-        workers.append(running)
-        await running.started()
-        return running
-
-    yield start
-    for running in workers:
-        running.worker.stop()
-    tasks = {w.task for w in workers}
-    if tasks:
-        _, stuck = await asyncio.wait(tasks, timeout=STOP_WITHIN)
-        for task in stuck:
-            task.cancel()
-        assert not stuck, "a worker did not stop"
-
-
-@pytest.fixture
-async def publish() -> AsyncIterator[Publish]:
-    """`await publish(settings, *events)`: publishes in order, each confirmed by the broker."""
-    publishers: dict[tuple[str, str], Publisher] = {}
-
-    async def publish(settings: Settings, *events: Event) -> None:
-        key = (settings.broker.url, settings.broker.exchange)
-        if key not in publishers:
-            publishers[key] = Publisher(settings)
-            publishers[key].start()
-        publisher = publishers[key]
-        await eventually(lambda: publisher.ready, what="publisher connected")
-        for event in events:
-            await publisher.publish(event)
-
-    yield publish
-    for publisher in publishers.values():
-        await publisher.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_recorder() -> Iterator[None]:
-    handlers_for_tests.reset()
-    yield
-    handlers_for_tests.reset()
-
-
-@pytest.fixture
-async def http_handler() -> AsyncIterator[HttpHandler]:
-    async with HttpHandler() as server:
-        yield server
 
 
 class Downstream(Protocol):

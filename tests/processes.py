@@ -1,0 +1,487 @@
+"""relay under real conditions, for the end-to-end, fault and soak runs.
+
+- `Relay`: config files and `relay` subprocesses (ingress, workers), cleaned up after;
+- `Broker`: the local RabbitMQ app stopped and started with rabbitmqctl, and always restored;
+- `EnvoiceSender`: webhooks POSTed to an ingress as Envoice sends them, retried until accepted;
+- `Ledger`: what the ingress accepted, per invoice in order, and the check of deliveries against
+  it (a `Tally`): nothing lost, nothing reordered, duplicates counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aio_pika
+import aiohttp
+import orjson
+
+from relay.broker import BROKER_ERRORS
+from relay.settings import Settings, SourceSettings
+from tests.conftest import AMQP_URL, delete_topology, settings_dict
+from tests.handlers_for_tests import HttpHandler
+from tests.support import ROOT, activity, eventually, signed_body, toml
+
+STARTUP_SECONDS = 20.0
+EXIT_SECONDS = 20.0
+BROKER_START_SECONDS = 60.0
+
+Deliveries = Iterable[tuple[str, str]]  # (ordering key, message id) in the order delivered
+
+
+# --- config files -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Config:
+    """A config file for the relay processes, and what it says."""
+
+    path: Path
+    settings: Settings
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.ingress.port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return self.base_url + self.settings.sources[0].path
+
+
+def write_config(path: Path, *handlers: dict[str, Any], url: str = AMQP_URL) -> Config:
+    """A config file with names of its own (exchange, handlers) and a free ingress port."""
+    raw = settings_dict(
+        uuid.uuid4().hex[:8], handlers=list(handlers), url=url, ingress={"port": free_port()}
+    )
+    path.write_text(toml(raw), encoding="utf-8")
+    assert tomllib.loads(path.read_text(encoding="utf-8")) == raw
+    return Config(path, Settings.from_file(path))
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+class RelayProcess:
+    """A `relay` command running as a subprocess, its output going to a file."""
+
+    def __init__(self, args: tuple[str, ...], process: asyncio.subprocess.Process, log: Path):
+        self.args, self.process, self.log = args, process, log
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines with this `event` the process wrote so far."""
+        lines = (line for line in self.output().splitlines() if event in line)
+        parsed = (orjson.loads(line) for line in lines if line.startswith("{"))
+        return [entry for entry in parsed if entry.get("event") == event]
+
+    def logged(self, event: str) -> int:
+        """How many JSON log lines with this `event` the process wrote so far."""
+        return len(self.events(event))
+
+    def check_running(self) -> None:
+        if not self.running:
+            raise AssertionError(
+                f"relay {self.args[0]} exited {self.process.returncode}:\n{self.output()}"
+            )
+
+    async def exit_code(self) -> int:
+        return await asyncio.wait_for(self.process.wait(), EXIT_SECONDS)
+
+    async def terminate(self) -> int:
+        """SIGTERM, then the exit code: the process drains and exits by itself."""
+        self.process.send_signal(signal.SIGTERM)
+        return await self.exit_code()
+
+    async def kill(self) -> None:
+        """kill -9: a crash, nothing drained."""
+        self.process.kill()
+        await self.process.wait()
+
+
+async def ingress_ready(ingress: RelayProcess, config: Config) -> bool:
+    ingress.check_running()
+    try:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(config.base_url + "/readyz") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+def worker_consuming(worker: RelayProcess) -> bool:
+    worker.check_running()
+    return worker.logged("worker consuming") > 0
+
+
+class Relay:
+    """Config files and `relay` subprocesses, in `directory`.
+
+    On close, processes still running are killed, their outputs printed (unless `quiet`: pytest
+    shows them when a test fails), and everything the configs named on the broker is deleted.
+    """
+
+    def __init__(self, directory: Path, *, url: str = AMQP_URL, quiet: bool = False) -> None:
+        self.directory, self.url, self.quiet = directory, url, quiet
+        self.configs: list[Config] = []
+        self.processes: list[RelayProcess] = []
+
+    def config(self, *handlers: dict[str, Any]) -> Config:
+        path = self.directory / f"relay-{len(self.configs)}.toml"
+        self.configs.append(write_config(path, *handlers, url=self.url))
+        return self.configs[-1]
+
+    async def run(
+        self, *args: str, config: Config, env: dict[str, str] | None = None
+    ) -> RelayProcess:
+        """`python -m relay ARGS --config ...`, from the repository root."""
+        log = self.directory / f"{len(self.processes)}-{args[0]}.log"
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", *args, "--config", str(config.path),
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                cwd=ROOT, env={**os.environ, "RELAY_AMQP_URL": self.url, **(env or {})},
+            )  # fmt: skip
+        self.processes.append(RelayProcess(args, process, log))
+        return self.processes[-1]
+
+    async def worker(self, config: Config, *, env: dict[str, str] | None = None) -> RelayProcess:
+        """`relay worker`, once it consumes."""
+        worker = await self.run("worker", config=config, env=env)
+        await eventually(
+            lambda: worker_consuming(worker), timeout=STARTUP_SECONDS, what="worker consuming"
+        )
+        return worker
+
+    async def start(
+        self, config: Config, *, workers: int = 1, env: dict[str, str] | None = None
+    ) -> tuple[RelayProcess, ...]:
+        """`relay ingress` and `workers` x `relay worker`, started together; once all are ready."""
+        ingress = await self.run("ingress", config=config)
+        started = [await self.run("worker", config=config, env=env) for _ in range(workers)]
+        await eventually(
+            lambda: ingress_ready(ingress, config), timeout=STARTUP_SECONDS, what="ingress ready"
+        )
+        await eventually(
+            lambda: all(worker_consuming(w) for w in started),
+            timeout=STARTUP_SECONDS,
+            what="workers consuming",
+        )
+        return (ingress, *started)
+
+    async def close(self) -> None:
+        for relay in self.processes:
+            if relay.running:
+                await relay.kill()
+            if not self.quiet:
+                print(f"--- relay {' '.join(relay.args)} (exit {relay.process.returncode}):")
+                print(relay.output())
+        for config in self.configs:
+            await delete_topology(config.settings)
+
+    async def __aenter__(self) -> Relay:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+# --- the broker -------------------------------------------------------------------------------
+
+
+async def amqp_reachable(url: str) -> bool:
+    try:
+        connection = await aio_pika.connect(url, timeout=2)
+    except BROKER_ERRORS:
+        return False
+    await connection.close()
+    return True
+
+
+class Broker:
+    """The local RabbitMQ app, stopped and started with rabbitmqctl (the Erlang node stays up).
+
+    Whoever stops it must restore it: `restore()`, or `restore_now()` from synchronous code.
+    """
+
+    def __init__(self, url: str = AMQP_URL) -> None:
+        self.url = url
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True  # from now on, restoring means starting it
+        await self._rabbitmqctl("stop_app")
+
+    async def start(self) -> None:
+        """start_app, then wait until the broker accepts AMQP connections again."""
+        await self._rabbitmqctl("start_app")
+        self.stopped = False
+        await eventually(
+            lambda: amqp_reachable(self.url),
+            timeout=BROKER_START_SECONDS,
+            interval=0.2,
+            what="the broker to accept AMQP connections",
+        )
+
+    async def restore(self) -> None:
+        """Start the app if this object stopped it, or if it does not accept connections."""
+        if self.stopped or not await amqp_reachable(self.url):
+            await self.start()
+
+    def restore_now(self) -> None:
+        if self.stopped:
+            subprocess.run(["rabbitmqctl", "start_app"], timeout=120, check=False)
+            self.stopped = False
+
+    @staticmethod
+    async def _rabbitmqctl(command: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 120)
+        if process.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {command} exited {process.returncode}: {output!r}")
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def in_background(coroutine: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
+    """Runs `coroutine` as a task for the block; cancelled if still running at the end."""
+    task = asyncio.create_task(coroutine)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# --- traffic and its check --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """How deliveries compare with what the ingress accepted (see `Ledger.check`)."""
+
+    accepted: int  # webhooks accepted (answered 200)
+    delivered: int  # accepted webhooks delivered at least once
+    lost: int  # accepted webhooks never delivered
+    reordered: int  # keys whose first deliveries are not in acceptance order
+    duplicates: int  # deliveries beyond the first of a webhook
+    problems: tuple[str, ...] = ()  # the first few, for a failing assertion
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.reordered == 0
+
+    def line(self) -> str:
+        return (
+            f"accepted={self.accepted} delivered={self.delivered} lost={self.lost} "
+            f"reordered={self.reordered} duplicates={self.duplicates}"
+        )
+
+    def __str__(self) -> str:
+        return "\n  ".join((self.line(), *self.problems))
+
+    def __add__(self, other: Tally) -> Tally:
+        """Both tallies together (e.g. of two handlers: then each counts per handler)."""
+        return Tally(
+            accepted=self.accepted + other.accepted,
+            delivered=self.delivered + other.delivered,
+            lost=self.lost + other.lost,
+            reordered=self.reordered + other.reordered,
+            duplicates=self.duplicates + other.duplicates,
+            problems=self.problems + other.problems,
+        )
+
+
+class Ledger:
+    """The ids the ingress accepted (answered 200), per ordering key in acceptance order."""
+
+    def __init__(self) -> None:
+        self.accepted: dict[str, list[str]] = {}
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def accept(self, key: str, message_id: str) -> None:
+        if message_id not in self._ids:
+            self._ids.add(message_id)
+            self.accepted.setdefault(key, []).append(message_id)
+
+    def check(self, deliveries: Deliveries) -> Tally:
+        """Compare `deliveries` with what was accepted.
+
+        Every accepted id must be delivered at least once (else it is lost), and for each key the
+        ids in order of their first delivery must be the accepted ids in acceptance order (else
+        the key is reordered). Deliveries beyond an id's first are duplicates. Deliveries of ids
+        never accepted are left out: the ingress may publish a webhook it answered 503 for.
+        """
+        times: Counter[str] = Counter()
+        first: dict[str, list[str]] = {}
+        for key, message_id in deliveries:
+            if message_id in self._ids:
+                if not times[message_id]:
+                    first.setdefault(key, []).append(message_id)
+                times[message_id] += 1
+        lost = [i for ids in self.accepted.values() for i in ids if not times[i]]
+        problems = [f"lost: {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}"] if lost else []
+        reordered = 0
+        for key in sorted(self.accepted.keys() | first.keys()):
+            expected = [i for i in self.accepted.get(key, []) if times[i]]
+            got = first.get(key, [])
+            if got != expected:
+                reordered += 1
+                at = _first_difference(got, expected)
+                problems.append(
+                    f"{key} reordered at #{at}: accepted {expected[at : at + 3]}, "
+                    f"delivered {got[at : at + 3]}"
+                )
+        return Tally(
+            accepted=len(self._ids),
+            delivered=len(times),
+            lost=len(lost),
+            reordered=reordered,
+            duplicates=sum(times.values()) - len(times),
+            problems=tuple(problems[:6]),
+        )
+
+    async def delivered(
+        self, deliveries: Callable[[], Deliveries], *, timeout: float, interval: float = 0.1
+    ) -> Tally:
+        """Wait until every accepted id is delivered; the tally then. Fails with the tally."""
+
+        def everything_delivered() -> Tally | None:
+            tally = self.check(deliveries())
+            return tally if tally.lost == 0 else None
+
+        try:
+            tally: Tally = await eventually(
+                everything_delivered, timeout=timeout, interval=interval
+            )
+        except AssertionError:
+            raise AssertionError(
+                f"not all delivered within {timeout}s: {self.check(deliveries())}"
+            ) from None
+        return tally
+
+
+def _first_difference(got: list[str], expected: list[str]) -> int:
+    pairs = enumerate(zip(got, expected, strict=False))
+    return next((n for n, (a, b) in pairs if a != b), min(len(got), len(expected)))
+
+
+def http_deliveries(handler: HttpHandler) -> Deliveries:
+    """What an HTTP handler took: the requests it answered 2xx."""
+    return [(r.key, r.id) for r in handler.requests if r.accepted]
+
+
+_activity_ids = itertools.count(time.time_ns() // 1000)
+
+
+class EnvoiceSender:
+    """POSTs signed Envoice webhooks to an ingress the way Envoice sends them.
+
+    Each invoice's activities go one after the other, invoices concurrently. A webhook that is not
+    accepted (503, an error, no answer) is sent again `retry_seconds` later, until it is, before
+    that invoice's next one. Accepted ids go to `ledger`; every answer is counted in `answers`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        source: SourceSettings,
+        *,
+        pause_seconds: float = 0.0,
+        retry_seconds: float = 0.2,
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        self.url, self.source = url, source
+        self.pause_seconds, self.retry_seconds = pause_seconds, retry_seconds
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self.ledger = Ledger()
+        self.answers: Counter[str] = Counter()  # "200 accepted", "503", "ClientConnectorError"
+
+    @classmethod
+    def to(cls, config: Config, **options: float) -> EnvoiceSender:
+        """A sender to the ingress of `config`, signing for its first source."""
+        return cls(config.webhook_url, config.settings.sources[0], **options)
+
+    @property
+    def refused(self) -> int:
+        """Answers other than 200: what a provider would retry."""
+        return sum(n for answer, n in self.answers.items() if not answer.startswith("200"))
+
+    async def send(
+        self, invoices: Iterable[int], each: int | None = None, *, stop: asyncio.Event | None = None
+    ) -> None:
+        """`each` webhooks for every invoice (no limit if None), fewer if `stop` is set first."""
+        stop = stop or asyncio.Event()
+        async with aiohttp.ClientSession(timeout=self._timeout) as client:
+            await asyncio.gather(*(self._invoice(client, n, each, stop) for n in invoices))
+
+    async def _invoice(
+        self, client: aiohttp.ClientSession, invoice: int, each: int | None, stop: asyncio.Event
+    ) -> None:
+        for _ in range(each) if each is not None else itertools.count():
+            if stop.is_set():
+                return
+            event_id = next(_activity_ids)
+            act = activity(Id=event_id, InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
+            await self._post_until_accepted(client, act)
+            self.ledger.accept(f"invoice:{invoice}", f"envoice:{event_id}")
+            if self.pause_seconds:
+                await asyncio.sleep(random.uniform(0, 2 * self.pause_seconds))
+
+    async def _post_until_accepted(
+        self, client: aiohttp.ClientSession, act: dict[str, Any]
+    ) -> None:
+        while True:
+            if await self._accepted(client, act):
+                return
+            await asyncio.sleep(self.retry_seconds)
+
+    async def _accepted(self, client: aiohttp.ClientSession, act: dict[str, Any]) -> bool:
+        try:
+            async with client.post(self.url, data=signed_body(self.source, act)) as response:
+                body = await response.json(content_type=None)
+                status = body.get("status") if response.status == 200 else None
+                answer = f"200 {status}" if status else str(response.status)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            answer = type(exc).__name__
+        self.answers[answer] += 1
+        return answer in ("200 accepted", "200 duplicate")

@@ -1,0 +1,391 @@
+"""The RabbitMQ traps that touch ordering or loss (/work/shared/RABBITMQ.md), each shown on the
+real broker, and relay's handling of it shown to hold.
+
+- requeue position: a nack with requeue sends a message to the back of a quorum queue; closing
+  a channel returns its one unacked message to the head, which is what relay relies on (it
+  never nacks); returning many at once scrambles a quorum queue, so dead letters are classic.
+- aiormq runs a consumer callback per delivery, concurrently: relay serialises each partition.
+- consumer_timeout closes the channel of a delivery held too long: relay keeps order.
+- a delivery received before a connection drop cannot be acked: the broker delivers it again.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
+
+from tests.conftest import AMQP_URL, MakeSettings, Publish, StartWorker
+from tests.handlers_for_tests import Held, HttpHandler, Request
+from tests.support import (
+    ROOT,
+    TcpProxy,
+    events_per_invoice,
+    eventually,
+    handler,
+    ids,
+    logged,
+    new_event,
+    of_key,
+    steady_stream,
+)
+
+pytestmark = pytest.mark.rabbit
+
+MakeQueue = Callable[[str], Awaitable[AbstractQueue]]
+
+
+@pytest.fixture
+async def make_queue(connection: AbstractConnection) -> AsyncIterator[MakeQueue]:
+    """`await make_queue("quorum" | "classic")`: a fresh durable queue, deleted after the test."""
+    names: list[str] = []
+
+    async def make(kind: str) -> AbstractQueue:
+        names.append(f"relay.test-trap-{uuid.uuid4().hex[:8]}")
+        channel = await connection.channel()
+        return await channel.declare_queue(
+            names[-1], durable=True, arguments={"x-queue-type": kind}
+        )
+
+    yield make
+    for name in names:
+        await (await connection.channel()).queue_delete(name)
+
+
+async def fill(queue: AbstractQueue, count: int) -> None:
+    """Publish the numbers 1..count to the queue, in order."""
+    for number in range(1, count + 1):
+        await queue.channel.default_exchange.publish(aio_pika.Message(b"%d" % number), queue.name)
+
+
+async def take(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
+    """basic.get `count` messages without acking them."""
+    return [await queue.get(no_ack=False) for _ in range(count)]
+
+
+async def drain(queue: AbstractQueue) -> list[AbstractIncomingMessage]:
+    """basic.get (auto-ack) until the queue is empty."""
+    drained = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        drained.append(message)
+    return drained
+
+
+def numbers(messages: list[AbstractIncomingMessage]) -> list[int]:
+    return [int(m.body) for m in messages]
+
+
+async def on_own_channel(connection: AbstractConnection, queue: AbstractQueue) -> AbstractQueue:
+    """The same queue seen from a new channel (that the test can close)."""
+    return await (await connection.channel()).get_queue(queue.name, ensure=False)
+
+
+# --- requeue position -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "read_back"), [("quorum", [2, 3, 4, 5, 1]), ("classic", [1, 2, 3, 4, 5])]
+)
+async def test_a_nacked_message_goes_to_the_back_of_a_quorum_queue(
+    kind: str, read_back: list[int], make_queue: MakeQueue
+) -> None:
+    # Given 1..5 in a queue without a delivery limit
+    queue = await make_queue(kind)
+    await fill(queue, 5)
+
+    # When 1 is taken and nacked with requeue
+    [first] = await take(queue, 1)
+    await first.nack(requeue=True)
+
+    # Then a quorum queue has put it at the back (the trap), a classic queue in its place
+    assert numbers(await drain(queue)) == read_back
+
+
+@pytest.mark.parametrize("kind", ["quorum", "classic"])
+async def test_closing_a_channel_returns_its_one_unacked_message_to_the_head(
+    kind: str, make_queue: MakeQueue, connection: AbstractConnection
+) -> None:
+    # Given 1..5 in a queue, and 1 taken unacked on a channel of its own
+    queue = await make_queue(kind)
+    await fill(queue, 5)
+    taker = await on_own_channel(connection, queue)
+    await take(taker, 1)
+
+    # When that channel closes (as relay's worker does when it stops or loses the channel)
+    await taker.channel.close()
+
+    # Then 1 is back at the head, marked redelivered
+    back = await drain(queue)
+    assert numbers(back) == [1, 2, 3, 4, 5]
+    assert [m.redelivered for m in back] == [True, False, False, False, False]
+    if kind == "quorum":  # and counted: relay numbers its next attempt from this
+        assert back[0].headers["x-delivery-count"] == 1
+
+
+@pytest.mark.parametrize(("kind", "in_order"), [("quorum", False), ("classic", True)])
+async def test_returning_many_unacked_messages_scrambles_a_quorum_queue(
+    kind: str, in_order: bool, make_queue: MakeQueue, connection: AbstractConnection
+) -> None:
+    """Why relay's dead-letter queues are classic: `relay dlq list` holds every dead letter
+    unacked and gives them back by closing its channel (relay/deadletters.py)."""
+    # Given 300 messages, all taken unacked with basic.get on one channel
+    queue = await make_queue(kind)
+    await fill(queue, 300)
+    taker = await on_own_channel(connection, queue)
+    await take(taker, 300)
+
+    # When the channel closes
+    await taker.channel.close()
+
+    # Then all 300 are back: in order in a classic queue, scrambled in a quorum queue
+    back = numbers(await drain(queue))
+    assert sorted(back) == list(range(1, 301))
+    assert (back == list(range(1, 301))) is in_order
+
+
+def test_relay_never_nacks_or_rejects() -> None:
+    """relay returns what it cannot deliver by closing the channel, never by a nack or reject
+    (which would send it to the back of its quorum queue). Its effect, a stopped worker leaving
+    the message at the head, is shown by test_worker.py
+    test_stop_during_backoff_returns_the_message_to_the_head_of_its_queue."""
+    calls = {
+        f"{path.name}:{node.lineno} {node.func.attr}"
+        for path in sorted((ROOT / "relay").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in {"nack", "reject", "basic_nack", "basic_reject"}
+    }
+    assert not calls
+
+
+# --- per-delivery tasks -----------------------------------------------------------------------
+
+
+async def test_a_plain_consumer_with_prefetch_runs_its_callback_concurrently(
+    make_queue: MakeQueue,
+) -> None:
+    # Given 5 messages and a plain aio-pika consumer with prefetch 5, each callback held
+    queue = await make_queue("quorum")
+    await fill(queue, 5)
+    await queue.channel.set_qos(prefetch_count=5)
+    in_flight: list[int] = []
+    release = asyncio.Event()
+
+    async def callback(message: AbstractIncomingMessage) -> None:
+        in_flight.append(int(message.body))
+        await release.wait()
+        await message.ack()
+
+    # When it consumes
+    tag = await queue.consume(callback)
+    try:
+        # Then the callbacks of all five deliveries run at the same time (the trap)
+        await eventually(lambda: len(in_flight) == 5, what="five callbacks in flight at once")
+    finally:
+        release.set()
+        await queue.cancel(tag)
+
+
+def overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals (start, end) that are open at the same moment."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    return max(itertools.accumulate(step for _, step in edges), default=0)
+
+
+async def test_relay_never_delivers_two_messages_of_one_partition_at_once(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    logs: list[dict[str, Any]],
+) -> None:
+    # Given a backlog of 12 invoices x 5 events over 3 partitions, and a handler taking 20 ms
+    partitions = 3
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, partitions=partitions)])
+    per_invoice = events_per_invoice(settings, invoices=12, each=5)
+    await asyncio.gather(*(publish(settings, *events) for events in per_invoice.values()))
+    http_handler.latency = 0.02
+
+    # When the worker delivers them
+    await start_worker(settings)
+    total = sum(len(events) for events in per_invoice.values())
+    await eventually(lambda: len(http_handler.accepted()) == total, what=f"{total} delivered")
+
+    # Then no two requests of one partition were ever in flight at the same time (the worker's
+    # log says which partition delivered which message)
+    partition_of = {line["message_id"]: line["partition"] for line in logged(logs, "delivered")}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for request in http_handler.requests:
+        assert request.answered_at is not None
+        spans.setdefault(partition_of[request.id], []).append((request.at, request.answered_at))
+    assert set(spans) <= set(settings.handlers[0].queues)
+    assert {queue: overlap(s) for queue, s in spans.items()} == dict.fromkeys(spans, 1)
+    # while the partitions (the invoices fell into more than one) were delivered in parallel,
+    # independently of each other
+    assert len(spans) > 1
+    assert 1 < overlap([s for each in spans.values() for s in each]) <= partitions
+    # and each invoice in order
+    for invoice, events in per_invoice.items():
+        assert http_handler.accepted(f"invoice:{invoice}") == ids(events), f"invoice {invoice}"
+
+
+# --- consumer_timeout -------------------------------------------------------------------------
+
+
+async def rabbitmqctl_eval(expression: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "eval", expression,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, output.decode()
+    return output.decode().strip()
+
+
+CONSUMER_TIMEOUT_DEFAULT_MS = 1_800_000
+
+
+@pytest.fixture
+async def short_consumer_timeout() -> AsyncIterator[int]:
+    """The broker's consumer_timeout at 5 s for channels opened during the test (a global
+    setting in 3.10), restored to the default after it whatever happens."""
+    milliseconds = 5000
+    set_to = "application:set_env(rabbit, consumer_timeout, {}).".format
+    assert await rabbitmqctl_eval(set_to(milliseconds)) == "ok"
+    try:
+        yield milliseconds
+    finally:
+        assert await rabbitmqctl_eval(set_to(CONSUMER_TIMEOUT_DEFAULT_MS)) == "ok"
+
+
+def failed_attempts(logs: list[dict[str, Any]]) -> dict[str, list[tuple[str, int]]]:
+    """Per partition, its failed attempts in order: (message id, attempt number)."""
+    failed: dict[str, list[tuple[str, int]]] = {}
+    for line in logged(logs, "delivery failed"):
+        failed.setdefault(line["partition"], []).append((line["message_id"], line["attempt"]))
+    return failed
+
+
+def came_back(attempts: list[tuple[str, int]]) -> bool:
+    """Whether the broker took a held message back and delivered it again, first: the same
+    message's attempts start over (relay numbers them from the queue's x-delivery-count)."""
+    return any(
+        later_id == earlier_id and later < earlier
+        for (earlier_id, earlier), (later_id, later) in itertools.pairwise(attempts)
+    )
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(200)
+async def test_consumer_timeout_during_an_outage_loses_and_reorders_nothing(
+    short_consumer_timeout: int,
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    logs: list[dict[str, Any]],
+) -> None:
+    # Given a worker started under a 5 s consumer_timeout, its handler down (parked, probing
+    # every 2 s: each partition holds its head message far longer than the timeout)
+    settings = make_settings(
+        handlers=[
+            handler({"url": http_handler.url}, partitions=2, max_attempts=3,
+                    backoff_initial_ms=100, backoff_max_ms=2000)
+        ]
+    )  # fmt: skip
+    http_handler.default = 503
+    await start_worker(settings)
+
+    # When events for 4 invoices keep coming until the broker has cut every held delivery
+    # (it checks about once a minute)
+    async with steady_stream(publish, settings, invoices=4, per_second=2) as published:
+
+        def all_cut() -> bool:
+            """Each failing partition's channel was closed by the broker for holding its
+            delivery too long, and the message came back first, at the head."""
+            cut = {
+                line["partition"]
+                for line in logged(logs, "partition channel lost")
+                if "PRECONDITION_FAILED - delivery acknowledgement" in line["error"]
+            }
+            failed = failed_attempts(logs)
+            return bool(failed) and all(
+                partition in cut and came_back(attempts) for partition, attempts in failed.items()
+            )
+
+        await eventually(all_cut, timeout=100, interval=1, what="consumer_timeout cuts")
+    # and then the handler recovers
+    http_handler.default = 200
+    after = [new_event(settings, invoice) for invoice in range(1, 5)]
+    await publish(settings, *after)
+
+    # Then everything arrives, each invoice in publish order, nothing twice
+    everything = published + after
+    await eventually(
+        lambda: set(http_handler.accepted()) >= set(ids(everything)),
+        timeout=30,
+        what=f"all {len(everything)} delivered",
+    )
+    for invoice in range(1, 5):
+        key = f"invoice:{invoice}"
+        assert http_handler.accepted(key) == of_key(everything, key), key
+    duplicates = len(http_handler.accepted()) - len(everything)
+    print(f"consumer_timeout: {len(everything)} published, {duplicates} duplicate(s)")
+    assert duplicates == 0
+
+
+# --- acks after a reconnect -------------------------------------------------------------------
+
+
+async def test_a_delivery_that_cannot_be_acked_after_a_reconnect_is_delivered_again(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    # Given a worker connected through a proxy, and three events of one invoice, the handler
+    # holding the first one's request
+    proxy = TcpProxy()
+    await proxy.start()
+    settings = make_settings(handlers=[handler({"url": http_handler.url})], url=proxy.url())
+    direct = replace(settings, broker=replace(settings.broker, url=AMQP_URL))
+    events = [new_event(settings) for _ in range(3)]
+    release = asyncio.Event()
+    http_handler.plan(events[0].message_id, [Held(release)])
+    worker = await start_worker(settings)
+    try:
+        await publish(direct, *events)
+        await eventually(lambda: http_handler.requests, what="the first request")
+
+        # When the connection is cut while the handler processes it, and the handler succeeds
+        # (the worker's ack then has no channel to go on)
+        await proxy.cut()
+        await eventually(lambda: not worker.consuming, what="the worker noticing the cut")
+        release.set()
+        await eventually(lambda: http_handler.accepted(), what="the first request answered")
+        # and the broker is reachable again
+        await proxy.start()
+
+        # Then the broker delivers the first event again, before the others: one duplicate
+        await eventually(lambda: len(http_handler.accepted()) == 4, what="4 deliveries")
+    finally:
+        await worker.stop()
+        await proxy.cut()
+    assert http_handler.accepted() == ids([events[0], *events])
+    # the second time as attempt 2, counted by the broker (x-delivery-count)
+    again: list[Request] = http_handler.of(events[0].message_id)
+    assert [r.attempt for r in again] == [1, 2]

@@ -1,0 +1,308 @@
+"""Dead letters through the command line: `relay dlq list|replay|purge --handler NAME`, against
+an in-process worker and a real HTTP handler."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from relay.provider import Event
+from tests.conftest import MakeSettings, Publish, StartWorker
+from tests.handlers_for_tests import HttpHandler
+from tests.support import (
+    Completed,
+    depth_is,
+    events_per_invoice,
+    eventually,
+    handler,
+    ids,
+    logged,
+    new_event,
+    of_key,
+    queue_depth,
+    relay_command,
+)
+
+pytestmark = pytest.mark.rabbit
+
+CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
+LISTED = re.compile(
+    r"(?P<id>\S+)  (?P<key>\S+)  (?P<event>\S+)  attempts=(?P<attempts>\d+)  "
+    r"age=(?P<age>\d+)s  (?P<reason>.+)"
+)
+
+
+@dataclass(frozen=True)
+class DeadLetters:
+    """A handler's dead-letter queue, and the `relay dlq` command for it."""
+
+    config: str
+    handler: str
+    queue: str
+
+    async def command(
+        self, action: str, *args: str, env: dict[str, str] | None = None
+    ) -> Completed:
+        return await relay_command(
+            "dlq", action, "--handler", self.handler, "--config", self.config, *args, env=env
+        )
+
+    async def listed(self) -> list[dict[str, Any]]:
+        """`relay dlq list --json`, one object per dead letter."""
+        result = await self.command("list", "--json")
+        assert result.returncode == 0, result.stderr
+        return [orjson.loads(line) for line in result.lines()]
+
+    async def listed_ids(self) -> list[str]:
+        return [letter["id"] for letter in await self.listed()]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Events a handler rejected, in publish order, now its dead letters."""
+
+    events: list[Event]
+    dead: DeadLetters
+    downstream: HttpHandler
+
+
+@pytest.fixture
+async def rejected(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+) -> Rejected:
+    """Three events of invoice 7 and two of invoice 8 (interleaved), rejected with 422 by a
+    handler with 2 partitions, so dead-lettered; the handler accepts everything from now on."""
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, partitions=2)])
+    events = [new_event(settings, invoice) for invoice in (7, 8, 7, 8, 7)]
+    http_handler.default = 422
+    await start_worker(settings)
+    await publish(settings, *events)
+    dlq = settings.handlers[0].dead_letter_queue
+    await eventually(lambda: depth_is(channel, dlq, 5), what="5 dead letters")
+    http_handler.default = 200
+    dead = DeadLetters(make_settings.config_file(settings), settings.handlers[0].name, dlq)
+    return Rejected(events, dead, http_handler)
+
+
+def per_key_order_kept(listed: list[str], events: list[Event]) -> bool:
+    """Whether `listed` holds exactly the events, each key's in publish order."""
+    keys = {e.key for e in events}
+    listed_events = [e for i in listed for e in events if e.message_id == i]
+    return sorted(listed) == sorted(ids(events)) and all(
+        of_key(listed_events, key) == of_key(events, key) for key in keys
+    )
+
+
+# --- list -------------------------------------------------------------------------------------
+
+
+async def test_list_shows_each_dead_letter_and_leaves_them_in_place(
+    rejected: Rejected, channel: AbstractChannel
+) -> None:
+    dead = rejected.dead
+
+    text = await dead.command("list")
+
+    # one line each: id, key, event, attempts, age, reason; then the count
+    assert text.returncode == 0, text.stderr
+    *lines, total = text.lines()
+    assert total == "5 dead letter(s)"
+    rows = [LISTED.fullmatch(line) for line in lines]
+    assert all(rows), lines
+    listed = [row["id"] for row in rows if row]
+    assert per_key_order_kept(listed, rejected.events)
+    key_of = {e.message_id: e.key for e in rejected.events}
+    for row in filter(None, rows):
+        assert (row["key"], row["event"], row["attempts"]) == (key_of[row["id"]], "paid", "1")
+        assert row["reason"] == "HTTP 422"
+        assert int(row["age"]) < 60
+    # as JSON, the same dead letters in the same order, with status and last attempt
+    as_json = await dead.listed()
+    assert [letter["id"] for letter in as_json] == listed
+    for letter in as_json:
+        assert letter["key"] == key_of[letter["id"]]
+        assert (letter["event"], letter["reason"], letter["status"]) == ("paid", "HTTP 422", 422)
+        assert letter["attempts"] == 1
+        assert datetime.fromisoformat(letter["last_attempt"]).tzinfo is not None
+    # listing again gives the same; nothing was taken out of the queue
+    assert await dead.listed() == as_json
+    assert await queue_depth(channel, dead.queue) == 5
+    assert not rejected.downstream.accepted()
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+
+async def test_replay_delivers_the_dead_letters_again_in_acceptance_order(
+    rejected: Rejected, channel: AbstractChannel
+) -> None:
+    dead = rejected.dead
+
+    result = await dead.command("replay")
+
+    assert result.returncode == 0, result.stderr
+    assert result.lines() == [f"replay: 5 dead letter(s) of {dead.handler}"]
+    downstream = rejected.downstream
+    await eventually(lambda: len(downstream.accepted()) >= 5, what="5 replayed deliveries")
+    # the three of invoice 7 (and the two of invoice 8) in the order relay accepted them
+    for key in ("invoice:7", "invoice:8"):
+        assert downstream.accepted(key) == of_key(rejected.events, key), key
+    assert len(downstream.accepted()) == 5
+    assert await queue_depth(channel, dead.queue) == 0
+
+
+async def test_replay_of_one_id_leaves_the_others_in_place_and_in_order(
+    rejected: Rejected,
+) -> None:
+    dead = rejected.dead
+    before = await dead.listed_ids()
+    chosen = rejected.events[2].message_id  # the second of invoice 7
+
+    result = await dead.command("replay", "--id", chosen)
+
+    assert result.returncode == 0, result.stderr
+    assert result.lines() == [f"replay: 1 dead letter(s) of {dead.handler}"]
+    await eventually(lambda: rejected.downstream.accepted(), what="the replayed delivery")
+    assert rejected.downstream.accepted() == [chosen]
+    assert await dead.listed_ids() == [i for i in before if i != chosen]
+
+
+async def test_replay_of_an_unknown_id_fails_and_changes_nothing(rejected: Rejected) -> None:
+    dead = rejected.dead
+    before = await dead.listed()
+
+    result = await dead.command("replay", "--id", "envoice:0")
+
+    assert result.returncode == 1
+    assert result.lines() == [f"replay: 0 dead letter(s) of {dead.handler}"]
+    assert await dead.listed() == before
+
+
+async def test_replayed_messages_go_only_to_their_handler_and_to_the_same_partition(
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+    logs: list[dict[str, Any]],
+) -> None:
+    async with HttpHandler() as rejecting, HttpHandler() as accepting:
+        # Given two handlers of the same events with 3 partitions each; one rejected all 12
+        settings = make_settings(
+            handlers=[
+                handler({"url": rejecting.url}, name="rejecting", partitions=3),
+                handler({"url": accepting.url}, name="accepting", partitions=3),
+            ]
+        )
+        rejecting.default = 422
+        await start_worker(settings)
+        per_invoice = events_per_invoice(settings, invoices=4, each=3)
+        events = [e for invoice_events in per_invoice.values() for e in invoice_events]
+        await publish(settings, *events)
+        dlq = settings.handlers[0].dead_letter_queue
+        await eventually(lambda: depth_is(channel, dlq, 12), what="12 dead letters")
+        await eventually(lambda: len(accepting.accepted()) == 12, what="12 accepted")
+
+        # When it accepts again and its dead letters are replayed
+        rejecting.default = 200
+        name = settings.handlers[0].name
+        config = make_settings.config_file(settings)
+        replayed = await DeadLetters(config, name, dlq).command("replay")
+        assert replayed.returncode == 0, replayed.stderr
+        # and then one more event per invoice is published
+        last = [new_event(settings, invoice) for invoice in per_invoice]
+        await publish(settings, *last)
+
+        # Then the replaying handler gets each invoice's events in order, then the last one
+        await eventually(lambda: len(rejecting.accepted()) == 16, what="16 to the replaying")
+        await eventually(lambda: len(accepting.accepted()) == 16, what="16 to the other")
+        for invoice, invoice_events in per_invoice.items():
+            key = f"invoice:{invoice}"
+            assert rejecting.accepted(key) == ids(invoice_events) + of_key(last, key), key
+            # while the other handler got each event once: none of the replayed ones again
+            assert accepting.accepted(key) == ids(invoice_events) + of_key(last, key), key
+
+    # and each replayed event was delivered from the partition it was dead-lettered from
+    def partitions(event: str) -> dict[str, str]:
+        return {
+            line["message_id"]: line["partition"]
+            for line in logged(logs, event)
+            if line["handler"] == name
+        }
+
+    dead_lettered_from, delivered_from = partitions("dead-lettered"), partitions("delivered")
+    assert {i: delivered_from[i] for i in ids(events)} == dead_lettered_from
+    assert len(set(dead_lettered_from.values())) > 1  # the events were spread over partitions
+
+
+# --- purge ------------------------------------------------------------------------------------
+
+
+async def test_purge_asks_for_confirmation_and_removes_what_it_is_told(
+    rejected: Rejected, channel: AbstractChannel
+) -> None:
+    dead = rejected.dead
+    before = await dead.listed_ids()
+
+    # Without an answer to its question (no stdin), purge is cancelled and removes nothing
+    cancelled = await dead.command("purge")
+    assert cancelled.returncode == 1
+    assert "Purge ALL dead letters" in cancelled.stdout
+    assert cancelled.stderr.splitlines() == ["relay: purge cancelled"]
+    assert await dead.listed_ids() == before
+
+    # With --yes and --id, only that one goes
+    chosen = rejected.events[2].message_id
+    one = await dead.command("purge", "--id", chosen, "--yes")
+    assert one.returncode == 0, one.stderr
+    assert one.lines() == [f"purge: 1 dead letter(s) of {dead.handler}"]
+    assert await dead.listed_ids() == [i for i in before if i != chosen]
+
+    # With --yes alone, all go, and none is delivered
+    rest = await dead.command("purge", "--yes")
+    assert rest.returncode == 0, rest.stderr
+    assert rest.lines() == [f"purge: 4 dead letter(s) of {dead.handler}"]
+    assert await queue_depth(channel, dead.queue) == 0
+    assert not rejected.downstream.accepted()
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+ACTIONS = [["list"], ["replay"], ["purge", "--yes"]]
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=" ".join)
+async def test_an_unknown_handler_exits_2(action: list[str], make_settings: MakeSettings) -> None:
+    settings = make_settings(handlers=[handler({"url": "http://127.0.0.1:1/"})])
+    dead = DeadLetters(make_settings.config_file(settings), "no-such-handler", "")
+
+    result = await dead.command(*action)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "relay: config error: no handler named 'no-such-handler' in the config"
+    ]
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=" ".join)
+async def test_an_unreachable_broker_exits_3(
+    action: list[str], make_settings: MakeSettings
+) -> None:
+    settings = make_settings(handlers=[handler({"url": "http://127.0.0.1:1/"})])
+    dead = DeadLetters(make_settings.config_file(settings), settings.handlers[0].name, "")
+
+    result = await dead.command(*action, env={"RELAY_AMQP_URL": CLOSED_BROKER})
+
+    assert result.returncode == 3
+    [line] = result.stderr.splitlines()
+    assert line.startswith("relay: broker unreachable")
+    assert "guest:guest" not in result.stderr + result.stdout
