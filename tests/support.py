@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -316,6 +317,22 @@ async def relay_command(
             await process.wait()
     assert process.returncode is not None
     return Completed(process.returncode, stdout.decode(), stderr.decode())
+
+
+def run_relay(
+    *args: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m relay ARGS` from the repository root, without $RELAY_CONFIG, with a deadline."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RELAY_CONFIG", *unset)}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        check=False,
+    )
 
 
 def toml(raw: dict[str, Any]) -> str:

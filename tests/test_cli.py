@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +12,10 @@ from aio_pika.abc import AbstractChannel
 
 import relay
 from tests.conftest import AMQP_URL, MakeSettings
+from tests.support import run_relay
 
-ROOT = Path(__file__).resolve().parents[1]
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
 COMMANDS = ["ingress", "worker", "run", "send", "topology"]
-
-
-def run_relay(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """`python -m relay ARGS` from the repository root, with a deadline."""
-    base = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**base, **(env or {})},
-        check=False,
-    )
 
 
 def write_config(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,8 +13,9 @@ import pytest
 
 from relay.errors import ConfigError
 from relay.settings import BrokerSettings, Secret, Settings, topic_matches
+from tests.support import ROOT
+from tests.support import run_relay as support_run_relay
 
-ROOT = Path(__file__).resolve().parents[1]
 DROP = object()  # an override value that removes the key
 
 SOURCE: dict[str, Any] = {
@@ -597,18 +596,10 @@ def toml(
     )
 
 
-def run_relay(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RELAY_CONFIG", "RELAY_TEST_UNSET")}
-    env["RELAY_AMQP_URL"] = "amqp://guest:guest@127.0.0.1:1/"  # never reached: config fails first
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
+def run_relay(*args: str) -> subprocess.CompletedProcess[str]:
+    # The broker is never reached: the config fails first.
+    closed = {"RELAY_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    return support_run_relay(*args, env=closed, unset=("RELAY_TEST_UNSET",))
 
 
 BAD_CONFIGS = {
