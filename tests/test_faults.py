@@ -14,9 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 
+from relay.settings import Settings
+from tests.conftest import AMQP_URL, MakeSettings, Publish
 from tests.handlers_for_tests import BROKEN_ENV, HANG, JOURNAL_ENV, HttpHandler
 from tests.processes import (
     Broker,
@@ -28,7 +31,7 @@ from tests.processes import (
     in_background,
     ingress_ready,
 )
-from tests.support import ROOT, eventually
+from tests.support import ROOT, eventually, new_event
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.fault]
 
@@ -284,3 +287,46 @@ async def test_soak_short(broker: Broker) -> None:
     assert (lost, reordered) == (0, 0), lines[0]
     assert accepted == delivered > 0
     assert soak.returncode == 0
+
+
+async def partition_of_keys(settings: Settings) -> dict[str, str]:
+    """Drains the handler's partitions; which partition each ordering key was in."""
+    found: dict[str, str] = {}
+    async with await aio_pika.connect(AMQP_URL) as connection:
+        channel = await connection.channel()
+        for queue_name in settings.handlers[0].queues:
+            queue = await channel.declare_queue(queue_name, passive=True)
+            for _ in range(queue.declaration_result.message_count or 0):
+                async with queue.iterator() as messages:
+                    message = await anext(messages)
+                    found[str((message.headers or {})["x-relay-key"])] = queue_name
+                    await message.ack()
+    return found
+
+
+@pytest.mark.timeout(120)
+async def test_a_key_stays_in_its_partition_across_a_broker_restart(
+    make_settings: MakeSettings, publish: Publish
+) -> None:
+    # Given 40 invoices' events spread over 4 partitions (no worker consuming)
+    settings = make_settings(
+        handlers=[{"name": "h", "events": ["envoice.#"], "url": "http://127.0.0.1:1/"}]
+    )
+    invoices = range(1, 41)
+    await publish(settings, *(new_event(settings, i) for i in invoices))
+    before = await partition_of_keys(settings)
+    assert len(before) == len(invoices)
+    assert len(set(before.values())) == 4
+
+    # When the broker restarts and the same invoices send again
+    broker = Broker()
+    try:
+        await broker.stop()
+        await broker.start()
+    finally:
+        await broker.restore()
+    await publish(settings, *(new_event(settings, i) for i in invoices))
+
+    # Then every key is in the partition it was in before: older messages of a key waiting in
+    # one queue are never overtaken by newer ones in another
+    assert await partition_of_keys(settings) == before
