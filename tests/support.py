@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -69,6 +71,22 @@ def now_timestamp(offset: float = 0.0) -> str:
     """A .NET-style UTC timestamp with 7 fractional digits."""
     t = time.time() + offset
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e7):07d}Z"
+
+
+def envoice_signature(
+    secret: str,
+    timestamp: str,
+    raw_activity: bytes,
+    *,
+    template: str = "{Timestamp}.{Activity}",
+    algorithm: str = "hmac-sha256",
+) -> str:
+    """The SPEC's signature recipe, written out independently of relay's own code."""
+    message = template.encode().replace(b"{Timestamp}", timestamp.encode())
+    message = message.replace(b"{Activity}", raw_activity)
+    if algorithm == "sha256":
+        return hashlib.sha256(secret.encode() + message).hexdigest()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def signed_body(

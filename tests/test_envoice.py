@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from datetime import datetime
 from typing import Any
@@ -13,6 +11,7 @@ import pytest
 from relay import envoice
 from relay.errors import BadPayload, BadSignature
 from relay.settings import Settings, SourceSettings
+from tests.support import envoice_signature
 
 TIMESTAMP = "2026-11-28T12:00:00.1234567Z"
 NOW = datetime.fromisoformat("2026-11-28T12:00:00.123456+00:00").timestamp()
@@ -45,11 +44,7 @@ def sign(
     algorithm: str = "hmac-sha256",
 ) -> str:
     """The recipe of SPEC "The Envoice webhook", computed independently of relay."""
-    message = template.encode().replace(b"{Timestamp}", timestamp.encode())
-    message = message.replace(b"{Activity}", raw)
-    if algorithm == "sha256":
-        return hashlib.sha256(secret.encode() + message).hexdigest()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return envoice_signature(secret, timestamp, raw, template=template, algorithm=algorithm)
 
 
 def webhook(

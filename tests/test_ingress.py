@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +21,7 @@ from tests.support import (
     Ingress,
     TcpProxy,
     activity,
+    envoice_signature,
     eventually,
     now_timestamp,
     running_ingress,
@@ -42,22 +41,6 @@ BILLING = {
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def envoice_signature(
-    secret: str,
-    timestamp: str,
-    raw_activity: bytes,
-    *,
-    template: str = "{Timestamp}.{Activity}",
-    algorithm: str = "hmac-sha256",
-) -> str:
-    """The SPEC's signature recipe, written out independently of relay's own code."""
-    message = template.encode().replace(b"{Timestamp}", timestamp.encode())
-    message = message.replace(b"{Activity}", raw_activity)
-    if algorithm == "sha256":
-        return hashlib.sha256(secret.encode() + message).hexdigest()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def body_with(raw_activity: bytes, signature: str | None, timestamp: str) -> bytes:
