@@ -14,15 +14,14 @@ from typing import Any
 import orjson
 import prometheus_client
 import structlog
-from aiohttp import web
 
-from relay import __version__, deadletters, status, topology
+from relay import __version__, deadletters, ingress, status, topology
 from relay.broker import BROKER_ERRORS
 from relay.errors import ConfigError
-from relay.ingress import create_app
 from relay.logging import configure
+from relay.secrets import resolve_secret
 from relay.send import send
-from relay.settings import Secret, Settings
+from relay.settings import Settings
 from relay.worker import Worker
 
 EXIT_OK = 0
@@ -59,25 +58,29 @@ def _run(coroutine: Coroutine[Any, Any, int]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description="A webhook relay on RabbitMQ.")
+    parser = argparse.ArgumentParser(
+        prog="relay", description="A webhook relay on RabbitMQ.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
         name: str, run: Callable[..., Awaitable[int]], help: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
         sub.add_argument("--config", help="TOML config (default: $RELAY_CONFIG, config/relay.toml)")
         sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
         sub.set_defaults(run=run)
         return sub
 
-    ingress = command("ingress", _ingress, "Serve the webhook ingress.")
-    ingress.add_argument("--host", help="override ingress.host")
-    ingress.add_argument("--port", type=int, help="override ingress.port")
+    serve = command("ingress", _ingress, "Serve the webhook ingress.")
+    serve.add_argument("--host", help="override ingress.host")
+    serve.add_argument("--port", type=int, help="override ingress.port")
     worker = command("worker", _worker, "Deliver messages to handlers.")
     worker.add_argument("--handler", action="append", help="only this handler (repeatable)")
-    worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics here (worker.metrics_port)"
+    )
     run = command("run", _run_both, "Ingress and worker in one process, for development.")
     run.add_argument("--host", help="override ingress.host")
     run.add_argument("--port", type=int, help="override ingress.port")
@@ -87,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     sender.add_argument("--source", help="source name (default: the first source)")
     sender.add_argument("--count", type=_positive, default=10, help="webhooks to send (10)")
     sender.add_argument("--invoices", type=_positive, default=3, help="invoices to spread over")
-    sender.add_argument("--secret", help="sign with this secret instead of the config's")
+    sender.add_argument(
+        "--secret-env",
+        metavar="NAME",
+        help="sign with the secret in environment variable NAME instead of the config's",
+    )
 
     topo = command("topology", _topology, "Declare or export relay's RabbitMQ topology.")
     topo.add_argument("action", choices=["declare", "export"])
@@ -113,9 +120,9 @@ def _positive(value: str) -> int:
 
 
 def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
-    ingress = settings.ingress
-    ingress = replace(ingress, host=args.host or ingress.host, port=args.port or ingress.port)
-    return replace(settings, ingress=ingress)
+    listen = settings.ingress
+    listen = replace(listen, host=args.host or listen.host, port=args.port or listen.port)
+    return replace(settings, ingress=listen)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -124,31 +131,11 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-async def _serve_ingress(settings: Settings, stopping: asyncio.Event) -> None:
-    runner = web.AppRunner(
-        create_app(settings), access_log=None, shutdown_timeout=settings.ingress.drain_seconds
-    )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.ingress.host, settings.ingress.port).start()
-        log.info(
-            "ingress listening",
-            host=settings.ingress.host,
-            port=settings.ingress.port,
-            broker=settings.broker.safe_url,
-            sources=[s.path for s in settings.sources],
-        )
-        await stopping.wait()
-        log.info("ingress draining")
-    finally:
-        await runner.cleanup()  # stops accepting, finishes in-flight requests, closes the broker
-
-
 async def _ingress(settings: Settings, args: argparse.Namespace) -> int:
     stopping = asyncio.Event()
     _stop_on_signals(stopping.set)
     try:
-        await _serve_ingress(_with_listen(settings, args), stopping)
+        await ingress.serve(_with_listen(settings, args), stopping)
     except OSError as exc:
         print(f"relay: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -159,8 +146,9 @@ async def _ingress(settings: Settings, args: argparse.Namespace) -> int:
 async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     worker = Worker(settings, args.handler)
     _stop_on_signals(worker.stop)
-    if args.metrics_port is not None:
-        prometheus_client.start_http_server(args.metrics_port, addr=settings.ingress.host)
+    port = args.metrics_port if args.metrics_port is not None else settings.worker.metrics_port
+    if port is not None:
+        prometheus_client.start_http_server(port, addr=settings.worker.metrics_host)
     await worker.async_run()
     log.info("worker stopped")
     return EXIT_OK
@@ -177,7 +165,7 @@ async def _run_both(settings: Settings, args: argparse.Namespace) -> int:
 
     _stop_on_signals(stop)
     try:
-        await asyncio.gather(_serve_ingress(settings, stopping), worker.async_run())
+        await asyncio.gather(ingress.serve(settings, stopping), worker.async_run())
     except OSError as exc:
         print(f"relay: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -188,8 +176,9 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.sources:
         raise ConfigError("sources: none configured")
     source = settings.source(args.source) if args.source else settings.sources[0]
-    if args.secret:
-        source = replace(source, secrets=(Secret(args.secret, "--secret"),))
+    if args.secret_env:
+        secret = resolve_secret(f"env:{args.secret_env}", "--secret-env")
+        source = replace(source, secrets=(secret,))
     url = args.url or f"http://127.0.0.1:{settings.ingress.port}{source.path}"
     report = await send(source, url, count=args.count, invoices=args.invoices)
     print(report.line())

@@ -17,10 +17,13 @@ import aiohttp
 import orjson
 
 from relay.errors import ConfigError, Reject, Retry
+from relay.secrets import standard_webhooks_key
 from relay.settings import HandlerSettings
 from relay.verify import standard_webhooks_signature
 
 TRANSIENT_4XX = frozenset({408, 409, 425, 429})
+RESPONSE_READ_BYTES = 4096  # of a handler's answer, at most this much is read (never inflated)
+DETAIL_CHARS = 200  # of which at most this much goes into the outcome's detail
 
 
 class Verdict(StrEnum):
@@ -41,13 +44,29 @@ class Target(Protocol):
     async def deliver(self, body: bytes, message_id: str, attempt: int) -> Outcome: ...
 
 
-def classify(status: int, retry_after: str | None = None) -> Outcome:
-    """2xx is success; 4xx but 408/409/425/429 is permanent; anything else is transient."""
+async def attempt_delivery(target: Target, body: bytes, message_id: str, attempt: int) -> Outcome:
+    """One delivery's outcome, whatever happens: an exception a target did not expect (a header
+    value the HTTP client refuses, say) fails this message for good, never the worker."""
+    try:
+        return await target.deliver(body, message_id, attempt)
+    except Exception as exc:
+        return Outcome(Verdict.PERMANENT, f"cannot deliver: {type(exc).__name__}: {exc}"[:300])
+
+
+def classify(status: int, retry_after: str | None = None, answer: bytes = b"") -> Outcome:
+    """2xx is success; 3xx (redirects are not followed) and 4xx but 408/409/425/429 are
+    permanent; anything else is transient. `answer`, the start of the body, goes into the detail
+    of a failure."""
     if 200 <= status < 300:
         return Outcome(Verdict.SUCCESS, f"HTTP {status}", status)
-    if 400 <= status < 500 and status not in TRANSIENT_4XX:
-        return Outcome(Verdict.PERMANENT, f"HTTP {status}", status)
-    return Outcome(Verdict.TRANSIENT, f"HTTP {status}", status, parse_retry_after(retry_after))
+    detail = f"HTTP {status}"
+    if 300 <= status < 400:
+        detail += " (redirects are not followed)"
+    if answer:
+        detail += ": " + answer[:DETAIL_CHARS].decode("utf-8", "replace")
+    if 300 <= status < 500 and status not in TRANSIENT_4XX:
+        return Outcome(Verdict.PERMANENT, detail, status)
+    return Outcome(Verdict.TRANSIENT, detail, status, parse_retry_after(retry_after))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -68,7 +87,8 @@ class HttpTarget:
     def __init__(self, handler: HandlerSettings, session: aiohttp.ClientSession) -> None:
         assert handler.url is not None
         self._url = handler.url
-        self._secret = handler.signing_secret
+        secret = handler.signing_secret
+        self._key = standard_webhooks_key(secret) if secret is not None else None
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=handler.timeout_seconds)
 
@@ -80,20 +100,33 @@ class HttpTarget:
             "webhook-timestamp": str(timestamp),
             "x-relay-attempt": str(attempt),
         }
-        if self._secret is not None:
+        if self._key is not None:
             headers["webhook-signature"] = standard_webhooks_signature(
-                self._secret, message_id, timestamp, body
+                self._key, message_id, timestamp, body
             )
         try:
             async with self._session.post(
                 self._url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as response:
-                await response.read()
-                return classify(response.status, response.headers.get("Retry-After"))
+                answer = await _read_start(response)
+                return classify(response.status, response.headers.get("Retry-After"), answer)
         except TimeoutError:
             return Outcome(Verdict.TRANSIENT, "timeout")
         except aiohttp.ClientError as exc:
             return Outcome(Verdict.TRANSIENT, f"{type(exc).__name__}: {exc}")
+
+
+async def _read_start(response: aiohttp.ClientResponse) -> bytes:
+    """At most RESPONSE_READ_BYTES of the answer, raw. A longer answer is not read further: its
+    connection is closed instead of reused."""
+    start = b""
+    while len(start) <= RESPONSE_READ_BYTES:
+        chunk = await response.content.read(RESPONSE_READ_BYTES + 1 - len(start))
+        if not chunk:
+            return start
+        start += chunk
+    response.close()
+    return start
 
 
 class CallTarget:
@@ -106,8 +139,12 @@ class CallTarget:
 
     async def deliver(self, body: bytes, message_id: str, attempt: int) -> Outcome:
         try:
+            message = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:  # the same bytes will never decode
+            return Outcome(Verdict.PERMANENT, f"body is not JSON: {exc}")
+        try:
             async with asyncio.timeout(self._timeout):
-                await self._func(orjson.loads(body))
+                await self._func(message)
         except Retry as exc:
             return Outcome(Verdict.TRANSIENT, f"Retry: {exc}", retry_after=exc.after_seconds)
         except Reject as exc:

@@ -40,12 +40,18 @@ _TIMESTAMP_RE = re.compile(
 _PLACEHOLDER_RE = re.compile(r"(\{Timestamp\}|\{Activity\})")
 
 
+_WS = " \t\n\r"
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-_WS = " \t\n\r"
+_SKIPPER = json.JSONDecoder(parse_constant=_reject_constant)  # top-level fields relay ignores
+MAX_MEMBERS = 32  # top-level fields read before the body is refused: Envoice sends three
+MAX_DEPTH = 64  # levels of nesting in the Activity
 
 # Activity fields: name -> (accepted types, required)
 _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
@@ -99,10 +105,10 @@ def parse(body: bytes, source: SourceSettings, now: float) -> Event:
     sent_at = _parse_time(timestamp, "Timestamp")
     if source.tolerance_seconds and abs(now - sent_at.timestamp()) > source.tolerance_seconds:
         raise BadSignature(f"Timestamp: outside the tolerance of {source.tolerance_seconds}s")
-    return _event(activity, source)
+    return _event(activity, activity_raw, source)
 
 
-def _event(activity: dict[str, Any], source: SourceSettings) -> Event:
+def _event(activity: dict[str, Any], raw: bytes, source: SourceSettings) -> Event:
     for name, (kinds, required) in _FIELDS.items():
         if name not in activity:
             if required:
@@ -113,6 +119,7 @@ def _event(activity: dict[str, Any], source: SourceSettings) -> Event:
             wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             raise BadPayload(f"Activity.{name}: must be {wanted}")
     _parse_time(activity["CreatedOn"], "Activity.CreatedOn")
+    _check_depth(activity, "Activity")
     code = _type_code(activity["Type"], source)
     activity_id = activity["Id"]
     if activity_id < 0:
@@ -131,6 +138,7 @@ def _event(activity: dict[str, Any], source: SourceSettings) -> Event:
         key=key,
         occurred_at=activity["CreatedOn"],
         data=activity,
+        data_json=raw,
     )
 
 
@@ -164,50 +172,104 @@ def _signed_message(template: str, timestamp: str, activity_raw: bytes) -> bytes
 
 
 def _top_level(body: bytes) -> tuple[dict[str, Any], bytes]:
-    """Parse the top-level object; also return the exact bytes of the `Activity` value."""
+    """The top-level members of the body, and the exact bytes of the `Activity` value.
+
+    Cheap on hostile input: whitespace is skipped by a regex, at most MAX_MEMBERS members are
+    read, and each value is parsed once by orjson, which refuses invalid UTF-8, lone surrogates,
+    NaN, infinite numbers and nesting beyond 1024 levels.
+    """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadPayload("body is not valid UTF-8") from None
+    start, end = _skip(text, 0), len(text.rstrip(_WS)) - 1
+    if text[start : start + 1] != "{":
+        raise BadPayload("body must be a JSON object")
+    if end <= start or text[end] != "}":
+        raise BadPayload("body is not valid JSON")
     fields: dict[str, Any] = {}
     activity_raw = b""
-    try:
-        i = _skip(text, 0)
-        if text[i : i + 1] != "{":
-            raise BadPayload("body must be a JSON object")
-        i = _skip(text, i + 1)
-        while text[i : i + 1] != "}":
-            if fields:
-                i = _skip(text, _expect(text, i, ","))
-            if text[i : i + 1] != '"':
-                raise ValueError("expected a key")
-            key, i = _DECODER.raw_decode(text, i)
-            if key in fields:
-                raise BadPayload(f"{key}: duplicate key")
-            i = _skip(text, _expect(text, _skip(text, i), ":"))
-            fields[key], end = _DECODER.raw_decode(text, i)
-            if key == "Activity":
-                activity_raw = text[i:end].encode("utf-8")
-            i = _skip(text, end)
-        if _skip(text, i + 1) != len(text):
-            raise ValueError("extra data after the object")
-    except BadPayload:
-        raise
-    except (ValueError, IndexError, RecursionError):
-        raise BadPayload("body is not valid JSON (or nested too deeply)") from None
+    i = _skip(text, start + 1)
+    while i < end:
+        if fields:
+            i = _skip(text, _expect(text, i, ","))
+        if len(fields) == MAX_MEMBERS:
+            raise BadPayload(f"body has more than {MAX_MEMBERS} top-level fields")
+        match = _STRING_RE.match(text, i)
+        if match is None:
+            raise BadPayload("body is not valid JSON: expected a field name")
+        key = _json_value(match.group())
+        if key in fields:
+            raise BadPayload(f"{clip(key)}: duplicate key")
+        i = _skip(text, _expect(text, _skip(text, match.end()), ":"))
+        fields[key], value_end = _value_at(text, i, end, parse=key == "Activity")
+        if key == "Activity":
+            activity_raw = text[i:value_end].encode()
+        i = _skip(text, value_end)
+    if i != end:
+        raise BadPayload("body is not valid JSON")
     return fields, activity_raw
 
 
+def _value_at(text: str, i: int, end: int, *, parse: bool) -> tuple[Any, int]:
+    """The JSON value starting at `text[i]` and where it ends; `end` is the closing brace.
+
+    Strings are matched by a regex. A value to `parse` goes to orjson, first as if it were the
+    last member (one parse for Envoice's usual layout); any other value is only skipped.
+    """
+    match = _STRING_RE.match(text, i)
+    if match is not None:
+        return _json_value(match.group()), match.end()
+    if not parse:
+        try:
+            return _SKIPPER.raw_decode(text, i)
+        except (ValueError, RecursionError):
+            raise BadPayload("body is not valid JSON") from None
+    try:
+        return orjson.loads(text[i:end]), len(text[:end].rstrip(_WS))
+    except orjson.JSONDecodeError as exc:
+        stop = i + exc.pos  # where the value (if it is one) was followed by more
+        if text[stop : stop + 1] != ",":
+            raise BadPayload(f"body is not valid JSON: {exc.msg}") from None
+    value_end = len(text[:stop].rstrip(_WS))
+    return _json_value(text[i:value_end]), value_end
+
+
+def _json_value(raw: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadPayload(f"body is not valid JSON: {exc.msg}") from None
+
+
 def _skip(text: str, i: int) -> int:
-    while i < len(text) and text[i] in _WS:
-        i += 1
-    return i
+    return _WS_RE.match(text, i).end()  # type: ignore[union-attr]  # matches the empty string
 
 
 def _expect(text: str, i: int, char: str) -> int:
     if text[i : i + 1] != char:
-        raise ValueError(f"expected {char!r}")
+        raise BadPayload(f"body is not valid JSON: expected {char!r}")
     return i + 1
+
+
+def _check_depth(value: Any, field: str) -> None:
+    """Refuse data nested deeper than MAX_DEPTH: every JSON library downstream can read it."""
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return
+    raise BadPayload(f"{field}: nested deeper than {MAX_DEPTH} levels")
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """`text` for an error message or log line: repr'd, and cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> bytes:

@@ -1,27 +1,51 @@
-"""The HTTP ingress: verify, validate, publish with a confirm, then answer."""
+"""The HTTP ingress: verify, validate, publish with a confirm, then answer.
+
+Built to be cheap to attack (README "Running it on the internet"): bodies are read raw and never
+inflated, a declared or actual size over `max_body_bytes` is refused before or while reading, a
+body that does not arrive within `body_timeout_seconds` is 408, idle connections and the headers
+of new ones are bounded by `keepalive_seconds`, and at most `max_connections` are served at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, cast
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import web, web_response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import metrics
 from relay.errors import BrokerUnavailable, RequestError, Unroutable
 from relay.provider import PROVIDERS, Event
 from relay.publisher import Publisher
-from relay.settings import Settings, SourceSettings
+from relay.settings import IngressSettings, Settings, SourceSettings
 
 log = structlog.get_logger()
 
 RETRY_AFTER_SECONDS = "5"
+LINGER_SECONDS = 2.0  # after an early answer, how long the rest of a body may still be drained
+CLIENT_GONE = "client_closed"  # the status label of requests whose client went away
+
+# No version banner: every answer, aiohttp's own protocol errors included, names only relay.
+web_response.SERVER_SOFTWARE = "relay"  # type: ignore[attr-defined]
+
+
+class EventPublisher(Protocol):
+    """What the ingress needs of a publisher (relay.publisher.Publisher; a fake in tests)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, event: Event) -> None: ...
 
 
 class DuplicateWindow:
@@ -45,7 +69,7 @@ class DuplicateWindow:
 class Acceptor:
     """Publishes each new event once; repeats of an accepted id answer `duplicate`."""
 
-    def __init__(self, publisher: Publisher, window: DuplicateWindow) -> None:
+    def __init__(self, publisher: EventPublisher, window: DuplicateWindow) -> None:
         self.publisher = publisher
         self._window = window
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -73,24 +97,45 @@ class Acceptor:
 
 SETTINGS = web.AppKey("settings", Settings)
 ACCEPTOR = web.AppKey("acceptor", Acceptor)
+PUBLISHER = web.AppKey("publisher", EventPublisher)
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.ingress.max_body_bytes
-    )
+def create_app(settings: Settings, publisher: EventPublisher | None = None) -> web.Application:
+    """The webhook app; with no `ingress.admin_port`, also /healthz, /readyz and /metrics.
+    `publisher` replaces the broker publisher (tests)."""
+    app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
+    app[PUBLISHER] = publisher or Publisher(settings)
     app.cleanup_ctx.append(_broker)
+    expect = _expect_handler(settings.ingress.max_body_bytes)
     for source in settings.sources:
-        app.router.add_post(source.path, _receiver(source))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+        app.router.add_post(source.path, _receiver(source), expect_handler=expect)
+    if settings.ingress.admin_port is None:
+        _add_operational_routes(app, app)
     return app
 
 
+def create_admin_app(app: web.Application) -> web.Application:
+    """/healthz, /readyz and /metrics of the ingress `app`, for `ingress.admin_port`."""
+    admin = web.Application(middlewares=[error_middleware])
+    admin[SETTINGS] = app[SETTINGS]
+    _add_operational_routes(admin, app)
+    return admin
+
+
+def _add_operational_routes(app: web.Application, ingress: web.Application) -> None:
+    async def readyz(request: web.Request) -> web.Response:
+        if ingress[PUBLISHER].ready:
+            return _json({"status": "ready"})
+        return _error(503, "broker connection is not usable", retry_after=True)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+
 async def _broker(app: web.Application) -> AsyncIterator[None]:
-    publisher = Publisher(app[SETTINGS])
+    publisher = app[PUBLISHER]
     app[ACCEPTOR] = Acceptor(publisher, DuplicateWindow(app[SETTINGS].ingress.duplicate_window))
     publisher.start()
     yield
@@ -102,7 +147,7 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
 
     async def receive(request: web.Request) -> web.Response:
         structlog.contextvars.bind_contextvars(source=source.name)
-        body = await request.read()
+        body = await _read_body(request, request.app[SETTINGS].ingress)
         event = provider.parse(body, source, time.time())
         structlog.contextvars.bind_contextvars(message_id=event.message_id)
         status = await request.app[ACCEPTOR].accept(event)
@@ -112,14 +157,57 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
     return receive
 
 
+class _Refused(RequestError):
+    """A request refused before its body is read; the connection is closed after the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_body(request: web.Request, limits: IngressSettings) -> bytes:
+    """The raw body: never inflated, at most `max_body_bytes`, within `body_timeout_seconds`."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise _Refused(415, "Content-Encoding is not accepted: send the body uncompressed")
+    length = request.content_length
+    if length is not None and length > limits.max_body_bytes:
+        raise _Refused(413, f"body larger than {limits.max_body_bytes} bytes")
+    content = request.content
+    if content.is_eof() and length is not None and content.total_bytes == length:
+        return await content.read()  # it all arrived with the headers, the usual case
+    try:
+        async with asyncio.timeout(limits.body_timeout_seconds):
+            body = bytearray()
+            while chunk := await content.readany():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise _Refused(413, f"body larger than {limits.max_body_bytes} bytes")
+    except TimeoutError:
+        raise _Refused(
+            408, f"body not received within {limits.body_timeout_seconds:g} seconds"
+        ) from None
+    return bytes(body)
+
+
+def _expect_handler(limit: int) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """`Expect: 100-continue` gets 100 only for a body relay would read: else 413 or 417 now."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return _closing(_rejected(request, 417, "only Expect: 100-continue is understood"))
+        if request.content_length is not None and request.content_length > limit:
+            return _closing(_rejected(request, 413, f"body larger than {limit} bytes"))
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    return expect
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    if request.app[ACCEPTOR].publisher.ready:
-        return _json({"status": "ready"})
-    return _error(503, "broker connection is not usable", retry_after=True)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -130,11 +218,12 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Binds a request id into the log context; renders every error as a JSON answer."""
+    """Renders every error as a JSON answer; a client that went away is not an error."""
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=uuid.uuid4().hex[:16])
     try:
         return await handler(request)
+    except _Refused as exc:
+        return _closing(_rejected(request, exc.status, exc.message))
     except RequestError as exc:
         return _rejected(request, exc.status, exc.message)
     except (BrokerUnavailable, Unroutable) as exc:
@@ -142,27 +231,37 @@ async def error_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        reason = exc.reason
-        if exc.status == 413:
-            reason = f"body larger than {request.app[SETTINGS].ingress.max_body_bytes} bytes"
-        response = _rejected(request, exc.status, reason)
+        response = _rejected(request, exc.status, exc.reason)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except ConnectionError:  # the client went away mid-request: no one reads this answer
+        _count(CLIENT_GONE)
+        log.info("client went away", method=request.method, path=request.path[:200])
+        return _closing(web.Response(status=400))
     except Exception:
         log.exception("request failed")
         return _rejected(request, 500, "internal error")
 
 
+def _count(status: str) -> None:
+    source = structlog.contextvars.get_contextvars().get("source")
+    if source is not None:
+        metrics.REQUESTS.labels(source, status).inc()
+
+
 def _rejected(
     request: web.Request, status: int, error: str, *, retry_after: bool = False
 ) -> web.Response:
-    source = structlog.contextvars.get_contextvars().get("source")
-    if source is not None:
-        metrics.REQUESTS.labels(source, str(status)).inc()
+    _count(str(status))
     log.warning("request rejected", status=status, error=error, method=request.method,
-                path=request.path)  # fmt: skip
+                path=request.path[:200])  # fmt: skip
     return _error(status, error, retry_after=retry_after)
+
+
+def _closing(response: web.Response) -> web.Response:
+    response.force_close()
+    return response
 
 
 def _error(status: int, error: str, *, retry_after: bool = False) -> web.Response:
@@ -176,3 +275,93 @@ def _json(
     return web.Response(
         body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json"
     )
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+    """Serve the ingress until `stopping` is set, then drain: stop accepting connections, let
+    requests in flight finish (up to `drain_seconds`), close the broker connection."""
+    ingress = settings.ingress
+    app = create_app(settings)
+    runner = web.AppRunner(app, **runner_options(ingress))
+    admin = web.AppRunner(create_admin_app(app), access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    try:
+        await LimitedSite(runner, ingress.host, ingress.port, ingress.max_connections).start()
+        if ingress.admin_port is not None:
+            await admin.setup()
+            await web.TCPSite(admin, ingress.admin_host, ingress.admin_port).start()
+        log.info(
+            "ingress listening",
+            host=ingress.host,
+            port=ingress.port,
+            admin_port=ingress.admin_port,
+            broker=settings.broker.safe_url,
+            sources=[s.path for s in settings.sources],
+        )
+        _warn_of_development_secrets(settings)
+        await stopping.wait()
+        log.info("ingress draining")
+    finally:
+        await admin.cleanup()
+        await runner.cleanup()  # stops accepting, finishes in-flight requests, closes the broker
+
+
+def runner_options(ingress: IngressSettings) -> dict[str, Any]:
+    """How the HTTP server runs: raw bodies, bounded idle time, a drain on shutdown."""
+    return {
+        "access_log": None,
+        "shutdown_timeout": ingress.drain_seconds,
+        "auto_decompress": False,
+        "keepalive_timeout": ingress.keepalive_seconds,
+        "lingering_time": LINGER_SECONDS,
+    }
+
+
+def _warn_of_development_secrets(settings: Settings) -> None:
+    for source in settings.sources:
+        for secret in source.secrets:
+            if secret.development:
+                log.warning(
+                    "DEVELOPMENT SECRET IN USE: anyone who read the config can sign webhooks",
+                    source=source.name,
+                    secret=repr(secret),
+                )
+
+
+class LimitedSite(web.TCPSite):
+    """A TCP site that serves at most `max_connections` connections at once; a connection over
+    the limit is answered 503 and closed at once."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
+        super().__init__(runner, host, port)
+        self._max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= self._max_connections:
+                return _Overloaded()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol, self._host, self._port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+class _Overloaded(asyncio.Protocol):
+    ANSWER = (
+        b"HTTP/1.1 503 Service Unavailable\r\nServer: relay\r\nConnection: close\r\n"
+        b"Retry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
+        b'{"error":"too many connections"}\n'
+    )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        log.warning("connection refused: too many connections")
+        cast(asyncio.WriteTransport, transport).write(self.ANSWER)
+        transport.close()

@@ -7,6 +7,11 @@ import sys
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+from structlog.tracebacks import ExceptionDictTransformer
+
+# Tracebacks without the frames' local variables: a secret or a payload may be one of them.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 
 
 def configure(level: str = "info") -> None:
@@ -18,10 +23,10 @@ def configure(level: str = "info") -> None:
     ]
     renderer: structlog.typing.Processor
     if on_terminal:
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = _console()
         factory: structlog.typing.WrappedLogger = structlog.PrintLoggerFactory(sys.stdout)
     else:
-        processors.append(structlog.processors.dict_tracebacks)
+        processors.append(_TRACEBACKS)
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
     structlog.configure(
@@ -35,10 +40,8 @@ def configure(level: str = "info") -> None:
         structlog.stdlib.ProcessorFormatter.remove_processors_meta
     ]
     if not on_terminal:
-        stdlib_processors.append(structlog.processors.dict_tracebacks)
-    stdlib_processors.append(
-        structlog.dev.ConsoleRenderer() if on_terminal else structlog.processors.JSONRenderer()
-    )
+        stdlib_processors.append(_TRACEBACKS)
+    stdlib_processors.append(_console() if on_terminal else structlog.processors.JSONRenderer())
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -48,6 +51,21 @@ def configure(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # A malformed HTTP request is the client's error: one warning line, no traceback.
+    logging.getLogger("aiohttp.server").addFilter(_client_errors_as_warnings)
     # relay logs broker connection changes itself; aiormq would repeat them with tracebacks.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     logging.getLogger("aio_pika").setLevel(logging.ERROR)
+
+
+def _client_errors_as_warnings(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError | ConnectionError):
+        record.msg, record.args = f"bad HTTP request: {type(error).__name__}", ()
+        record.levelno, record.levelname, record.exc_info = logging.WARNING, "WARNING", None
+    return True
+
+
+def _console() -> structlog.dev.ConsoleRenderer:
+    # plain_traceback prints no locals (the rich formatter, if installed, would).
+    return structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)

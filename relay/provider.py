@@ -20,6 +20,7 @@ class Event:
     key: str  # the ordering key
     occurred_at: str | None
     data: dict[str, Any]
+    data_json: bytes  # `data` exactly as the provider sent it: forwarded as is, never re-encoded
 
     @property
     def message_id(self) -> str:

@@ -12,23 +12,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from relay.errors import ConfigError
+from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webhooks_key
 
 DEFAULT_CONFIG = "config/relay.toml"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SIGNATURE_ALGORITHMS = ("hmac-sha256", "sha256")
-
-
-@dataclass(frozen=True, slots=True)
-class Secret:
-    """A secret value; its repr names where it came from, never the value."""
-
-    value: str = field(repr=False)
-    origin: str = "literal"
-
-    def __repr__(self) -> str:
-        return f"Secret(<{self.origin}>)"
-
-    __str__ = __repr__
+# Envoice re-sends past activities after an outage and does not say whether Timestamp is the
+# send time, so a window could refuse a catch-up: its check is off unless configured.
+DEFAULT_TOLERANCE = {"envoice": 0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,9 +45,20 @@ class BrokerSettings:
 class IngressSettings:
     host: str = "0.0.0.0"  # noqa: S104 - an ingress listens on all interfaces by default
     port: int = 8080
-    max_body_bytes: int = 1_048_576
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None  # set: /healthz, /readyz and /metrics move to this port
+    max_body_bytes: int = 262_144
+    body_timeout_seconds: float = 10.0  # a body not received by then: 408
+    keepalive_seconds: float = 30.0  # idle connections, and headers of a new one, close after
+    max_connections: int = 1000  # more connections at once are refused
     duplicate_window: int = 100_000
     drain_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSettings:
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # set: the worker serves Prometheus /metrics on it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +108,7 @@ class HandlerSettings:
 class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     ingress: IngressSettings = field(default_factory=IngressSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     sources: tuple[SourceSettings, ...] = ()
     handlers: tuple[HandlerSettings, ...] = ()
 
@@ -127,10 +130,12 @@ class Settings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
         t = _Table(raw, "")
-        t.only("broker", "ingress", "sources", "handlers")
+        t.only("broker", "ingress", "worker", "sources", "handlers")
         broker = _broker(t.table("broker"))
         ingress = _ingress(t.table("ingress"))
+        worker = _worker(t.table("worker"))
         sources = tuple(_source(s) for s in t.tables("sources"))
+        _development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
         _unique(sources, "path", "sources")
         handlers = tuple(_handler(h, sources) for h in t.tables("handlers"))
@@ -140,7 +145,9 @@ class Settings:
                 raise ConfigError(
                     f"handlers[{i}].name: {handler.name!r} clashes with exchange {handler.exchange}"
                 )
-        return cls(broker=broker, ingress=ingress, sources=sources, handlers=handlers)
+        return cls(
+            broker=broker, ingress=ingress, worker=worker, sources=sources, handlers=handlers
+        )
 
     def source(self, name: str) -> SourceSettings:
         return next(s for s in self.sources if s.name == name)
@@ -185,6 +192,15 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: must be at least {minimum}, got {value!r}")
         return value
 
+    def port(self, name: str, default: int = 0) -> int:
+        port: int = self.number(name, default, minimum=0)
+        if port > 65535:
+            raise ConfigError(f"{self.key(name)}: must be at most 65535, got {port}")
+        return port
+
+    def optional_port(self, name: str) -> int | None:
+        return self.port(name) if name in self.raw else None
+
     def table(self, name: str) -> _Table:
         return _Table(self.get(name, dict, {}), self.key(name))
 
@@ -204,27 +220,6 @@ class _Table:
         return value
 
 
-def resolve_secret(spec: str, key: str) -> Secret:
-    """`env:NAME`, `env:NAME:-default` (development only), `file:/path`, or a literal."""
-    if spec.startswith("env:"):
-        name, _, default = spec[4:].partition(":-")
-        value = os.environ.get(name) or default
-        if not value:
-            raise ConfigError(f"{key}: environment variable {name} is not set")
-        return Secret(value, f"env:{name}" if name in os.environ else f"env:{name} default")
-    if spec.startswith("file:"):
-        try:
-            value = Path(spec[5:]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{key}: cannot read secret file: {exc.strerror}") from None
-        if not value:
-            raise ConfigError(f"{key}: secret file is empty")
-        return Secret(value, spec)
-    if not spec:
-        raise ConfigError(f"{key}: secret is empty")
-    return Secret(spec)
-
-
 def _broker(t: _Table) -> BrokerSettings:
     t.only("url", "exchange", "publish_timeout_seconds")
     url = os.environ.get("RELAY_AMQP_URL") or t.get(
@@ -242,17 +237,47 @@ def _broker(t: _Table) -> BrokerSettings:
 
 
 def _ingress(t: _Table) -> IngressSettings:
-    t.only("host", "port", "max_body_bytes", "duplicate_window", "drain_seconds")
-    port = t.number("port", 8080, minimum=0)
-    if port > 65535:
-        raise ConfigError(f"{t.key('port')}: must be at most 65535, got {port}")
+    t.only(
+        "host", "port", "admin_host", "admin_port", "max_body_bytes", "body_timeout_seconds",
+        "keepalive_seconds", "max_connections", "duplicate_window", "drain_seconds",
+    )  # fmt: skip
     return IngressSettings(
         host=t.get("host", str, "0.0.0.0"),  # noqa: S104 - the ingress serves a network
-        port=port,
-        max_body_bytes=t.number("max_body_bytes", 1_048_576, minimum=1),
+        port=t.port("port", 8080),
+        admin_host=t.get("admin_host", str, "127.0.0.1"),
+        admin_port=t.optional_port("admin_port"),
+        max_body_bytes=t.number("max_body_bytes", 262_144, minimum=1),
+        body_timeout_seconds=t.number("body_timeout_seconds", 10.0, minimum=0.1, integer=False),
+        keepalive_seconds=t.number("keepalive_seconds", 30.0, minimum=1, integer=False),
+        max_connections=t.number("max_connections", 1000, minimum=1),
         duplicate_window=t.number("duplicate_window", 100_000, minimum=0),
         drain_seconds=t.number("drain_seconds", 10.0, minimum=0, integer=False),
     )
+
+
+def _worker(t: _Table) -> WorkerSettings:
+    t.only("metrics_host", "metrics_port")
+    return WorkerSettings(
+        metrics_host=t.get("metrics_host", str, "127.0.0.1"),
+        metrics_port=t.optional_port("metrics_port"),
+    )
+
+
+def _development_secrets_on_loopback_only(
+    sources: tuple[SourceSettings, ...], ingress: IngressSettings
+) -> None:
+    """A development default secret (`env:NAME:-default` with NAME unset) is known to anyone who
+    read the config: refused unless the ingress listens on loopback only."""
+    if ingress.host in LOOPBACK_HOSTS:
+        return
+    for i, source in enumerate(sources):
+        for j, secret in enumerate(source.secrets):
+            if secret.development:
+                raise ConfigError(
+                    f"sources[{i}].secrets[{j}]: {secret.origin.removesuffix(' default')} is not "
+                    f"set, and its development default is refused while ingress.host is "
+                    f"{ingress.host!r} (not loopback): set the variable"
+                )
 
 
 def _source(t: _Table) -> SourceSettings:
@@ -290,7 +315,9 @@ def _source(t: _Table) -> SourceSettings:
         path=path,
         scheme=scheme,
         secrets=tuple(resolve_secret(s, f"{t.key('secrets')}[{i}]") for i, s in enumerate(specs)),
-        tolerance_seconds=t.number("tolerance_seconds", 300, minimum=0),
+        tolerance_seconds=t.number(
+            "tolerance_seconds", DEFAULT_TOLERANCE.get(scheme, 300), minimum=0
+        ),
         signature_template=template,
         signature_algorithm=algorithm,
         types=types,
@@ -313,6 +340,12 @@ def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
     if call and not re.match(r"^[\w.]+:\w+$", call):
         raise ConfigError(f"{t.key('call')}: expected 'package.module:function'")
     secret = t.get("signing_secret", str, "")
+    signing_secret = resolve_secret(secret, t.key("signing_secret")) if secret else None
+    if signing_secret is not None:
+        try:
+            standard_webhooks_key(signing_secret)
+        except ConfigError as exc:
+            raise ConfigError(f"{t.key('signing_secret')}: {exc}") from None
     initial = t.number("backoff_initial_ms", 500, minimum=1)
     return HandlerSettings(
         name=t.name(),
@@ -320,7 +353,7 @@ def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
         bindings=_bindings(events, sources, t.key("events")),
         url=url or None,
         call=call or None,
-        signing_secret=resolve_secret(secret, t.key("signing_secret")) if secret else None,
+        signing_secret=signing_secret,
         partitions=t.number("partitions", 4, minimum=1),
         max_attempts=t.number("max_attempts", 8, minimum=1),
         backoff_initial_ms=initial,

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from relay import metrics, topology
 from relay.broker import BROKER_ERRORS, keep_connected, until_set
 from relay.deadletters import dead_letter
-from relay.delivery import CallTarget, HttpTarget, Outcome, Target, Verdict
+from relay.delivery import CallTarget, HttpTarget, Outcome, Target, Verdict, attempt_delivery
 from relay.settings import HandlerSettings, Settings
 from relay.state import STATE_STREAM, State, record
 
@@ -103,7 +103,7 @@ class Partition:
             attempt += 1
             self._tries = (message_id, attempt, first_attempt)
             started = time.perf_counter()
-            outcome = await self._target.deliver(message.body, message_id, attempt)
+            outcome = await attempt_delivery(self._target, message.body, message_id, attempt)
             metrics.DELIVERY_SECONDS.labels(self.handler.name).observe(
                 time.perf_counter() - started
             )
@@ -197,7 +197,8 @@ class Worker:
 
     async def async_run(self) -> None:
         """Consume until `stop()`, reconnecting whenever the broker connection drops."""
-        async with aiohttp.ClientSession() as session:
+        # Answers are read raw: a compressed answer is never inflated (see delivery._read_start).
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
             targets: dict[str, Target] = {
                 h.name: HttpTarget(h, session) for h in self._handlers if h.url
             }

@@ -48,6 +48,7 @@ def settings_dict(
     raw: dict[str, Any] = {
         "broker": {"url": url, "exchange": f"relay.test-{suffix}", **sections.pop("broker", {})},
         "ingress": {"host": "127.0.0.1", "port": 0, **sections.pop("ingress", {})},
+        **({"worker": sections.pop("worker")} if "worker" in sections else {}),
         "sources": [source],
         "handlers": [
             {**h, "name": f"{h['name']}-{suffix}"}

@@ -71,11 +71,16 @@ class Config:
         return self.base_url + self.settings.sources[0].path
 
 
-def write_config(path: Path, *handlers: dict[str, Any], url: str = AMQP_URL) -> Config:
-    """A config file with names of its own (exchange, handlers) and a free ingress port."""
+def write_config(
+    path: Path, *handlers: dict[str, Any], url: str = AMQP_URL, **sections: dict[str, Any]
+) -> Config:
+    """A config file with names of its own (exchange, handlers) and a free ingress port;
+    `sections` add to the config's tables (`ingress={...}`, `worker={...}`, `source={...}`)."""
+    ingress = {"port": free_port(), **sections.pop("ingress", {})}
     raw = settings_dict(
-        uuid.uuid4().hex[:8], handlers=list(handlers), url=url, ingress={"port": free_port()}
+        uuid.uuid4().hex[:8], handlers=list(handlers), url=url, ingress=ingress, **sections
     )
+    raw = {name: table for name, table in raw.items() if table != []}  # TOML has no empty array
     path.write_text(toml(raw), encoding="utf-8")
     assert tomllib.loads(path.read_text(encoding="utf-8")) == raw
     return Config(path, Settings.from_file(path))
@@ -156,9 +161,9 @@ class Relay:
         self.configs: list[Config] = []
         self.processes: list[RelayProcess] = []
 
-    def config(self, *handlers: dict[str, Any]) -> Config:
+    def config(self, *handlers: dict[str, Any], **sections: dict[str, Any]) -> Config:
         path = self.directory / f"relay-{len(self.configs)}.toml"
-        self.configs.append(write_config(path, *handlers, url=self.url))
+        self.configs.append(write_config(path, *handlers, url=self.url, **sections))
         return self.configs[-1]
 
     async def run(

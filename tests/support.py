@@ -24,7 +24,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from relay.envoice import _signed_message
-from relay.ingress import ACCEPTOR, create_app
+from relay.ingress import PUBLISHER, create_app, runner_options
 from relay.provider import PROVIDERS, Event
 from relay.settings import Settings, SourceSettings
 from relay.verify import hex_signature
@@ -107,17 +107,44 @@ def signed_body(
     return head[:-1] + b',"Activity":' + raw + b"}"
 
 
+class FakePublisher:
+    """Stands in for the broker publisher at the ingress's seam: always ready, confirms every
+    publish at once (or raises `error`), and keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+        self.error: Exception | None = None
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def publish(self, event: Event) -> None:
+        if self.error is not None:
+            raise self.error
+        self.published.append(event)
+
+
 @contextlib.asynccontextmanager
-async def running_ingress(settings: Settings, *, ready: bool = True) -> AsyncIterator[Ingress]:
-    """The ingress app on a loopback port, with a client; waits for the broker when `ready`."""
-    app = create_app(settings)
+async def running_ingress(
+    settings: Settings, *, ready: bool = True, publisher: FakePublisher | None = None
+) -> AsyncIterator[Ingress]:
+    """The ingress app on a loopback port, with a client; waits for the broker when `ready`.
+    With a `publisher`, no broker is involved."""
+    app = create_app(settings, publisher)
     server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    await server.start_server(**runner_options(settings.ingress))
     try:
         async with ClientSession(base_url=str(server.make_url(""))) as client:
             ingress = Ingress(app, client)
             if ready:
-                await eventually(lambda: app[ACCEPTOR].publisher.ready, what="ingress ready")
+                await eventually(lambda: app[PUBLISHER].ready, what="ingress ready")
             yield ingress
     finally:
         await server.close()

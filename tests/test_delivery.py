@@ -10,11 +10,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any
 
 import aiohttp
 import pytest
+import standardwebhooks
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -28,7 +30,8 @@ from relay.delivery import (
     parse_retry_after,
 )
 from relay.errors import ConfigError, Reject, Retry
-from relay.settings import HandlerSettings, Secret
+from relay.secrets import Secret, standard_webhooks_key
+from relay.settings import HandlerSettings
 from relay.verify import standard_webhooks_signature
 
 S, T, P = Verdict.SUCCESS, Verdict.TRANSIENT, Verdict.PERMANENT
@@ -55,12 +58,15 @@ def expected_signature(key: bytes, msg_id: str, timestamp: int | str, body: byte
 @pytest.mark.parametrize(
     ("status", "verdict"),
     [
-        (200, S), (204, S), (301, T), (400, P), (401, P), (404, P), (408, T), (409, T),
+        (200, S), (204, S), (301, P), (400, P), (401, P), (404, P), (408, T), (409, T),
         (410, P), (422, P), (425, T), (429, T), (500, T), (502, T), (503, T),
     ],
 )  # fmt: skip
 def test_classify(status: int, verdict: Verdict) -> None:
-    assert classify(status) == Outcome(verdict, f"HTTP {status}", status)
+    outcome = classify(status)
+
+    assert (outcome.verdict, outcome.status) == (verdict, status)
+    assert outcome.detail.startswith(f"HTTP {status}")
 
 
 @pytest.mark.parametrize(
@@ -101,28 +107,41 @@ def test_parse_retry_after_http_date_in_the_future() -> None:
 
 
 def test_standard_webhooks_published_example() -> None:
-    secret = Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    key = standard_webhooks_key(Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"))
 
     signature = standard_webhooks_signature(
-        secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
+        key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}'
     )
 
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
-def test_standard_webhooks_whsec_secret_is_base64_decoded() -> None:
-    key = bytes(range(7, 39))
-    secret = Secret("whsec_" + base64.b64encode(key).decode())
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "whsec_" + base64.b64encode(bytes(range(7, 39))).decode(),
+        base64.b64encode(b"plain base64, no prefix").decode(),
+        "whsec_c2VjcmV0",  # unpadded: the library pads it
+        "my-dev-secret",  # not base64 at all: the library skips '-' and reads the rest
+    ],
+)
+def test_standard_webhooks_secret_is_read_as_the_reference_library_reads_it(secret: str) -> None:
+    signature = standard_webhooks_signature(
+        standard_webhooks_key(Secret(secret)), "envoice:1", 1764331200, BODY
+    )
 
-    signature = standard_webhooks_signature(secret, "envoice:1", 1764331200, BODY)
+    reference = standardwebhooks.Webhook(secret)
+    stamp = datetime.fromtimestamp(1764331200, UTC)
+    assert signature == reference.sign("envoice:1", stamp, BODY.decode())
+    assert signature == expected_signature(
+        base64.b64decode(secret.removeprefix("whsec_") + "=="), "envoice:1", 1764331200, BODY
+    )
 
-    assert signature == expected_signature(key, "envoice:1", 1764331200, BODY)
 
-
-def test_standard_webhooks_plain_secret_is_used_as_utf8() -> None:
-    signature = standard_webhooks_signature(Secret("plain sécret"), "envoice:1", 1764331200, BODY)
-
-    assert signature == expected_signature("plain sécret".encode(), "envoice:1", 1764331200, BODY)
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_abcde", "Zm9vY", "sécret"])
+def test_standard_webhooks_secret_the_library_cannot_read_is_refused(secret: str) -> None:
+    with pytest.raises(ConfigError, match="whsec_<base64> or base64"):
+        standard_webhooks_key(Secret(secret))
 
 
 # --- HTTP handlers ----------------------------------------------------------------------------
@@ -206,7 +225,7 @@ async def test_http_delivery_without_signing_secret_is_unsigned(
         (503, {"Retry-After": "30"}, Outcome(T, "HTTP 503", 503, 30.0)),
         (429, {"Retry-After": "5"}, Outcome(T, "HTTP 429", 429, 5.0)),
         (503, {"Retry-After": "²"}, Outcome(T, "HTTP 503", 503)),
-        (301, {"Location": "/elsewhere"}, Outcome(T, "HTTP 301", 301)),
+        (301, {"Location": "/elsewhere"}, Outcome(P, "HTTP 301 (redirects are not followed)", 301)),
     ],
 )
 async def test_http_delivery_outcome_follows_the_answer(

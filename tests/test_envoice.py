@@ -312,12 +312,23 @@ def test_missing_signature(head: bytes) -> None:
 def test_tolerance_boundaries(offset: float, accepted: bool) -> None:
     sent = datetime.fromisoformat("2026-11-28T12:00:00+00:00").timestamp()
     body = webhook(timestamp="2026-11-28T12:00:00Z")
+    source = make_source(tolerance_seconds=300)
 
     if accepted:
-        assert parse(body, now=sent + offset).id == "9001"
+        assert parse(body, source, now=sent + offset).id == "9001"
     else:
         with pytest.raises(BadSignature, match=r"^Timestamp: outside the tolerance of 300s$"):
-            parse(body, now=sent + offset)
+            parse(body, source, now=sent + offset)
+
+
+@pytest.mark.parametrize("offset", [-86_400.0, 86_400.0])
+def test_an_envoice_source_checks_no_timestamp_by_default(offset: float) -> None:
+    sent = datetime.fromisoformat("2026-11-28T12:00:00+00:00").timestamp()
+
+    event = parse(webhook(timestamp="2026-11-28T12:00:00Z"), now=sent - offset)
+
+    assert SOURCE.tolerance_seconds == 0
+    assert event.id == "9001"
 
 
 def test_tolerance_zero_turns_the_check_off() -> None:

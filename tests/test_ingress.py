@@ -86,7 +86,7 @@ async def accepted_once_broker_is_back(ingress: Ingress, body: bytes) -> None:
 
 @pytest.fixture
 def settings(make_settings: MakeSettings) -> Settings:
-    return make_settings(handlers=[BILLING])
+    return make_settings(handlers=[BILLING], source={"tolerance_seconds": 300})
 
 
 @pytest.fixture

@@ -83,10 +83,15 @@ def test_defaults() -> None:
     assert settings.broker.exchange == "relay.activities"
     assert settings.broker.publish_timeout_seconds == 5.0
     assert (settings.ingress.host, settings.ingress.port) == ("0.0.0.0", 8080)  # noqa: S104
-    assert settings.ingress.max_body_bytes == 1_048_576
+    assert settings.ingress.max_body_bytes == 262_144
+    assert settings.ingress.body_timeout_seconds == 10.0
+    assert settings.ingress.keepalive_seconds == 30.0
+    assert settings.ingress.max_connections == 1000
+    assert settings.ingress.admin_port is None
+    assert (settings.worker.metrics_host, settings.worker.metrics_port) == ("127.0.0.1", None)
     assert settings.ingress.duplicate_window == 100_000
     source = settings.sources[0]
-    assert source.tolerance_seconds == 300
+    assert source.tolerance_seconds == 0  # envoice's default (README "Configuration")
     assert source.signature_template == "{Timestamp}.{Activity}"
     assert source.signature_algorithm == "hmac-sha256"
     assert dict(source.types) == {}
@@ -205,7 +210,7 @@ def test_shipped_configs_load(
 
 def test_example_config_routes_the_documented_events(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENVOICE_API_SECRET", "x")
-    monkeypatch.setenv("BILLING_WEBHOOK_SECRET", "y")
+    monkeypatch.setenv("BILLING_WEBHOOK_SECRET", "whsec_c2VjcmV0")
 
     settings = Settings.from_file(ROOT / "config" / "example.toml")
 
@@ -246,9 +251,14 @@ def test_secret_from_environment_with_default(
     if env is not None:
         monkeypatch.setenv("RELAY_TEST_SECRET", env)
 
-    secret = load(source={"secrets": ["env:RELAY_TEST_SECRET:-fallback"]}).sources[0].secrets[0]
+    secret = (
+        load(source={"secrets": ["env:RELAY_TEST_SECRET:-fallback"]}, ingress={"host": "127.0.0.1"})
+        .sources[0]
+        .secrets[0]
+    )
 
     assert secret.value == expected
+    assert secret.development == (env is None)
 
 
 def test_secret_from_file_is_stripped(tmp_path: Path) -> None:
