@@ -15,7 +15,7 @@ from typing import TypeVar
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractConnection
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
 
 log = structlog.get_logger()
 
@@ -76,6 +76,19 @@ async def until_set(awaitable: Awaitable[T], *events: asyncio.Event) -> T | None
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return task.result() if not task.cancelled() else None
+
+
+async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    """Whether the exchange exists; asked on a channel of its own, which NOT_FOUND closes."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_exchange(name, passive=True)
+    except ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
 
 
 async def _close(connection: AbstractConnection) -> None:

@@ -15,10 +15,11 @@ import orjson
 import prometheus_client
 import structlog
 
-from relay import __version__, deadletters, ingress, status, topology
+from relay import __version__, deadletters, ingress, topology, wire
 from relay.broker import BROKER_ERRORS
-from relay.errors import ConfigError
+from relay.errors import BrokerUnavailable, ConfigError
 from relay.logging import configure
+from relay.ops import converge, status
 from relay.secrets import resolve_secret
 from relay.send import send
 from relay.settings import Settings
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokerUnavailable as exc:
+        print(f"relay: broker unreachable: {exc}", file=sys.stderr)
+        return EXIT_BROKER
     except BROKER_ERRORS as exc:  # commands that need the broker now; servers retry instead
         print(f"relay: broker unreachable or refused: {exc!r}", file=sys.stderr)
         return EXIT_BROKER
@@ -97,7 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     topo = command("topology", _topology, "Declare or export relay's RabbitMQ topology.")
-    topo.add_argument("action", choices=["declare", "export"])
+    topo.add_argument(
+        "action",
+        choices=["declare", "export"],
+        help="declare: bring the broker to the config (creates what is missing, removes the "
+        "bindings relay owns that the config no longer has, prints every change); export: "
+        "RabbitMQ definitions JSON for the management UI's import",
+    )
+    topo.add_argument("--dry-run", action="store_true", help="declare: print the plan only")
+    topo.add_argument(
+        "--prune", action="store_true", help="declare: also delete queues no longer used, if empty"
+    )
 
     stat = command("status", _status, "Per handler: partitions, depth, consumers, state.")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
@@ -188,11 +202,8 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    handlers, unrouted = await status.status(settings)
-    if args.json:
-        print(orjson.dumps(status.as_dict(handlers, unrouted)).decode())
-    else:
-        print(status.render(handlers, unrouted))
+    found = await status.status(settings)
+    print(orjson.dumps(found.as_dict()).decode() if args.json else found.render())
     return EXIT_OK
 
 
@@ -219,7 +230,7 @@ def _confirm(handler: str, ids: list[str] | None) -> bool:
         return False
 
 
-def _print_dead_letters(letters: list[deadletters.DeadLetter], *, as_json: bool) -> None:
+def _print_dead_letters(letters: list[wire.DeadLetter], *, as_json: bool) -> None:
     now = datetime.now(UTC)
     for letter in letters:
         if as_json:
@@ -240,6 +251,10 @@ async def _topology(settings: Settings, args: argparse.Namespace) -> int:
         )
         sys.stdout.write("\n")
         return EXIT_OK
-    await topology.declare_all(settings)
-    print(f"declared relay topology on {settings.broker.safe_url}")
+    changes = await converge.converge(settings, dry_run=args.dry_run, prune=args.prune)
+    verb = "would change" if args.dry_run else "changed"
+    for line in changes:
+        print(line)
+    print(f"{verb} {len(changes)} thing(s) on {settings.broker.safe_url}" if changes
+          else f"relay topology on {settings.broker.safe_url} is as the config says")  # fmt: skip
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""Dead letters: how a message is dead-lettered, and listing, replaying and purging them.
+"""Dead letters: listing, replaying and purging them (relay/wire.py builds them).
 
 `relay.<handler>.dlq` is a classic queue, the one documented exception to quorum queues:
 listing reads every dead letter without removing it and then gives them back; a quorum queue
@@ -10,83 +10,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
 import aio_pika
-import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from relay import topology
-from relay.delivery import Outcome
+from relay import wire
 from relay.settings import HandlerSettings, Settings
-
-DEAD_LETTER_HEADERS = (
-    "x-relay-handler", "x-relay-reason", "x-relay-status", "x-relay-attempts",
-    "x-relay-first-attempt", "x-relay-last-attempt",
-)  # fmt: skip
-
-
-def dead_letter(
-    message: AbstractIncomingMessage,
-    handler: HandlerSettings,
-    outcome: Outcome,
-    attempts: int,
-    first_attempt: datetime,
-) -> aio_pika.Message:
-    """The dead letter of `message`: its body and headers, plus why and when it failed."""
-    headers = {
-        **(message.headers or {}),
-        "x-relay-handler": handler.name,
-        "x-relay-reason": outcome.detail,
-        "x-relay-status": outcome.status or 0,
-        "x-relay-attempts": attempts,
-        "x-relay-first-attempt": first_attempt.isoformat(),
-        "x-relay-last-attempt": datetime.now(UTC).isoformat(),
-    }
-    headers.pop("x-delivery-count", None)
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    id: str
-    key: str
-    event: str
-    reason: str
-    status: int
-    attempts: int
-    last_attempt: str
-
-    @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        headers: dict[str, Any] = dict(message.headers or {})
-        return cls(
-            id=message.message_id or "?",
-            key=str(headers.get("x-relay-key", "")),
-            event=str(headers.get("x-relay-event", "")),
-            reason=str(headers.get("x-relay-reason", "")),
-            status=int(headers.get("x-relay-status") or 0),
-            attempts=int(headers.get("x-relay-attempts") or 0),
-            last_attempt=str(headers.get("x-relay-last-attempt", "")),
-        )
-
-    def age_seconds(self, now: datetime) -> float | None:
-        try:
-            return (now - datetime.fromisoformat(self.last_attempt)).total_seconds()
-        except ValueError:
-            return None
-
-    def as_json(self) -> bytes:
-        return orjson.dumps(self)
 
 
 @asynccontextmanager
@@ -110,9 +39,9 @@ async def _held(
 
 async def list_dead_letters(
     settings: Settings, handler: HandlerSettings, limit: int
-) -> list[DeadLetter]:
+) -> list[wire.DeadLetter]:
     async with _held(settings, handler, limit) as (_, held):
-        return [DeadLetter.of(m) for m in held]
+        return [wire.DeadLetter.of(m) for m in held]
 
 
 def _selector(ids: list[str] | None) -> Callable[[AbstractIncomingMessage], bool]:
@@ -134,21 +63,8 @@ async def replay(settings: Settings, handler: HandlerSettings, ids: list[str] | 
         for message in held:
             if not selected(message):
                 continue
-            headers = {
-                k: v for k, v in (message.headers or {}).items() if k not in DEAD_LETTER_HEADERS
-            }
-            # The partition for today's partition count (it may have changed since).
-            key = str(headers.get(topology.KEY_HEADER, ""))
-            headers.update(topology.partition_headers(key, [handler.partitions]))
-            again = aio_pika.Message(
-                message.body,
-                headers={**headers, "x-relay-replayed": True},
-                content_type=message.content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message.message_id,
-                timestamp=message.timestamp,
-            )
-            await exchange.publish(again, routing_key="", mandatory=True)
+            # Its bucket routes it to whichever partition owns the bucket today.
+            await exchange.publish(wire.replayed(message), routing_key="", mandatory=True)
             await message.ack()
             replayed += 1
     return replayed

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from relay import wire
 from relay.errors import ConfigError, Reject, Retry
 from relay.secrets import standard_webhooks_key
 from relay.settings import HandlerSettings
@@ -98,7 +99,7 @@ class HttpTarget:
             "Content-Type": "application/json",
             "webhook-id": message_id,
             "webhook-timestamp": str(timestamp),
-            "x-relay-attempt": str(attempt),
+            wire.ATTEMPT_HTTP_HEADER: str(attempt),
         }
         if self._key is not None:
             headers["webhook-signature"] = standard_webhooks_signature(

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from relay.errors import ConfigError
 from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webhooks_key
@@ -27,6 +27,24 @@ class BrokerSettings:
     url: str = field(default="amqp://guest:guest@localhost:5672/", repr=False)
     exchange: str = "relay.activities"
     publish_timeout_seconds: float = 5.0
+    management_url: str = ""  # RabbitMQ's management API; "" is http://<url's host>:15672/
+
+    @property
+    def vhost(self) -> str:
+        return unquote(urlsplit(self.url).path[1:]) or "/"
+
+    @property
+    def management_base(self) -> str:
+        """The management API's base URL, ending in '/'."""
+        if self.management_url:
+            return self.management_url.rstrip("/") + "/"
+        host = urlsplit(self.url).hostname or "localhost"
+        return f"http://{host}:15672/"
+
+    @property
+    def credentials(self) -> tuple[str, str]:
+        parts = urlsplit(self.url)
+        return unquote(parts.username or "guest"), unquote(parts.password or "guest")
 
     @property
     def safe_url(self) -> str:
@@ -221,7 +239,10 @@ class _Table:
 
 
 def _broker(t: _Table) -> BrokerSettings:
-    t.only("url", "exchange", "publish_timeout_seconds")
+    t.only("url", "exchange", "publish_timeout_seconds", "management_url")
+    management_url = t.get("management_url", str, "")
+    if management_url and urlsplit(management_url).scheme not in ("http", "https"):
+        raise ConfigError(f"{t.key('management_url')}: expected an http:// or https:// URL")
     url = os.environ.get("RELAY_AMQP_URL") or t.get(
         "url", str, "amqp://guest:guest@localhost:5672/"
     )
@@ -233,6 +254,7 @@ def _broker(t: _Table) -> BrokerSettings:
         publish_timeout_seconds=t.number(
             "publish_timeout_seconds", 5.0, minimum=0.1, integer=False
         ),
+        management_url=management_url,
     )
 
 

@@ -7,19 +7,17 @@ quorum queue: readers must not consume the records, and a stream keeps them for 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import aio_pika
-import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-STATE_STREAM = "relay.state"
-STREAM_ARGUMENTS: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": "7D"}
+from relay import wire
+from relay.topology import STATE_STREAM
+
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -30,18 +28,8 @@ class State(StrEnum):
 
 
 def record(handler: str, partition: str, state: State, detail: str) -> aio_pika.Message:
-    body = {
-        "handler": handler,
-        "partition": partition,
-        "state": state.value,
-        "detail": detail,
-        "worker": WORKER_ID,
-        "at": datetime.now(UTC).isoformat(),
-    }
-    return aio_pika.Message(
-        orjson.dumps(body),
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    return wire.state_record(
+        handler=handler, partition=partition, state=state.value, detail=detail, worker=WORKER_ID
     )
 
 
@@ -50,12 +38,12 @@ async def latest(channel: AbstractChannel, idle_seconds: float = 0.5) -> dict[st
     found: dict[str, dict[str, Any]] = {}
     arrived = asyncio.Event()
 
-    async def on_record(message: AbstractIncomingMessage) -> None:
-        with contextlib.suppress(ValueError):
-            entry = orjson.loads(message.body)
+    async def on_record(incoming: AbstractIncomingMessage) -> None:
+        entry = wire.read_state_record(incoming.body)
+        if entry is not None:
             found[entry["partition"]] = entry
         arrived.set()
-        await message.ack()
+        await incoming.ack()
 
     await channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
     queue = await channel.get_queue(STATE_STREAM, ensure=False)

@@ -1,35 +1,35 @@
-"""The broker objects relay needs, as one description used to declare and to export them.
+"""The broker objects relay needs, described once: declared by the processes, exported for the
+management UI's import, and compared with the broker's by `relay topology declare`.
 
 relay.activities (topic, alternate exchange relay.unrouted)
-  --<pattern>--> relay.<handler> (headers: relay-p<N> = i, N = the handler's partitions)
-                   --> relay.<handler>.<i> (quorum, single active consumer)
+  --<pattern>--> relay.<handler> (headers)
+                   --relay-bucket = b--> relay.<handler>.<b % partitions> (quorum, single active)
 relay.unrouted (fanout) --> relay.unrouted (quorum)
 relay.<handler>.dlq (classic: see relay/deadletters.py for why)
-relay.state (stream: handler state records, see relay/state.py)
+relay.state (stream: handler state records)
 
-The publisher picks the partition: crc32(ordering key) % N, sent as header relay-p<N> for
-each partition count N in use. The mapping is stateless, so a key stays in its partition across
-broker restarts; the consistent-hash exchange plugin rebuilds its ring on restart and may move
-keys (rabbitmq-server #3386), which would reorder a key whose messages wait in the old queue.
+The ingress stamps each message with its key's bucket (relay/wire.py); a handler's partitions
+are bound to the buckets they own. So the ingress needs no handler list, and a key stays in its
+partition across broker restarts (the consistent-hash exchange plugin rebuilds its ring on a
+restart and may move keys: rabbitmq-server #3386).
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel
 
+from relay import wire
 from relay.settings import HandlerSettings, Settings
-from relay.state import STATE_STREAM, STREAM_ARGUMENTS
 
 UNROUTED = "relay.unrouted"
-KEY_HEADER = "x-relay-key"
+STATE_STREAM = "relay.state"
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 CLASSIC: dict[str, Any] = {}  # the default queue type
+STREAM: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": "7D"}
+PARTITION: dict[str, Any] = {**QUORUM, "x-single-active-consumer": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,54 +56,59 @@ class Binding:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    exchanges: list[Exchange]
-    queues: list[Queue]
-    bindings: list[Binding]
+    exchanges: list[Exchange] = field(default_factory=list)
+    queues: list[Queue] = field(default_factory=list)
+    bindings: list[Binding] = field(default_factory=list)
+
+    def __add__(self, other: Topology) -> Topology:
+        return Topology(
+            self.exchanges + other.exchanges,
+            self.queues + other.queues,
+            self.bindings + other.bindings,
+        )
 
 
-def partition_arguments() -> dict[str, Any]:
-    return {**QUORUM, "x-single-active-consumer": True}
+def ingress(settings: Settings) -> Topology:
+    """What the ingress publishes into: the exchange, and relay.unrouted behind it."""
+    return Topology(
+        [
+            Exchange(settings.broker.exchange, "topic", {"alternate-exchange": UNROUTED}),
+            Exchange(UNROUTED, "fanout"),
+        ],
+        [Queue(UNROUTED, QUORUM)],
+        [Binding(UNROUTED, UNROUTED, "queue", "")],
+    )
 
 
-def partition_header(partitions: int) -> str:
-    # Not `x-...`: a headers exchange ignores binding arguments that start with `x-`.
-    return f"relay-p{partitions}"
+def state() -> Topology:
+    return Topology(queues=[Queue(STATE_STREAM, STREAM)])
 
 
-def partition_headers(key: str, counts: Iterable[int]) -> dict[str, str]:
-    """The partition of `key` for each partition count: crc32(key) % count."""
-    digest = zlib.crc32(key.encode())
-    return {partition_header(n): str(digest % n) for n in counts}
+def bucket_binding(handler: HandlerSettings, bucket: int, partitions: int) -> Binding:
+    """The binding that routes `bucket` to its partition among `partitions`."""
+    queue = handler.queue(wire.partition(bucket, partitions))
+    match = {"x-match": "all", wire.BUCKET_HEADER: str(bucket)}
+    return Binding(handler.exchange, queue, "queue", "", match)
 
 
-def partition_counts(settings: Settings) -> list[int]:
-    return sorted({h.partitions for h in settings.handlers})
+def handler(settings: Settings, handler: HandlerSettings) -> Topology:
+    """A handler's exchange, bound to the main exchange by its patterns; its partitions, each
+    bound to the buckets it owns; its dead-letter queue."""
+    return Topology(
+        [Exchange(handler.exchange, "headers")],
+        [Queue(q, PARTITION) for q in handler.queues] + [Queue(handler.dead_letter_queue, CLASSIC)],
+        [Binding(settings.broker.exchange, handler.exchange, "exchange", pattern)
+         for pattern in handler.bindings]
+        + [bucket_binding(handler, b, handler.partitions) for b in range(wire.BUCKETS)],
+    )  # fmt: skip
 
 
-def describe(
-    settings: Settings, handlers: list[HandlerSettings] | None = None, *, state: bool = True
-) -> Topology:
-    """Everything relay declares for `settings`: optionally only some handlers, or without the
-    state stream (the ingress does not write it)."""
-    main = settings.broker.exchange
-    exchanges = [
-        Exchange(main, "topic", {"alternate-exchange": UNROUTED}),
-        Exchange(UNROUTED, "fanout"),
-    ]
-    queues = [Queue(UNROUTED, QUORUM)]
-    if state:
-        queues.append(Queue(STATE_STREAM, STREAM_ARGUMENTS))
-    bindings = [Binding(UNROUTED, UNROUTED, "queue", "")]
-    for handler in settings.handlers if handlers is None else handlers:
-        exchanges.append(Exchange(handler.exchange, "headers"))
-        bindings += [Binding(main, handler.exchange, "exchange", key) for key in handler.bindings]
-        header = partition_header(handler.partitions)
-        for i, queue in enumerate(handler.queues):
-            queues.append(Queue(queue, partition_arguments()))
-            match = {"x-match": "all", header: str(i)}
-            bindings.append(Binding(handler.exchange, queue, "queue", "", match))
-        queues.append(Queue(handler.dead_letter_queue, CLASSIC))
-    return Topology(exchanges, queues, bindings)
+def describe(settings: Settings) -> Topology:
+    """Everything relay declares for `settings`."""
+    described = ingress(settings) + state()
+    for h in settings.handlers:
+        described += handler(settings, h)
+    return described
 
 
 async def declare(channel: AbstractChannel, topology: Topology) -> None:
@@ -118,8 +123,9 @@ async def declare(channel: AbstractChannel, topology: Topology) -> None:
         queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
     for b in topology.bindings:
         destination = queues if b.destination_type == "queue" else exchanges
+        source = exchanges.get(b.source) or await channel.get_exchange(b.source, ensure=False)
         await destination[b.destination].bind(
-            exchanges[b.source], routing_key=b.routing_key, arguments=b.arguments
+            source, routing_key=b.routing_key, arguments=b.arguments
         )
 
 
@@ -143,10 +149,3 @@ def export(topology: Topology, vhost: str = "/") -> dict[str, Any]:
             for b in topology.bindings
         ],
     }  # fmt: skip
-
-
-async def declare_all(settings: Settings) -> None:
-    """Connect, declare everything for `settings`, disconnect (for `relay topology declare`)."""
-    connection = await aio_pika.connect(settings.broker.url, timeout=10)
-    async with connection:
-        await declare(await connection.channel(), describe(settings))

@@ -19,12 +19,11 @@ import aiohttp
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from relay import metrics, topology
-from relay.broker import BROKER_ERRORS, keep_connected, until_set
-from relay.deadletters import dead_letter
+from relay import metrics, topology, wire
+from relay.broker import BROKER_ERRORS, exchange_exists, keep_connected, until_set
 from relay.delivery import CallTarget, HttpTarget, Outcome, Target, Verdict, attempt_delivery
 from relay.settings import HandlerSettings, Settings
-from relay.state import STATE_STREAM, State, record
+from relay.state import State, record
 
 log = structlog.get_logger()
 
@@ -115,7 +114,14 @@ class Partition:
                 return
             if outcome.verdict is Verdict.PERMANENT:
                 bound.warning("dead-lettered", attempt=attempt, detail=outcome.detail)
-                dead = dead_letter(message, self.handler, outcome, attempt, first_attempt)
+                dead = wire.dead_letter(
+                    message,
+                    handler=self.handler.name,
+                    reason=outcome.detail,
+                    status=outcome.status,
+                    attempts=attempt,
+                    first_attempt=first_attempt,
+                )
                 await publisher.default_exchange.publish(dead, self.handler.dead_letter_queue)
                 await message.ack()
                 await self._recovered(publisher)
@@ -166,7 +172,7 @@ class Partition:
         try:  # best effort: a lost record must not hold up delivery
             async with asyncio.timeout(STATE_PUBLISH_TIMEOUT_SECONDS):
                 await publisher.default_exchange.publish(
-                    record(self.handler.name, self.queue, state, detail), STATE_STREAM
+                    record(self.handler.name, self.queue, state, detail), topology.STATE_STREAM
                 )
         except (*BROKER_ERRORS, TimeoutError) as exc:
             log.warning("state record not written", partition=self.queue, error=repr(exc))
@@ -218,7 +224,7 @@ class Worker:
             return
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         publisher.close_callbacks.add(lambda *_: over.set())
-        await topology.declare(publisher, topology.describe(self._settings, self._handlers))
+        await self._declare(connection, publisher)
         self.ready.set()
         log.info("worker consuming", partitions=[p.queue for p in self._partitions])
         depths = asyncio.ensure_future(self._watch_depths(connection, over))
@@ -229,6 +235,25 @@ class Worker:
         finally:
             self.ready.clear()
             depths.cancel()
+
+    async def _declare(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
+        """Declare the exchange and the state stream, and the topology of each handler that has
+        none yet. An existing handler's bindings and partitions are left as they are: only
+        `relay topology declare` changes them, so workers of an older config restarting
+        during a rolling change never undo it."""
+        await topology.declare(channel, topology.ingress(self._settings) + topology.state())
+        for handler in self._handlers:
+            if await exchange_exists(connection, handler.exchange):
+                await topology.declare(
+                    channel,
+                    topology.Topology(
+                        queues=[topology.Queue(handler.dead_letter_queue, topology.CLASSIC)]
+                    ),
+                )
+                continue
+            await topology.declare(channel, topology.handler(self._settings, handler))
+            log.info("handler topology declared", handler=handler.name,
+                     partitions=handler.partitions)  # fmt: skip
 
     async def _watch_depths(self, connection: AbstractConnection, over: asyncio.Event) -> None:
         """Keeps the queue depth gauge current for this worker's queues (best effort)."""

@@ -19,14 +19,16 @@ from relay import topology
 from relay.provider import Event
 from relay.publisher import Publisher
 from relay.settings import Settings
-from relay.state import STATE_STREAM
 from tests import handlers_for_tests
 from tests.handlers_for_tests import HttpHandler
-from tests.support import STOP_WITHIN, RunningWorker, eventually, toml
+from tests.support import STOP_WITHIN, RunningWorker, declare_topology, eventually, toml
 
 AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 SECRET = "test-secret"
-SHARED_QUEUES = {topology.UNROUTED, STATE_STREAM}  # every relay declares them: never deleted
+SHARED_QUEUES = {
+    topology.UNROUTED,
+    topology.STATE_STREAM,
+}  # every relay declares them: never deleted
 SHARED_EXCHANGES = {topology.UNROUTED}
 
 
@@ -156,12 +158,17 @@ async def start_worker(make_settings: MakeSettings) -> AsyncIterator[StartWorker
 
 @pytest.fixture
 async def publish() -> AsyncIterator[Publish]:
-    """`await publish(settings, *events)`: publishes in order, each confirmed by the broker."""
+    """`await publish(settings, *events)`: publishes in order, each confirmed by the broker.
+
+    The first publish for some settings declares their whole topology first, as an operator
+    runs `relay topology declare` before traffic arrives (else it would wait in relay.unrouted
+    until a worker declared its handler)."""
     publishers: dict[tuple[str, str], Publisher] = {}
 
     async def publish(settings: Settings, *events: Event) -> None:
         key = (settings.broker.url, settings.broker.exchange)
         if key not in publishers:
+            await declare_topology(settings)
             publishers[key] = Publisher(settings)
             publishers[key].start()
         publisher = publishers[key]

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
+from relay import topology
 from relay.envoice import _signed_message
 from relay.ingress import PUBLISHER, create_app, runner_options
 from relay.provider import PROVIDERS, Event
@@ -131,12 +133,22 @@ class FakePublisher:
         self.published.append(event)
 
 
+async def declare_topology(settings: Settings) -> None:
+    """Declare everything `settings` describe, as `relay topology declare` would."""
+    connection = await aio_pika.connect(settings.broker.url)
+    async with connection:
+        await topology.declare(await connection.channel(), topology.describe(settings))
+
+
 @contextlib.asynccontextmanager
 async def running_ingress(
     settings: Settings, *, ready: bool = True, publisher: FakePublisher | None = None
 ) -> AsyncIterator[Ingress]:
     """The ingress app on a loopback port, with a client; waits for the broker when `ready`.
-    With a `publisher`, no broker is involved."""
+    With a `publisher`, no broker is involved; without, the settings' whole topology is declared
+    first, as an operator runs `relay topology declare` before traffic arrives."""
+    if publisher is None and ready:
+        await declare_topology(settings)
     app = create_app(settings, publisher)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server(**runner_options(settings.ingress))

@@ -11,6 +11,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 import relay
+from relay import wire
 from tests.conftest import AMQP_URL, MakeSettings
 from tests.support import run_relay
 
@@ -133,17 +134,16 @@ def test_topology_export(tmp_path: Path) -> None:
     to_handler = {b for b in bindings if b[:3] == ("relay.activities", "relay.billing", "exchange")}
     assert {b[3] for b in to_handler} >= {"envoice.paid", "envoice.new_payment_with_stripe"}
     assert len(to_handler) == 16
-    partition_bindings = [
-        (b["destination"], b["arguments"])
+    bucket_bindings = {
+        int(b["arguments"]["relay-bucket"]): (b["destination"], b["arguments"]["x-match"])
         for b in definitions["bindings"]
         if b["source"] == "relay.billing"
-    ]
-    assert sorted(partition_bindings) == [
-        ("relay.billing.0", {"x-match": "all", "relay-p2": "0"}),
-        ("relay.billing.1", {"x-match": "all", "relay-p2": "1"}),
-    ]
+    }
+    assert bucket_bindings == {
+        bucket: (f"relay.billing.{bucket % 2}", "all") for bucket in range(wire.BUCKETS)
+    }
     assert ("relay.unrouted", "relay.unrouted", "queue", "") in bindings
-    assert len(bindings) == 16 + 2 + 1
+    assert len(definitions["bindings"]) == 16 + wire.BUCKETS + 1
 
 
 def test_topology_declare_with_broker_unreachable_exits_3(tmp_path: Path) -> None:
@@ -177,12 +177,16 @@ async def test_topology_declare_creates_the_queues(
     env = {"RELAY_AMQP_URL": AMQP_URL}
 
     # When declared twice (idempotent)
-    for _ in range(2):
-        result = await asyncio.to_thread(
-            run_relay, "topology", "declare", "--config", config, env=env
-        )
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith("declared relay topology on amqp://")
+    first, second = [
+        await asyncio.to_thread(run_relay, "topology", "declare", "--config", config, env=env)
+        for _ in range(2)
+    ]
+
+    # Then the first run creates everything and says so, the second finds nothing to do
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert f"+ queue relay.{handler.name}.0" in first.stdout.splitlines()
+    assert f"+ bind relay.{handler.name} -> relay.{handler.name}.1 buckets 1 3 5" in first.stdout
+    assert second.stdout.strip().endswith("is as the config says")
 
     # Then every queue and exchange exists
     for name in [*handler.queues, handler.dead_letter_queue]:

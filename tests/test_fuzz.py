@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from relay.envoice import parse
 from relay.errors import BadPayload, BadSignature
 from relay.ingress import create_app, runner_options
-from relay.publisher import envelope
 from relay.settings import Settings
+from relay.wire import envelope
 from tests.conftest import settings_dict
 from tests.support import FakePublisher, activity, now_timestamp, signed_body
 
@@ -106,8 +106,8 @@ def test_any_request_is_answered_from_the_table_and_never_logged_as_an_error() -
 
     @EXAMPLES
     @given(
-        method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE"]),
-        path=st.sampled_from([PATH, PATH, "/healthz", "/metrics", "/nowhere", PATH + "/x"]),
+        method=st.sampled_from(["POST", "POST", "POST", "POST", "GET", "PUT"]),
+        path=st.sampled_from([PATH, PATH, PATH, PATH, "/healthz", "/nowhere", PATH + "/x"]),
         body=bodies,
         headers=request_headers,
     )

@@ -9,18 +9,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import topology
+from relay.broker import exchange_exists
 from relay.settings import Secret, Settings, SourceSettings
-from tests.conftest import SECRET, MakeSettings
+from tests.conftest import AMQP_URL, SECRET, MakeSettings
 from tests.support import (
     Ingress,
     TcpProxy,
     activity,
+    declare_topology,
     envoice_signature,
     eventually,
     now_timestamp,
@@ -505,7 +508,14 @@ async def test_publish_to_a_missing_exchange_is_503_and_not_remembered(
         assert status == 503, answer
         assert int(headers["Retry-After"]) > 0
 
-        # And the ingress declares its topology again, then accepts the retry
+        # And the ingress declares the exchange again by itself; once the operator declared the
+        # handlers' bindings again too (they went with the exchange), the retry is accepted
+        async def exchange_back() -> bool:
+            return await exchange_exists(ingress_connection, settings.broker.exchange)
+
+        async with await aio_pika.connect(AMQP_URL) as ingress_connection:
+            await eventually(exchange_back, what="the ingress declared its exchange again")
+        await declare_topology(settings)
         await accepted_once_broker_is_back(ingress, body)
     await wait_for_depth(channel, settings, 1)
 

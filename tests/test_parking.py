@@ -128,12 +128,18 @@ async def test_handler_state_is_visible_in_status_logs_and_metrics(
     await publish(settings, event)
     await eventually(lambda: len(http_handler.requests) == 2, what="the second attempt")
 
-    # Then `relay status` shows the handler retrying, consumed, the message held
-    status = await handler_status(config, name)
+    # Then `relay status` shows the handler retrying, consumed, the message held: unacked, and
+    # counted in the depth (the management API samples queue figures every 5 s)
+    async def holding() -> dict[str, Any] | None:
+        status = await handler_status(config, name)
+        return status if status["partitions"][0]["unacked"] == 1 else None
+
+    status = await eventually(holding, timeout=20, what="status shows the held message")
     assert status["state"] == "retrying"
     assert status["partitions"] == [
-        {"queue": partition, "depth": 0, "consumers": 1, "state": "retrying", "detail": "HTTP 503"}
-    ]
+        {"queue": partition, "ready": 0, "unacked": 1, "depth": 1, "consumers": 1,
+         "state": "retrying", "detail": "HTTP 503", "in_config": True}
+    ]  # fmt: skip
     assert state_gauge(name) == {"live": 0, "retrying": 1, "parked": 0}
 
     # When the second attempt fails too

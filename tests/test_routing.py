@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -131,6 +132,7 @@ async def test_message_properties_and_body(tap: Tap) -> None:
         "x-relay-source": "envoice",
         "x-relay-event": "new_manual_payment",
         "x-relay-key": "invoice:42",
+        "relay-bucket": str(zlib.crc32(b"invoice:42") % 64),
     }
 
     received_at = body.pop("received_at")

@@ -1,0 +1,226 @@
+"""`relay topology declare`: bring the broker to the config's topology and say every change.
+
+What the config describes (relay/topology.py) is compared with what the broker has (read from
+the management API): what is missing is declared, and the bindings relay owns that the config
+no longer has are removed, new bindings first, so that no message finds no route in between.
+relay owns the main exchange's bindings to `relay.*` exchanges (the handlers' patterns) and a
+handler exchange's bindings to its own queues. Queues are never deleted while they hold
+messages: they are reported, and `--prune` removes them once they are empty.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+
+from relay import topology, wire
+from relay.ops.management import Management
+from relay.settings import Settings
+from relay.topology import Binding, Topology
+
+LEGACY_HEADER = re.compile(r"^relay-p\d+$")  # partition headers of relay before buckets
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A queue relay declared once that the config no longer uses."""
+
+    name: str
+    messages: int  # ready and unacknowledged
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    """What the broker has, as far as relay is concerned."""
+
+    exchanges: dict[str, str]  # name -> type
+    queues: dict[str, Leftover]
+    bindings: list[Binding]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    declare: Topology = field(default_factory=Topology)  # what is missing
+    unbind: list[Binding] = field(default_factory=list)  # owned bindings the config lacks
+    legacy: list[Binding] = field(default_factory=list)  # relay-p<N> bindings: --prune removes
+    leftovers: list[Leftover] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.declare.exchanges or self.declare.queues or self.declare.bindings or self.unbind
+        )
+
+
+def plan(desired: Topology, broker: Broker, main_exchange: str) -> Plan:
+    """The changes that take `broker` to `desired` (pure: no I/O).
+
+    Only this config's objects are considered: its main exchange, and the handler exchanges the
+    config describes or the main exchange is bound to (a removed handler's among them); the
+    broker may hold other deployments' objects beside them."""
+    handlers = {e.name for e in desired.exchanges if e.type == "headers"} | {
+        b.destination for b in broker.bindings if _to_handler(b, main_exchange)
+    }
+
+    def owned(b: Binding) -> bool:
+        return _to_handler(b, main_exchange) or (
+            b.source in handlers
+            and b.destination_type == "queue"
+            and b.destination.startswith(b.source + ".")
+        )
+
+    have = {_key(b) for b in broker.bindings}
+    want = {_key(b) for b in desired.bindings}
+    stale = [b for b in broker.bindings if owned(b) and _key(b) not in want]
+    legacy = [b for b in stale if any(LEGACY_HEADER.match(k) for k in b.arguments)]
+    wanted_queues = {q.name for q in desired.queues}
+    leftovers = [
+        queue
+        for name, queue in sorted(broker.queues.items())
+        if name not in wanted_queues and name.rsplit(".", 1)[0] in handlers
+    ]
+    return Plan(
+        declare=Topology(
+            [e for e in desired.exchanges if e.name not in broker.exchanges],
+            [q for q in desired.queues if q.name not in broker.queues],
+            [b for b in desired.bindings if _key(b) not in have],
+        ),
+        unbind=[b for b in stale if b not in legacy],
+        legacy=legacy,
+        leftovers=leftovers,
+    )
+
+
+def _to_handler(binding: Binding, main_exchange: str) -> bool:
+    """A binding of the main exchange to a handler's exchange (by one of its patterns)."""
+    return (
+        binding.source == main_exchange
+        and binding.destination_type == "exchange"
+        and binding.destination.startswith("relay.")
+    )
+
+
+def _key(b: Binding) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
+    arguments = tuple(sorted((k, str(v)) for k, v in b.arguments.items()))
+    return b.source, b.destination, b.destination_type, b.routing_key, arguments
+
+
+# --- describing a plan ------------------------------------------------------------------------
+
+
+def describe(plan: Plan, *, prune: bool) -> list[str]:
+    """One line per change, bucket bindings grouped per queue."""
+    lines = [f"+ exchange {e.name} ({e.type})" for e in plan.declare.exchanges]
+    lines += [f"+ queue {q.name}" for q in plan.declare.queues]
+    lines += _binding_lines("+", plan.declare.bindings)
+    lines += _binding_lines("-", plan.unbind)
+    if plan.legacy:
+        what = f"{len(plan.legacy)} legacy relay-p<N> binding(s)"
+        if prune:
+            lines.append(f"- {what}")
+        else:
+            lines.append(f"= {what} kept for ingresses older than buckets: --prune removes them")
+    for queue in plan.leftovers:
+        if queue.messages == 0 and prune:
+            lines.append(f"- queue {queue.name} (empty)")
+        else:
+            lines.append(
+                f"= queue {queue.name} is no longer used: {queue.messages} message(s), "
+                f"{queue.consumers} consumer(s); `relay topology declare --prune` removes it "
+                "once empty"
+            )
+    return lines
+
+
+def _binding_lines(sign: str, bindings: Iterable[Binding]) -> list[str]:
+    buckets: dict[tuple[str, str], list[int]] = defaultdict(list)
+    lines = []
+    for b in bindings:
+        bucket = b.arguments.get(wire.BUCKET_HEADER)
+        if bucket is not None:
+            buckets[(b.source, b.destination)].append(int(bucket))
+        elif b.destination_type == "exchange":
+            lines.append(f"{sign} bind {b.source} -> {b.destination} on {b.routing_key!r}")
+        else:
+            lines.append(f"{sign} bind {b.source} -> {b.destination} {b.arguments}")
+    for (source, destination), numbers in sorted(buckets.items()):
+        listed = " ".join(str(n) for n in sorted(numbers))
+        lines.append(f"{sign} bind {source} -> {destination} buckets {listed}")
+    return lines
+
+
+# --- reading the broker and applying a plan ---------------------------------------------------
+
+
+async def read(api: Management, desired: Topology, main_exchange: str) -> Broker:
+    """What the broker has of this config's objects: the exchanges it describes and the handler
+    exchanges the main exchange is bound to (a removed handler's among them), their bindings,
+    and every `relay.` queue."""
+    bindings = [_binding(b) for b in await api.bindings_from(main_exchange)]
+    handlers = {b.destination for b in bindings if _to_handler(b, main_exchange)}
+    ours = {e.name for e in desired.exchanges} | handlers
+    exchanges = {e["name"]: e["type"] for e in await api.exchanges() if e["name"] in ours}
+    for name in sorted(exchanges.keys() - {main_exchange}):
+        bindings += [_binding(b) for b in await api.bindings_from(name)]
+    queues = {
+        q["name"]: Leftover(
+            q["name"],
+            int(q.get("messages_ready") or 0) + int(q.get("messages_unacknowledged") or 0),
+            int(q.get("consumers") or 0),
+        )
+        for q in await api.queues()
+        if q["name"].startswith("relay.")
+    }
+    return Broker(exchanges, queues, bindings)
+
+
+def _binding(raw: dict[str, Any]) -> Binding:
+    return Binding(
+        raw["source"],
+        raw["destination"],
+        raw["destination_type"],
+        raw["routing_key"],
+        dict(raw.get("arguments") or {}),
+    )
+
+
+async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prune: bool) -> None:
+    """Declare everything desired (idempotent), then remove what the plan says, in that order."""
+    await topology.declare(channel, desired)
+    for binding in plan.unbind + (plan.legacy if prune else []):
+        await _unbind(channel, binding)
+    if prune:
+        for queue in plan.leftovers:
+            if queue.messages == 0:
+                await channel.queue_delete(queue.name, if_empty=True)
+
+
+async def _unbind(channel: AbstractChannel, binding: Binding) -> None:
+    source = await channel.get_exchange(binding.source, ensure=False)
+    arguments = binding.arguments
+    if binding.destination_type == "exchange":
+        destination = await channel.get_exchange(binding.destination, ensure=False)
+        await destination.unbind(source, binding.routing_key, arguments=arguments)
+    else:
+        queue = await channel.get_queue(binding.destination, ensure=False)
+        await queue.unbind(source, binding.routing_key, arguments=arguments)
+
+
+async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[str]:
+    """Plan, print-ready, and (unless `dry_run`) apply; the lines describing the changes."""
+    desired = topology.describe(settings)
+    async with Management(settings.broker) as api:
+        broker = await read(api, desired, settings.broker.exchange)
+    changes = plan(desired, broker, settings.broker.exchange)
+    if not dry_run:
+        connection = await aio_pika.connect(settings.broker.url, timeout=10)
+        async with connection:
+            await apply(await connection.channel(), desired, changes, prune=prune)
+    return describe(changes, prune=prune)

@@ -1,0 +1,214 @@
+"""relay's wire format: every message relay puts on the broker is built here, and read here.
+
+It is public: services bind queues of their own to the exchange and read these messages
+(docs/ARCHITECTURE.md, "The wire contract"). Header names, the envelope, the bucket rule, dead
+letters and state records live nowhere else.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from relay.provider import Event
+
+# Headers of every webhook message.
+SOURCE_HEADER = "x-relay-source"
+EVENT_HEADER = "x-relay-event"
+KEY_HEADER = "x-relay-key"
+# The key's bucket. Not `x-...`: a headers exchange ignores binding arguments that start with x-.
+BUCKET_HEADER = "relay-bucket"
+REPLAYED_HEADER = "x-relay-replayed"  # set on a dead letter sent back by `relay dlq replay`
+
+# The HTTP header of a delivery to a handler: 1 on the first try.
+ATTEMPT_HTTP_HEADER = "x-relay-attempt"
+
+# Headers a dead letter adds to the message.
+HANDLER_HEADER = "x-relay-handler"
+REASON_HEADER = "x-relay-reason"
+STATUS_HEADER = "x-relay-status"
+ATTEMPTS_HEADER = "x-relay-attempts"
+FIRST_ATTEMPT_HEADER = "x-relay-first-attempt"
+LAST_ATTEMPT_HEADER = "x-relay-last-attempt"
+DEAD_LETTER_HEADERS = (
+    HANDLER_HEADER, REASON_HEADER, STATUS_HEADER, ATTEMPTS_HEADER, FIRST_ATTEMPT_HEADER,
+    LAST_ATTEMPT_HEADER,
+)  # fmt: skip
+
+# Every ordering key falls in one of BUCKETS buckets, a fixed space all processes share: the
+# ingress stamps the bucket, and partition i of a handler with N partitions is bound to the
+# buckets b with b % N == i. Changing BUCKETS would move keys: it never changes.
+BUCKETS = 64
+
+
+def bucket(key: str) -> int:
+    """The bucket of an ordering key: crc32 of its UTF-8 bytes, modulo BUCKETS."""
+    return zlib.crc32(key.encode()) % BUCKETS
+
+
+def partition(bucket: int, partitions: int) -> int:
+    """The partition that owns `bucket` when a handler has `partitions` partitions."""
+    return bucket % partitions
+
+
+# --- webhook messages -------------------------------------------------------------------------
+
+
+def envelope(event: Event, received_at: datetime) -> bytes:
+    """The message body; `data` is spliced in exactly as the provider sent it."""
+    head = orjson.dumps(
+        {
+            "id": event.message_id,
+            "source": event.source,
+            "event": event.name,
+            "type": event.type,
+            "key": event.key,
+            "occurred_at": event.occurred_at,
+            "received_at": received_at.isoformat().replace("+00:00", "Z"),
+        }
+    )
+    return head[:-1] + b',"data":' + event.data_json + b"}"
+
+
+def webhook(event: Event, received_at: datetime) -> aio_pika.Message:
+    """An accepted webhook, as published to the exchange with routing key `event.routing_key`."""
+    return aio_pika.Message(
+        envelope(event, received_at),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=event.message_id,
+        timestamp=received_at,
+        headers={
+            SOURCE_HEADER: event.source,
+            EVENT_HEADER: event.name,
+            KEY_HEADER: event.key,
+            BUCKET_HEADER: str(bucket(event.key)),
+        },
+    )
+
+
+def key_of(message: AbstractIncomingMessage) -> str:
+    """The ordering key of a webhook message; its id if it has none (a message relay did not
+    build, which then waits for no other)."""
+    key = (message.headers or {}).get(KEY_HEADER)
+    return key if isinstance(key, str) else f"message:{message.message_id}"
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+
+def dead_letter(
+    message: AbstractIncomingMessage,
+    *,
+    handler: str,
+    reason: str,
+    status: int | None,
+    attempts: int,
+    first_attempt: datetime,
+) -> aio_pika.Message:
+    """The dead letter of `message`: its body and headers, plus why and when it failed."""
+    headers = {
+        **(message.headers or {}),
+        HANDLER_HEADER: handler,
+        REASON_HEADER: reason,
+        STATUS_HEADER: status or 0,
+        ATTEMPTS_HEADER: attempts,
+        FIRST_ATTEMPT_HEADER: first_attempt.isoformat(),
+        LAST_ATTEMPT_HEADER: datetime.now(UTC).isoformat(),
+    }
+    headers.pop("x-delivery-count", None)  # the broker's, of the partition queue
+    return _copy(message, headers)
+
+
+def replayed(message: AbstractIncomingMessage) -> aio_pika.Message:
+    """A dead letter as it goes back to its handler: the original message, marked replayed (and
+    given its bucket, if it was dead-lettered before messages carried one)."""
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
+    headers.setdefault(BUCKET_HEADER, str(bucket(key_of(message))))
+    return _copy(message, {**headers, REPLAYED_HEADER: True})
+
+
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead letter as `relay dlq list` shows it."""
+
+    id: str
+    key: str
+    event: str
+    reason: str
+    status: int
+    attempts: int
+    first_attempt: str
+    last_attempt: str
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
+        headers: dict[str, Any] = dict(message.headers or {})
+        return cls(
+            id=message.message_id or "?",
+            key=str(headers.get(KEY_HEADER, "")),
+            event=str(headers.get(EVENT_HEADER, "")),
+            reason=str(headers.get(REASON_HEADER, "")),
+            status=int(headers.get(STATUS_HEADER) or 0),
+            attempts=int(headers.get(ATTEMPTS_HEADER) or 0),
+            first_attempt=str(headers.get(FIRST_ATTEMPT_HEADER, "")),
+            last_attempt=str(headers.get(LAST_ATTEMPT_HEADER, "")),
+        )
+
+    def as_json(self) -> bytes:
+        return orjson.dumps(self)
+
+    def age_seconds(self, now: datetime) -> float | None:
+        """Seconds since the message was dead-lettered."""
+        try:
+            return (now - datetime.fromisoformat(self.last_attempt)).total_seconds()
+        except ValueError:
+            return None
+
+
+# --- state records ----------------------------------------------------------------------------
+
+
+def state_record(
+    *, handler: str, partition: str, state: str, detail: str, worker: str
+) -> aio_pika.Message:
+    """A handler state change, appended to the relay.state stream."""
+    body = {
+        "handler": handler,
+        "partition": partition,
+        "state": state,
+        "detail": detail,
+        "worker": worker,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    return aio_pika.Message(
+        orjson.dumps(body),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def read_state_record(body: bytes) -> dict[str, Any] | None:
+    """A state record's fields, or None if `body` is not one."""
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "partition" in record else None

@@ -1,0 +1,291 @@
+"""Routing that cannot drift: one bucket rule shared by every process, `relay topology declare`
+converging the broker on the config, and `relay status` telling the truth.
+
+The first two tests reproduce what went wrong when each process derived partition headers from
+its own config: webhooks silently lost for a handler the ingress did not know, and keys
+delivered twice after a partition count changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from relay import topology, wire
+from relay.ops.converge import Broker, Leftover, describe, plan
+from relay.ops.management import Management
+from relay.settings import Settings
+from tests.conftest import delete_topology, settings_dict
+from tests.handlers_for_tests import Held, HttpHandler
+from tests.processes import Config, EnvoiceSender, Relay, http_deliveries, write_config
+from tests.support import eventually, run_relay, toml
+
+# --- the plan, without a broker -----------------------------------------------------------------
+
+
+def settings_with(**handler: Any) -> Settings:
+    base = {"name": "h", "events": ["envoice.paid"], "url": "http://127.0.0.1:9/"}
+    raw = settings_dict("plan", handlers=[{**base, **handler}])
+    raw["handlers"][0]["name"] = "h"
+    return Settings.from_dict(raw)
+
+
+def on_broker(settings: Settings, **extra_queues: int) -> Broker:
+    """A broker holding exactly what `settings` describe, plus queues with message counts."""
+    described = topology.describe(settings)
+    queues = {q.name: Leftover(q.name, 0, 0) for q in described.queues}
+    queues.update({name: Leftover(name, n, 0) for name, n in extra_queues.items()})
+    return Broker({e.name: e.type for e in described.exchanges}, queues, described.bindings)
+
+
+def test_nothing_to_do_when_the_broker_matches_the_config() -> None:
+    settings = settings_with(partitions=4)
+
+    changes = plan(topology.describe(settings), on_broker(settings), settings.broker.exchange)
+
+    assert changes.empty
+    assert describe(changes, prune=False) == []
+
+
+def test_a_partition_change_moves_buckets_and_keeps_the_queues_it_no_longer_uses() -> None:
+    before, after = settings_with(partitions=4), settings_with(partitions=2)
+    broker = on_broker(before)
+
+    changes = plan(topology.describe(after), broker, after.broker.exchange)
+
+    # buckets of partitions 2 and 3 go to 0 and 1, and nothing else changes
+    moved = {(b.destination, b.arguments["relay-bucket"]) for b in changes.declare.bindings}
+    assert moved == {(f"relay.h.{b % 2}", str(b)) for b in range(wire.BUCKETS) if b % 4 >= 2}
+    unbound = {(b.destination, b.arguments["relay-bucket"]) for b in changes.unbind}
+    assert unbound == {(f"relay.h.{b % 4}", str(b)) for b in range(wire.BUCKETS) if b % 4 >= 2}
+    assert not changes.declare.queues
+    assert [q.name for q in changes.leftovers] == ["relay.h.2", "relay.h.3"]
+    assert describe(changes, prune=False) == [
+        "+ bind relay.h -> relay.h.0 buckets " + " ".join(str(b) for b in range(2, 64, 4)),
+        "+ bind relay.h -> relay.h.1 buckets " + " ".join(str(b) for b in range(3, 64, 4)),
+        "- bind relay.h -> relay.h.2 buckets " + " ".join(str(b) for b in range(2, 64, 4)),
+        "- bind relay.h -> relay.h.3 buckets " + " ".join(str(b) for b in range(3, 64, 4)),
+        "= queue relay.h.2 is no longer used: 0 message(s), 0 consumer(s); "
+        "`relay topology declare --prune` removes it once empty",
+        "= queue relay.h.3 is no longer used: 0 message(s), 0 consumer(s); "
+        "`relay topology declare --prune` removes it once empty",
+    ]
+
+
+def test_a_leftover_holding_messages_is_never_pruned() -> None:
+    settings = settings_with(partitions=1)
+    broker = on_broker(settings, **{"relay.h.1": 7, "relay.h.2": 0})
+
+    changes = plan(topology.describe(settings), broker, settings.broker.exchange)
+
+    lines = describe(changes, prune=True)
+    assert "- queue relay.h.2 (empty)" in lines
+    assert any(
+        line.startswith("= queue relay.h.1 is no longer used: 7 message(s)") for line in lines
+    )
+
+
+def test_a_removed_pattern_is_unbound() -> None:
+    old, new = settings_with(events=["envoice.paid", "envoice.overdue"]), settings_with()
+
+    changes = plan(topology.describe(new), on_broker(old), new.broker.exchange)
+
+    assert [(b.destination, b.routing_key) for b in changes.unbind] == [
+        ("relay.h", "envoice.overdue")
+    ]
+    assert describe(changes, prune=False) == [
+        f"- bind {new.broker.exchange} -> relay.h on 'envoice.overdue'"
+    ]
+
+
+def test_legacy_partition_bindings_stay_until_pruned() -> None:
+    settings = settings_with(partitions=2)
+    broker = on_broker(settings)
+    legacy = topology.Binding(
+        "relay.h", "relay.h.0", "queue", "", {"x-match": "all", "relay-p2": "0"}
+    )
+    broker.bindings.append(legacy)
+
+    changes = plan(topology.describe(settings), broker, settings.broker.exchange)
+
+    assert changes.legacy == [legacy]
+    assert not changes.unbind
+    assert describe(changes, prune=False) == [
+        "= 1 legacy relay-p<N> binding(s) kept for ingresses older than buckets: "
+        "--prune removes them"
+    ]
+
+
+def test_another_deployments_objects_are_not_touched() -> None:
+    settings = settings_with()
+    broker = on_broker(settings)
+    # Given another deployment's handler on the same broker (another main exchange)
+    foreign = topology.Binding(
+        "relay.other", "relay.other.0", "queue", "", {"x-match": "all", "relay-bucket": "1"}
+    )
+    broker.bindings.append(foreign)
+    broker.bindings.append(topology.Binding("relay.theirs", "relay.other", "exchange", "#"))
+    broker.queues["relay.other.0"] = Leftover("relay.other.0", 3, 1)
+
+    changes = plan(topology.describe(settings), broker, settings.broker.exchange)
+
+    assert changes.empty
+    assert not changes.leftovers
+
+
+# --- against the broker -------------------------------------------------------------------------
+
+
+def handler_config(url: str, **options: Any) -> dict[str, Any]:
+    return {"name": "h", "events": ["envoice.#"], "url": url, "partitions": 1,
+            "backoff_initial_ms": 20, "backoff_max_ms": 200, **options}  # fmt: skip
+
+
+def shared_exchange(relay: Relay, *handlers: dict[str, Any], exchange: str) -> Config:
+    """A config of `relay` whose main exchange is `exchange` (shared with another config)."""
+    path = relay.directory / f"relay-{len(relay.configs)}.toml"
+    relay.configs.append(
+        write_config(path, *handlers, url=relay.url, broker={"exchange": exchange})
+    )
+    return relay.configs[-1]
+
+
+def changed(relay: Relay, config: Config, handler: int, **options: Any) -> Config:
+    """A copy of `config` with options of one handler changed: the same deployment, edited."""
+    raw = tomllib.loads(config.path.read_text())
+    raw["handlers"][handler].update(options)
+    path = relay.directory / f"relay-{len(relay.configs)}.toml"
+    path.write_text(toml(raw))
+    relay.configs.append(Config(path, Settings.from_file(path)))
+    return relay.configs[-1]
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_an_ingress_without_the_handler_feeds_a_handler_added_later(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given an ingress whose config knows other handlers (2 and 4 partitions) or none
+        ingress_config = relay.config(
+            handler_config("http://127.0.0.1:9/", name="a", partitions=2),
+            handler_config("http://127.0.0.1:9/", name="b", partitions=4),
+        )
+        exchange = ingress_config.settings.broker.exchange
+        await relay.run("ingress", config=ingress_config)
+        # and workers given a new handler with 3 partitions
+        worker_config = shared_exchange(
+            relay, handler_config(http_handler.url, partitions=3), exchange=exchange
+        )
+        await relay.worker(worker_config)
+
+        # When webhooks arrive at the ingress, which was never told of the new handler
+        sender = EnvoiceSender.to(ingress_config)
+        await asyncio.wait_for(sender.send(range(1, 11), each=1), 60)
+
+        # Then the new handler gets every one, once
+        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+    assert tally.accepted == 10
+    assert tally.ok, tally
+    assert tally.duplicates == 0
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_a_partition_change_leaves_no_binding_behind_to_duplicate_keys(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given a handler laid out by a worker with 2 partitions, beside another with 2
+        two = relay.config(
+            handler_config(http_handler.url, partitions=2),
+            handler_config("http://127.0.0.1:9/", name="other", partitions=2),
+        )
+        first = await relay.worker(two)
+        assert await first.terminate() == 0
+        # When its config says 4, `relay topology declare` converges, and a worker runs it
+        four = changed(relay, two, 0, partitions=4)
+        declared = await asyncio.to_thread(
+            run_relay, "topology", "declare", "--config", str(four.path)
+        )
+        assert declared.returncode == 0, declared.stderr
+        await relay.start(four)
+
+        # Then 8 keys are each delivered once, and each bucket is bound to one queue
+        sender = EnvoiceSender.to(four)
+        await asyncio.wait_for(sender.send(range(1, 9), each=2), 60)
+        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        handler = four.settings.handlers[0]
+        async with Management(four.settings.broker) as api:
+            bindings = await api.bindings_from(handler.exchange)
+    assert tally.ok, tally
+    assert tally.duplicates == 0
+    routes = sorted((int(b["arguments"]["relay-bucket"]), b["destination"]) for b in bindings)
+    assert routes == [(b, handler.queue(b % 4)) for b in range(wire.BUCKETS)]
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_topology_declare_dry_run_prints_the_plan_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    config = write_config(
+        tmp_path / "two.toml", handler_config("http://127.0.0.1:9/", partitions=2)
+    )
+    name = config.settings.handlers[0].name
+    four = tmp_path / "four.toml"
+    four.write_text(config.path.read_text().replace("partitions = 2", "partitions = 4"))
+    try:
+        assert run_relay("topology", "declare", "--config", str(config.path)).returncode == 0
+
+        dry = run_relay("topology", "declare", "--dry-run", "--config", str(four))
+
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines() == [
+            f"+ queue relay.{name}.2",
+            f"+ queue relay.{name}.3",
+            f"+ bind relay.{name} -> relay.{name}.2 buckets " + " ".join(map(str, range(2, 64, 4))),
+            f"+ bind relay.{name} -> relay.{name}.3 buckets " + " ".join(map(str, range(3, 64, 4))),
+            f"- bind relay.{name} -> relay.{name}.0 buckets " + " ".join(map(str, range(2, 64, 4))),
+            f"- bind relay.{name} -> relay.{name}.1 buckets " + " ".join(map(str, range(3, 64, 4))),
+            f"would change 6 thing(s) on {config.settings.broker.safe_url}",
+        ]
+        again = run_relay("topology", "declare", "--dry-run", "--config", str(config.path))
+        assert again.stdout.strip().endswith("is as the config says")  # nothing was touched
+    finally:
+        await delete_topology(Settings.from_file(four))
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_status_counts_unacknowledged_messages_and_standby_workers(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    release = asyncio.Event()
+    http_handler.default = Held(release)
+    async with Relay(tmp_path) as relay:
+        config = relay.config(handler_config(http_handler.url, timeout_seconds=60))
+        await relay.start(config, workers=2)
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send([1], each=2), 30)
+        await eventually(lambda: len(http_handler.requests) == 1, what="one delivery in flight")
+
+        async def status() -> dict[str, Any] | None:
+            done = await asyncio.to_thread(
+                run_relay, "status", "--json", "--config", str(config.path)
+            )
+            assert done.returncode == 0, done.stderr
+            [handler] = orjson.loads(done.stdout)["handlers"]
+            [partition] = handler["partitions"]
+            return partition if partition["unacked"] >= 1 and partition["consumers"] == 2 else None
+
+        partition = await eventually(status, timeout=30, what="status of the held delivery")
+        release.set()
+    # one delivered and held (unacked), the next waiting behind it; one active worker, one standby
+    assert (partition["ready"] + partition["unacked"], partition["depth"]) == (2, 2)
+    assert partition["consumers"] == 2
