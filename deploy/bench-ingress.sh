@@ -77,6 +77,7 @@ function done(summary, latency, requests)
 end
 LUA
 
+"$VENV/bin/relay" topology declare --config "$WORK/bench.toml" > /dev/null  # as an operator would
 "$VENV/bin/relay" ingress --config "$WORK/bench.toml" --log-level warning > "$WORK/ingress.log" 2>&1 &
 INGRESS=$!
 for _ in $(seq 1 100); do curl -sf "127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
