@@ -64,7 +64,9 @@ async def replay(settings: Settings, handler: HandlerSettings, ids: list[str] | 
             if not selected(message):
                 continue
             # Its bucket routes it to whichever partition owns the bucket today.
-            await exchange.publish(wire.replayed(message), routing_key="", mandatory=True)
+            await exchange.publish(
+                wire.replayed(message.body, message), routing_key="", mandatory=True
+            )
             await message.ack()
             replayed += 1
     return replayed

@@ -21,6 +21,6 @@ DELIVERY_SECONDS = Histogram(
 )  # fmt: skip
 QUEUE_DEPTH = Gauge("relay_queue_messages", "Messages ready in a relay queue", ["queue"])
 HANDLER_STATE = Gauge(
-    "relay_handler_state", "Partitions of the handler in each state (live, retrying, parked)",
+    "relay_handler_state", "1 for the handler's current state in this worker, else 0",
     ["handler", "state"],
 )  # fmt: skip

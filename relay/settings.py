@@ -15,6 +15,7 @@ from relay.errors import ConfigError
 from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webhooks_key
 
 DEFAULT_CONFIG = "config/relay.toml"
+MAX_PARTITIONS = 64  # relay.wire.BUCKETS: each partition owns at least one bucket
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SIGNATURE_ALGORITHMS = ("hmac-sha256", "sha256")
 # Envoice re-sends past activities after an outage and does not say whether Timestamp is the
@@ -100,6 +101,9 @@ class HandlerSettings:
     call: str | None = None
     signing_secret: Secret | None = None
     partitions: int = 4
+    concurrency: int = 64  # deliveries in flight per worker, across the handler's partitions
+    window: int = 256  # deliveries a partition holds at once (its prefetch)
+    max_rate: float | None = None  # deliveries per second per worker
     max_attempts: int = 8
     backoff_initial_ms: int = 500
     backoff_max_ms: int = 60_000
@@ -204,10 +208,20 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: expected {wanted}, got {got}")
         return value
 
-    def number(self, name: str, default: float, *, minimum: float, integer: bool = True) -> Any:
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float,
+        maximum: float | None = None,
+        integer: bool = True,
+    ) -> Any:
         value = self.get(name, int if integer else (int, float), default)
         if value < minimum:
             raise ConfigError(f"{self.key(name)}: must be at least {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self.key(name)}: must be at most {maximum}, got {value!r}")
         return value
 
     def port(self, name: str, default: int = 0) -> int:
@@ -348,8 +362,8 @@ def _source(t: _Table) -> SourceSettings:
 
 def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
     t.only(
-        "name", "events", "url", "call", "signing_secret", "partitions", "max_attempts",
-        "backoff_initial_ms", "backoff_max_ms", "timeout_seconds",
+        "name", "events", "url", "call", "signing_secret", "partitions", "concurrency", "window",
+        "max_rate", "max_attempts", "backoff_initial_ms", "backoff_max_ms", "timeout_seconds",
     )  # fmt: skip
     events = t.get("events", list)
     if not events or not all(isinstance(e, str) for e in events):
@@ -376,7 +390,10 @@ def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
         url=url or None,
         call=call or None,
         signing_secret=signing_secret,
-        partitions=t.number("partitions", 4, minimum=1),
+        partitions=t.number("partitions", 4, minimum=1, maximum=MAX_PARTITIONS),
+        concurrency=t.number("concurrency", 64, minimum=1),
+        window=t.number("window", 256, minimum=1, maximum=65535),
+        max_rate=t.number("max_rate", 0, minimum=0, integer=False) or None,
         max_attempts=t.number("max_attempts", 8, minimum=1),
         backoff_initial_ms=initial,
         backoff_max_ms=t.number("backoff_max_ms", max(60_000, initial), minimum=initial),

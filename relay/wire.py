@@ -10,13 +10,30 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 
 from relay.provider import Event
+
+
+class Properties(Protocol):
+    """What relay reads of a received message: aio-pika's and aiormq's messages have these."""
+
+    @property
+    def headers(self) -> Any: ...
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def timestamp(self) -> datetime | None: ...
+
 
 # Headers of every webhook message.
 SOURCE_HEADER = "x-relay-source"
@@ -93,7 +110,7 @@ def webhook(event: Event, received_at: datetime) -> aio_pika.Message:
     )
 
 
-def key_of(message: AbstractIncomingMessage) -> str:
+def key_of(message: Properties) -> str:
     """The ordering key of a webhook message; its id if it has none (a message relay did not
     build, which then waits for no other)."""
     key = (message.headers or {}).get(KEY_HEADER)
@@ -104,7 +121,8 @@ def key_of(message: AbstractIncomingMessage) -> str:
 
 
 def dead_letter(
-    message: AbstractIncomingMessage,
+    body: bytes,
+    message: Properties,
     *,
     handler: str,
     reason: str,
@@ -123,20 +141,20 @@ def dead_letter(
         LAST_ATTEMPT_HEADER: datetime.now(UTC).isoformat(),
     }
     headers.pop("x-delivery-count", None)  # the broker's, of the partition queue
-    return _copy(message, headers)
+    return _copy(body, message, headers)
 
 
-def replayed(message: AbstractIncomingMessage) -> aio_pika.Message:
+def replayed(body: bytes, message: Properties) -> aio_pika.Message:
     """A dead letter as it goes back to its handler: the original message, marked replayed (and
     given its bucket, if it was dead-lettered before messages carried one)."""
     headers = {k: v for k, v in (message.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
     headers.setdefault(BUCKET_HEADER, str(bucket(key_of(message))))
-    return _copy(message, {**headers, REPLAYED_HEADER: True})
+    return _copy(body, message, {**headers, REPLAYED_HEADER: True})
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def _copy(body: bytes, message: Properties, headers: dict[str, Any]) -> aio_pika.Message:
     return aio_pika.Message(
-        message.body,
+        body,
         headers=headers,
         content_type=message.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -159,7 +177,7 @@ class DeadLetter:
     last_attempt: str
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
+    def of(cls, message: Properties) -> DeadLetter:
         headers: dict[str, Any] = dict(message.headers or {})
         return cls(
             id=message.message_id or "?",
@@ -184,6 +202,14 @@ class DeadLetter:
 
 
 # --- state records ----------------------------------------------------------------------------
+
+
+class State(StrEnum):
+    """A handler's state in a worker: delivering, retrying some messages, or parked."""
+
+    LIVE = "live"
+    RETRYING = "retrying"
+    PARKED = "parked"
 
 
 def state_record(

@@ -23,6 +23,20 @@ from tests import handlers_for_tests
 from tests.handlers_for_tests import HttpHandler
 from tests.support import STOP_WITHIN, RunningWorker, declare_topology, eventually, toml
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="also run the tests marked long")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long: run with --long")
+    for item in items:
+        if item.get_closest_marker("long"):
+            item.add_marker(skip)
+
+
 AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 SECRET = "test-secret"
 SHARED_QUEUES = {

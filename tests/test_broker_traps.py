@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import itertools
+import random
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -158,7 +160,7 @@ def test_relay_never_nacks_or_rejects() -> None:
     test_stop_during_backoff_returns_the_message_to_the_head_of_its_queue."""
     calls = {
         f"{path.name}:{node.lineno} {node.func.attr}"
-        for path in sorted((ROOT / "relay").glob("*.py"))
+        for path in sorted((ROOT / "relay").rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
@@ -201,12 +203,11 @@ def overlap(intervals: list[tuple[float, float]]) -> int:
     return max(itertools.accumulate(step for _, step in edges), default=0)
 
 
-async def test_relay_never_delivers_two_messages_of_one_partition_at_once(
+async def test_relay_delivers_many_keys_of_a_partition_at_once_and_each_key_one_at_a_time(
     http_handler: HttpHandler,
     make_settings: MakeSettings,
     start_worker: StartWorker,
     publish: Publish,
-    logs: list[dict[str, Any]],
 ) -> None:
     # Given a backlog of 12 invoices x 5 events over 3 partitions, and a handler taking 20 ms
     partitions = 3
@@ -220,22 +221,160 @@ async def test_relay_never_delivers_two_messages_of_one_partition_at_once(
     total = sum(len(events) for events in per_invoice.values())
     await eventually(lambda: len(http_handler.accepted()) == total, what=f"{total} delivered")
 
-    # Then no two requests of one partition were ever in flight at the same time (the worker's
-    # log says which partition delivered which message)
-    partition_of = {line["message_id"]: line["partition"] for line in logged(logs, "delivered")}
+    # Then no two requests of one invoice were ever in flight at the same time
     spans: dict[str, list[tuple[float, float]]] = {}
     for request in http_handler.requests:
         assert request.answered_at is not None
-        spans.setdefault(partition_of[request.id], []).append((request.at, request.answered_at))
-    assert set(spans) <= set(settings.handlers[0].queues)
-    assert {queue: overlap(s) for queue, s in spans.items()} == dict.fromkeys(spans, 1)
-    # while the partitions (the invoices fell into more than one) were delivered in parallel,
-    # independently of each other
-    assert len(spans) > 1
-    assert 1 < overlap([s for each in spans.values() for s in each]) <= partitions
+        spans.setdefault(request.key, []).append((request.at, request.answered_at))
+    assert len(spans) == 12
+    assert {key: overlap(s) for key, s in spans.items()} == dict.fromkeys(spans, 1)
+    # while more invoices were in flight at once than there are partitions
+    assert overlap([s for each in spans.values() for s in each]) > partitions
     # and each invoice in order
     for invoice, events in per_invoice.items():
         assert http_handler.accepted(f"invoice:{invoice}") == ids(events), f"invoice {invoice}"
+
+
+# --- returned deliveries keep their order -------------------------------------------------------
+
+
+def inversions(got: list[int]) -> int:
+    return sum(1 for a, b in itertools.pairwise(got) if a > b)
+
+
+async def consume_all(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
+    """Consume (acking) until `count` messages arrived, in arrival order."""
+    got: list[AbstractIncomingMessage] = []
+    done = asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        got.append(message)  # before any await: arrival order
+        await message.ack()
+        if len(got) >= count:
+            done.set()
+
+    await queue.channel.set_qos(prefetch_count=100)
+    tag = await queue.consume(on_message)
+    await asyncio.wait_for(done.wait(), 30)
+    await queue.cancel(tag)
+    return got
+
+
+@pytest.mark.parametrize("prefetch", [8, 100, 1000])
+async def test_deliveries_returned_by_closing_the_channel_come_back_first_in_order(
+    prefetch: int, make_queue: MakeQueue, connection: AbstractConnection
+) -> None:
+    """The fact relay's partitions rest on (docs/RABBITMQ.md): a consumer may hold a window of
+    deliveries and ack any of them; closing its channel returns the rest first, in order. (An
+    ack sent just before the close may not count: that message comes back too, in its place.)"""
+    for trial in range(3):
+        # Given 1..total in a quorum queue, a consumer holding `prefetch` of them unacked
+        queue = await make_queue("quorum")
+        total = prefetch + 50
+        await fill(queue, total)
+        taker = await on_own_channel(connection, queue)
+        held = await hold(taker, prefetch)
+        # which acks a random 40% of them
+        chosen = random.Random(trial).sample(held, k=prefetch * 2 // 5)
+        for message in chosen:
+            await message.ack()
+        acked = {int(m.body) for m in chosen}
+
+        # When its channel closes
+        await taker.channel.close()
+
+        # Then what was not acked comes back, in queue order, before what was never delivered
+        back = numbers(await consume_all(queue, total - len(acked)))
+        unacked = [n for n in range(1, total + 1) if n not in acked]
+        assert back == sorted(back), f"trial {trial}: {inversions(back)} inversion(s)"
+        assert set(back) - acked == set(unacked)  # only acked ones may come again
+        print(f"prefetch {prefetch} trial {trial}: {len(back) - len(unacked)} acked came again")
+
+
+async def hold(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
+    """Consume `count` deliveries (prefetch `count`) and hold them unacked."""
+    held: list[AbstractIncomingMessage] = []
+    arrived = asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        held.append(message)
+        if len(held) == count:
+            arrived.set()
+
+    await queue.channel.set_qos(prefetch_count=count)
+    await queue.consume(on_message)
+    await asyncio.wait_for(arrived.wait(), 30)
+    return held
+
+
+KILLED_CONSUMER = """
+import asyncio, random, sys, aio_pika
+async def main():
+    connection = await aio_pika.connect(sys.argv[1])
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=300)
+    queue = await channel.get_queue(sys.argv[2], ensure=False)
+    seen = 0
+    async def on_message(message):
+        nonlocal seen
+        seen += 1
+        n = seen
+        if n <= 300 and random.random() < 0.4:
+            print("acked", int(message.body), flush=True)  # maybe acked, when killed
+            await message.ack()
+        if n == 300:
+            print("holding", flush=True)
+    await queue.consume(on_message)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def test_deliveries_of_a_consumer_killed_with_sigkill_come_back_first_in_order(
+    connection: AbstractConnection,
+) -> None:
+    # Given 1..400 in a quorum queue with single active consumer, as relay's partitions are,
+    # and a consumer process holding its deliveries, 40% of the first 300 acked at random
+    name = f"relay.test-trap-{uuid.uuid4().hex[:8]}"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(
+        name, durable=True, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True}
+    )
+    try:
+        await fill(queue, 400)
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", KILLED_CONSUMER, AMQP_URL, name,
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        assert consumer.stdout is not None
+        acked: set[int] = set()
+        while (line := await asyncio.wait_for(consumer.stdout.readline(), 30)) != b"holding\n":
+            acked.add(int(line.split()[1]))
+
+        # When the process is killed with SIGKILL
+        consumer.kill()
+        await consumer.wait()
+
+        # Then what it had not acked comes back, in queue order, marked redelivered first
+        remaining = await eventually(
+            lambda: _ready(connection, name), what="the killed consumer's deliveries returned"
+        )
+        got = await consume_all(await on_own_channel(connection, queue), remaining)
+    finally:
+        await (await connection.channel()).queue_delete(name)
+    back = numbers(got)
+    assert back == sorted(back), f"{inversions(back)} inversion(s)"
+    assert set(back) | acked == set(range(1, 401))
+    flags = [m.redelivered for m in got]
+    assert flags == sorted(flags, reverse=True)  # the returned ones, then the never delivered
+    assert sum(flags) >= 300 - len(acked)
+
+
+async def _ready(connection: AbstractConnection, name: str) -> int | None:
+    """The queue's ready count, once its consumer is gone."""
+    declared = await (await connection.channel()).declare_queue(name, passive=True)
+    result = declared.declaration_result
+    return result.message_count if result.consumer_count == 0 else None
 
 
 # --- consumer_timeout -------------------------------------------------------------------------
@@ -273,17 +412,23 @@ async def short_consumer_timeout() -> AsyncIterator[int]:
 
 
 def came_back_first(logs: list[dict[str, Any]], partition: str) -> bool:
-    """Whether the broker cut the partition's channel for holding a delivery too long, and the
-    held message was tried again first, its attempt count going on (not starting over)."""
+    """Whether the broker cut the partition's channel for holding deliveries too long, and the
+    message last tried before the cut was its key's first tried after it, its attempt count
+    going on (not starting over)."""
     lines = [line for line in logs if line.get("partition") == partition]
     for i, line in enumerate(lines):
         if line["event"] != "partition channel lost" or "PRECONDITION_FAILED" not in line["error"]:
             continue
         before = [x for x in lines[:i] if x["event"] == "delivery failed"]
-        after = [x for x in lines[i:] if x["event"] == "delivery failed"]
-        if before and after:
-            held, again = before[-1], after[0]
-            return held["message_id"] == again["message_id"] and (
+        if not before:
+            continue
+        held = before[-1]
+        after = [
+            x for x in lines[i:] if x["event"] == "delivery failed" and x["key"] == held["key"]
+        ]
+        if after:
+            again = after[0]
+            return again["message_id"] == held["message_id"] and (
                 again["attempt"] == held["attempt"] + 1
             )
     return False

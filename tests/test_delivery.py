@@ -20,7 +20,11 @@ import standardwebhooks
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from relay.delivery import (
+from relay.errors import ConfigError, Reject, Retry
+from relay.secrets import Secret, standard_webhooks_key
+from relay.settings import HandlerSettings
+from relay.verify import standard_webhooks_signature
+from relay.worker.delivery import (
     CallTarget,
     HttpTarget,
     Outcome,
@@ -29,10 +33,6 @@ from relay.delivery import (
     load_callable,
     parse_retry_after,
 )
-from relay.errors import ConfigError, Reject, Retry
-from relay.secrets import Secret, standard_webhooks_key
-from relay.settings import HandlerSettings
-from relay.verify import standard_webhooks_signature
 
 S, T, P = Verdict.SUCCESS, Verdict.TRANSIENT, Verdict.PERMANENT
 BODY = json.dumps(

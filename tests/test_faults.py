@@ -206,13 +206,16 @@ async def test_a_handler_hanging_past_its_timeout_is_retried_while_its_partition
 
     # Then everything is delivered, each invoice's in order
     await delivered_in_order(sender, lambda: http_deliveries(http_handler))
-    # after the head of the partition was tried again and again, each after the timeout
-    head = http_handler.requests[0].id
+    # after the head of each invoice that hung was tried again, each try after the timeout,
+    # while no later webhook of its invoice was tried
+    firsts = {ids[0] for ids in sender.ledger.accepted.values()}
     tries = [r for r in http_handler.requests if not r.accepted]
     assert len(tries) >= 3
-    assert {r.id for r in tries} == {head}
-    assert [r.attempt for r in http_handler.of(head)] == list(range(1, len(tries) + 2))
-    assert all(b.at - a.at >= 0.5 for a, b in itertools.pairwise(tries))
+    assert {r.id for r in tries} <= firsts
+    for head in {r.id for r in tries}:
+        attempts = http_handler.of(head)
+        assert [r.attempt for r in attempts] == list(range(1, len(attempts) + 1))
+        assert all(b.at - a.at >= 0.5 for a, b in itertools.pairwise(attempts))
 
 
 def journal_calls(path: Path, *, ok: bool) -> list[dict[str, Any]]:
@@ -245,10 +248,9 @@ async def test_a_python_handler_raising_for_a_while_gets_everything_in_order(
     # and the handler has raised 8 times
     await eventually(lambda: len(journal_calls(journal, ok=False)) >= 8, what="8 failures")
 
-    # Then only the head of each partition was tried: the first webhook of some invoice
+    # Then only the head of each invoice was tried: its first webhook
     failed = {call["id"] for call in journal_calls(journal, ok=False)}
     firsts = {ids[0] for ids in sender.ledger.accepted.values()}
-    assert len(failed) <= 2
     assert failed <= firsts
 
     # When the handler works again

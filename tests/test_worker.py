@@ -25,6 +25,7 @@ from tests.support import (
     eventually,
     handler,
     ids,
+    logged,
     new_event,
     queue_depth,
 )
@@ -339,9 +340,10 @@ async def test_stop_during_backoff_returns_the_message_to_the_head_of_its_queue(
     worker = await start_worker(settings)
     await publish(settings, first)
     await eventually(lambda: handlers_for_tests.calls, what="the first attempt")
-    # and a later event of the same invoice waiting behind it
+    # and a later event of the same invoice waiting behind it, in the worker's window
     await publish(settings, second)
-    assert await queue_depth(channel, partition) == 1
+    await eventually(lambda: depth_is(channel, partition, 0), what="both in the window")
+    assert [m["id"] for m in handlers_for_tests.calls] == ids([first])
 
     # When the worker is stopped
     await worker.stop()
@@ -393,10 +395,136 @@ async def test_worker_reconnects_after_the_broker_connection_is_cut(
     finally:
         await worker.stop()
         await proxy.cut()
-    # at least once: only what was in flight at the cut (one per partition) may come twice
+    # at least once: only what was in flight at the cut may come twice
     duplicates = len(handlers_for_tests.calls) - len(published)
-    assert 0 <= duplicates <= partitions
+    assert 0 <= duplicates <= settings.handlers[0].concurrency
     # and each invoice in the order published
     for invoice, events in per_invoice.items():
         got = [m["id"] for m in handlers_for_tests.calls if m["key"] == f"invoice:{invoice}"]
         assert list(dict.fromkeys(got)) == ids(events), f"invoice {invoice}"
+
+
+# --- many keys at once in a partition -----------------------------------------------------------
+
+
+async def test_a_failing_key_is_retried_while_the_other_keys_of_its_partition_flow(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    # Given one partition holding 5 invoices x 4 events, invoice 3's first answered 500 five
+    # times, with quick retries (max_attempts high enough not to give up)
+    settings = make_settings(
+        handlers=[handler({"url": http_handler.url}, max_attempts=20, backoff_initial_ms=100)]
+    )
+    per_invoice = events_per_invoice(settings, invoices=5, each=4)
+    http_handler.plan(per_invoice[3][0].message_id, [500] * 5)
+    await asyncio.gather(*(publish(settings, *events) for events in per_invoice.values()))
+
+    # When the worker delivers them
+    await start_worker(settings)
+    everything = [e for events in per_invoice.values() for e in events]
+    await eventually(lambda: len(http_handler.accepted()) == len(everything), what="all delivered")
+
+    # Then the other invoices were all delivered while invoice 3's head was still failing
+    last_failure = max(r.at for r in http_handler.requests if r.status == 500)
+    for invoice in (1, 2, 4, 5):
+        done_at = max(r.at for r in http_handler.requests if r.key == f"invoice:{invoice}")
+        assert done_at < last_failure, invoice
+    # and every invoice in order, invoice 3 after its head's 5 failures
+    for invoice, events in per_invoice.items():
+        assert http_handler.accepted(f"invoice:{invoice}") == ids(events), invoice
+    assert [r.attempt for r in http_handler.of(per_invoice[3][0].message_id)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_key_failing_for_ever_is_dead_lettered_while_the_handler_stays_live(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+    logs: list[dict[str, Any]],
+) -> None:
+    # Given 4 invoices x 5 events, spaced out so that other invoices succeed between the tries of
+    # invoice 2's head, which always answers 500 (a poison message)
+    settings = make_settings(
+        handlers=[
+            handler(
+                {"url": http_handler.url},
+                max_attempts=3,
+                backoff_initial_ms=200,
+                backoff_max_ms=1000,
+            )
+        ]
+    )
+    per_invoice = events_per_invoice(settings, invoices=4, each=5)
+    poison = per_invoice[2][0]
+    http_handler.plan(poison.message_id, [500] * 100)
+    http_handler.latency = 0.05
+    await asyncio.gather(*(publish(settings, *events) for events in per_invoice.values()))
+
+    # When the worker delivers them
+    await start_worker(settings)
+
+    # Then the poison message is dead-lettered after 3 tries, with the reason
+    dead = await dead_letter(channel, settings)
+    assert dead.message_id == poison.message_id
+    assert dead.headers["x-relay-reason"] == "failed 3 times in a row, last: HTTP 500"
+    assert dead.headers["x-relay-attempts"] == 3
+    # and its invoice goes on; everything else is delivered in order
+    rest = [e for events in per_invoice.values() for e in events if e is not poison]
+    await eventually(lambda: len(http_handler.accepted()) == len(rest), what="the rest")
+    for invoice, events in per_invoice.items():
+        expected = [e for e in events if e is not poison]
+        assert http_handler.accepted(f"invoice:{invoice}") == ids(expected), invoice
+    # while the handler was never parked
+    states = [line["state"] for line in logged(logs, "handler state")]
+    assert "parked" not in states
+    assert states[-1] == "live"
+
+
+async def test_retry_after_holds_every_key_of_the_handler(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    # Given 3 invoices, the first answered 429 with Retry-After: 2
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, max_attempts=10)])
+    first, second, third = (new_event(settings, invoice) for invoice in (1, 2, 3))
+    http_handler.plan(first.message_id, [(429, {"Retry-After": "2"})])
+    http_handler.latency = 0.2  # so that the others are still waiting when the 429 comes
+    await publish(settings, first, second, third)
+    settings = replace(
+        settings, handlers=(replace(settings.handlers[0], concurrency=1),)
+    )  # one at a time: the 429 comes before the others start
+
+    # When the worker delivers them
+    await start_worker(settings)
+    await eventually(lambda: len(http_handler.accepted()) == 3, timeout=15, what="3 delivered")
+
+    # Then after the 429 nothing was sent to the handler for 2 s, for any invoice
+    answered = http_handler.of(first.message_id)[0].answered_at
+    assert answered is not None
+    later = [r.at for r in http_handler.requests[1:]]
+    assert min(later) - answered >= 1.9
+
+
+async def test_max_rate_spaces_the_deliveries_of_a_handler(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+) -> None:
+    # Given 11 events of 11 invoices (nothing else to hold them back), and at most 10/s
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, max_rate=10.0)])
+    await publish(settings, *(new_event(settings, invoice) for invoice in range(11)))
+
+    # When the worker delivers them
+    await start_worker(settings)
+    await eventually(lambda: len(http_handler.accepted()) == 11, what="11 delivered")
+
+    # Then the 11 took at least a second: 10 gaps of 0.1 s
+    arrivals = sorted(r.at for r in http_handler.requests)
+    assert arrivals[-1] - arrivals[0] >= 0.95

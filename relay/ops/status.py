@@ -7,13 +7,15 @@ seconds old shows zeros), states from the relay.state stream.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from relay import state, topology
+from relay import topology, wire
 from relay.ops.management import Management
 from relay.settings import Settings
 
@@ -127,4 +129,32 @@ def _figures(name: str, queue: dict[str, Any] | None) -> dict[str, Any]:
 async def _states(settings: Settings) -> dict[str, dict[str, Any]]:
     connection = await aio_pika.connect(settings.broker.url, timeout=10)
     async with connection:
-        return await state.latest(await connection.channel())
+        return await latest_states(await connection.channel())
+
+
+async def latest_states(
+    channel: AbstractChannel, idle_seconds: float = 0.5
+) -> dict[str, dict[str, Any]]:
+    """The latest state record per partition: the relay.state stream read from its start until
+    it goes idle (a stream, not a queue: reading consumes nothing)."""
+    found: dict[str, dict[str, Any]] = {}
+    arrived = asyncio.Event()
+
+    async def on_record(incoming: AbstractIncomingMessage) -> None:
+        entry = wire.read_state_record(incoming.body)
+        if entry is not None:
+            found[entry["partition"]] = entry
+        arrived.set()
+        await incoming.ack()
+
+    await channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
+    queue = await channel.get_queue(topology.STATE_STREAM, ensure=False)
+    tag = await queue.consume(on_record, arguments={"x-stream-offset": "first"})
+    while True:
+        arrived.clear()
+        try:
+            await asyncio.wait_for(arrived.wait(), idle_seconds)
+        except TimeoutError:
+            break
+    await queue.cancel(tag)
+    return found

@@ -1,0 +1,12 @@
+"""The worker: consumes handlers' partitions and delivers each key's messages in order.
+
+- `worker`: the process: connection, topology, partitions, shutdown;
+- `partition`: one partition queue's window of deliveries, queued per key (AMQP shell);
+- `handler`: one handler's deliveries in flight, retries and state;
+- `keys` and `policy`: the scheduling and retry/park decisions, plain code;
+- `delivery`: one delivery over HTTP or to a Python callable, and its outcome.
+"""
+
+from relay.worker.worker import Worker
+
+__all__ = ["Worker"]

@@ -1,0 +1,251 @@
+"""Delivering one handler's messages in one worker process.
+
+Partitions hand over the head message of each key (relay/worker/partition.py); here at most
+`concurrency` of them are in flight at once, started as the handler's policy allows
+(relay/worker/policy.py), and each outcome is turned into an ack, a dead letter or a later
+retry. The handler's state (live, retrying, parked) is logged, exported and recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import aio_pika
+import structlog
+
+from relay import metrics, wire
+from relay.settings import HandlerSettings
+from relay.topology import STATE_STREAM
+from relay.wire import State
+from relay.worker.delivery import Outcome, Target, attempt_delivery
+from relay.worker.partition import Delivery, Partition
+from relay.worker.policy import Fate, HandlerPolicy
+
+log = structlog.get_logger()
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+TRIES_REMEMBERED = 10_000  # failed messages whose tries are remembered across channel cuts
+
+Publish = Callable[[aio_pika.Message, str], Awaitable[None]]  # (message, queue): confirmed
+
+
+class HandlerDeliveries:
+    def __init__(self, handler: HandlerSettings, target: Target) -> None:
+        self.handler = handler
+        self.policy = HandlerPolicy(handler)
+        self.partitions: list[Partition] = []
+        self._target = target
+        self._ready: deque[Delivery] = deque()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(handler.concurrency)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
+        self._timers: dict[Delivery, asyncio.TimerHandle] = {}  # retries waiting for their time
+        self._tries: dict[str, tuple[int, datetime, float]] = {}  # of messages that failed
+        self._halted = False
+        self._publish: Publish | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._log = log.bind(handler=handler.name)
+        name = handler.name
+        self._outcomes = {
+            v: metrics.DELIVERIES.labels(name, v) for v in ("success", "transient", "permanent")
+        }
+        self._seconds = metrics.DELIVERY_SECONDS.labels(name)
+
+    # --- the partitions' side -----------------------------------------------------------------
+
+    def ready(self, delivery: Delivery) -> None:
+        """`delivery` is its key's head: deliver it as soon as the policy allows."""
+        tried = self._tries.get(delivery.message_id)
+        if tried is not None and not delivery.attempts:  # back after a cut: its tries go on
+            delivery.attempts, delivery.first_attempt, delivery.not_before = tried
+            delivery.failed = True
+            self.policy.retrying(+1)
+        wait = delivery.not_before - time.monotonic()
+        if wait > 0:
+            loop = asyncio.get_running_loop()
+            self._timers[delivery] = loop.call_later(wait, self._due, delivery)
+            return
+        self._ready.append(delivery)
+        self._wake.set()
+
+    def _due(self, delivery: Delivery) -> None:
+        del self._timers[delivery]
+        delivery.not_before = 0.0
+        self.ready(delivery)
+
+    def forget(self, delivery: Delivery) -> None:
+        """`delivery` no longer waits for another try (its outcome is final, or its channel
+        closed)."""
+        if delivery.failed:
+            delivery.failed = False
+            self.policy.retrying(-1)
+
+    async def dead_letter(self, delivery: Delivery, outcome: Outcome, reason: str) -> None:
+        """Publish `delivery`'s dead letter and wait for the broker's confirm."""
+        assert self._publish is not None
+        dead = wire.dead_letter(
+            delivery.body,
+            delivery.properties,
+            handler=self.handler.name,
+            reason=reason,
+            status=outcome.status,
+            attempts=delivery.attempt,
+            first_attempt=delivery.first_attempt or datetime.now(UTC),
+        )
+        await self._publish(dead, self.handler.dead_letter_queue)
+
+    # --- running ------------------------------------------------------------------------------
+
+    def start(self, publish: Publish) -> None:
+        self._publish = publish
+        self._halted = False
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.ensure_future(self._dispatch())
+
+    def halt(self) -> None:
+        """Start no more deliveries (stopping); those in flight go on to their outcome."""
+        self._halted = True
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """After the partitions stopped: forget what waited, end the dispatcher."""
+        self.halt()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._ready.clear()
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._slots.acquire()
+            delivery = await self._next()
+            if delivery is None:
+                self._slots.release()
+                return
+            task = asyncio.ensure_future(self._deliver(delivery))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("delivery crashed", error=repr(task.exception()))
+
+    async def _next(self) -> Delivery | None:
+        """The next ready delivery, once the policy lets one start; None once halted."""
+        while not self._halted:
+            while self._ready and self._ready[0].stale:
+                self._ready.popleft()
+            wait: float | None = None
+            if self._ready:
+                now = time.monotonic()
+                wait = self.policy.wait(now)
+                if wait <= 0:
+                    self.policy.started(now)
+                    return self._ready.popleft()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+        return None
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        partition = delivery.partition
+        partition.started()
+        try:
+            delivery.attempts += 1
+            if delivery.first_attempt is None:
+                delivery.first_attempt = datetime.now(UTC)
+            started = time.perf_counter()
+            outcome = await attempt_delivery(
+                self._target, delivery.body, delivery.message_id, delivery.attempt
+            )
+            self._seconds.observe(time.perf_counter() - started)
+            self._outcomes[outcome.verdict.value].inc()
+            decision = self.policy.outcome(outcome, delivery.attempts, time.monotonic())
+            self._logged(delivery, outcome, decision.fate, decision.delay)
+            if decision.fate is Fate.RETRY:
+                delivery.not_before = time.monotonic() + decision.delay
+                self._tries[delivery.message_id] = (
+                    delivery.attempts,
+                    delivery.first_attempt,
+                    delivery.not_before,
+                )
+                if not delivery.failed:
+                    delivery.failed = True
+                    self.policy.retrying(+1)
+                if not delivery.stale:
+                    self.ready(delivery)
+            else:
+                self._tries.pop(delivery.message_id, None)
+                dead = decision.reason if decision.fate is Fate.DEAD_LETTER else None
+                await partition.settle(delivery, outcome, dead)
+            self._record_state(outcome)
+            self._wake.set()  # the policy may let more start now
+        finally:
+            partition.finished()
+
+    def _logged(self, delivery: Delivery, outcome: Outcome, fate: Fate, delay: float) -> None:
+        fields = {
+            "partition": delivery.partition.queue,
+            "message_id": delivery.message_id,
+            "key": delivery.key,
+            "attempt": delivery.attempt,
+            "detail": outcome.detail,
+        }
+        if fate is Fate.DELIVERED:
+            self._log.info("delivered", **fields)
+        elif fate is Fate.DEAD_LETTER:
+            self._log.warning("dead-lettered", **fields)
+        else:
+            self._log.warning("delivery failed", retry_in=round(delay, 3), **fields)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def _record_state(self, outcome: Outcome) -> None:
+        state = self.policy.current_state()
+        previous = self.policy.state
+        if state is previous:
+            return
+        self.policy.state = state
+        detail = "" if state is State.LIVE else outcome.detail
+        level = self._log.info if state is State.LIVE else self._log.warning
+        level("handler state", previous=previous.value if previous else "unknown",
+              state=state.value, detail=detail)  # fmt: skip
+        for each in State:
+            metrics.HANDLER_STATE.labels(self.handler.name, each.value).set(each is state)
+        if self._publish is not None:
+            writing = asyncio.ensure_future(self._write_records(state, detail))
+            self._background.add(writing)
+            writing.add_done_callback(self._background.discard)
+
+    async def _write_records(self, state: State, detail: str) -> None:
+        """Best effort: a lost state record must not hold up delivery."""
+        assert self._publish is not None
+        for partition in self.partitions:
+            if not partition.active:
+                continue  # a standby here: the active worker records this partition's state
+            record = wire.state_record(
+                handler=self.handler.name,
+                partition=partition.queue,
+                state=state.value,
+                detail=detail,
+                worker=WORKER_ID,
+            )
+            try:
+                await asyncio.wait_for(self._publish(record, STATE_STREAM), 5)
+            except Exception as exc:
+                self._log.warning("state record not written", error=repr(exc))
+                return

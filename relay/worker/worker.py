@@ -1,0 +1,144 @@
+"""The worker: consumes its handlers' partitions and delivers to the handlers.
+
+Building, running and test-running are separate: `Worker(settings)` builds (and fails at once
+on a `call` that cannot be imported), `run()` blocks, `async_run()` is awaitable (tests).
+Shutdown: stop taking deliveries, let those in flight finish (up to each handler's timeout),
+return the rest to the head of their queues by closing the channels, then the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aio_pika
+import aiohttp
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from relay import metrics, topology
+from relay.broker import BROKER_ERRORS, exchange_exists, keep_connected, until_set
+from relay.settings import Settings
+from relay.worker.delivery import CallTarget, HttpTarget, Target
+from relay.worker.handler import HandlerDeliveries
+from relay.worker.partition import Partition
+
+log = structlog.get_logger()
+
+DEPTH_INTERVAL_SECONDS = 10
+REOPEN_SECONDS = 1.0  # after the broker closed a partition's channel
+PUBLISH_TIMEOUT_SECONDS = 10.0  # dead letters and state records
+
+
+class Worker:
+    """Consumes the partitions of the configured handlers (all, or those named)."""
+
+    def __init__(self, settings: Settings, handler_names: list[str] | None = None) -> None:
+        self._settings = settings
+        names = handler_names or [h.name for h in settings.handlers]
+        self._handlers = [settings.handler(name) for name in names]
+        # Python handlers are imported now, so a bad `call` fails at start (exit 2).
+        self._targets: dict[str, Target] = {
+            h.name: CallTarget(h, f"handlers[{settings.handlers.index(h)}].call")
+            for h in self._handlers
+            if h.call
+        }
+        self._stopping = asyncio.Event()
+        self._over: asyncio.Event | None = None
+        self._deliveries: dict[str, HandlerDeliveries] = {}
+        self._partitions: list[Partition] = []
+        self.ready = asyncio.Event()  # set while consuming
+
+    def stop(self) -> None:
+        """Stop taking deliveries; in-flight ones finish, the rest go back to their queues."""
+        self._stopping.set()
+        for deliveries in self._deliveries.values():
+            deliveries.halt()
+        if self._over is not None:
+            self._over.set()
+
+    async def async_run(self) -> None:
+        """Consume until `stop()`, reconnecting whenever the broker connection drops."""
+        in_flight = sum(h.concurrency for h in self._handlers)
+        connector = aiohttp.TCPConnector(limit=in_flight)
+        # Answers are read raw: a compressed answer is never inflated (delivery._read_start).
+        async with aiohttp.ClientSession(auto_decompress=False, connector=connector) as session:
+            for h in self._handlers:
+                target = self._targets.get(h.name) or HttpTarget(h, session)
+                self._deliveries[h.name] = HandlerDeliveries(h, target)
+            self._partitions = [
+                Partition(h, i, self._deliveries[h.name])
+                for h in self._handlers
+                for i in range(h.partitions)
+            ]
+            for partition in self._partitions:
+                partition.deliveries.partitions.append(partition)
+            await keep_connected(
+                self._settings.broker.url, self._session, what="worker", until=self._stopping
+            )
+
+    async def _session(self, connection: AbstractConnection, over: asyncio.Event) -> None:
+        self._over = over
+        if self._stopping.is_set():
+            return
+        publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        publisher.close_callbacks.add(lambda *_: over.set())
+        await self._declare(connection, publisher)
+
+        async def publish(message: aio_pika.Message, queue: str) -> None:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                await publisher.default_exchange.publish(message, queue, mandatory=True)
+
+        for deliveries in self._deliveries.values():
+            deliveries.start(publish)
+        self.ready.set()
+        log.info("worker consuming", partitions=[p.queue for p in self._partitions])
+        depths = asyncio.ensure_future(self._watch_depths(connection, over))
+        try:
+            await asyncio.gather(*(self._keep_consuming(p, connection, over)
+                                   for p in self._partitions))  # fmt: skip
+        finally:
+            self.ready.clear()
+            depths.cancel()
+            for deliveries in self._deliveries.values():
+                await deliveries.stop()
+
+    async def _declare(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
+        """Declare the exchange and the state stream, and the topology of each handler that has
+        none yet. An existing handler's bindings and partitions are left as they are: only
+        `relay topology declare` changes them, so workers of an older config restarting
+        during a rolling change never undo it."""
+        await topology.declare(channel, topology.ingress(self._settings) + topology.state())
+        for handler in self._handlers:
+            if await exchange_exists(connection, handler.exchange):
+                dead_letters = topology.Queue(handler.dead_letter_queue, topology.CLASSIC)
+                await topology.declare(channel, topology.Topology(queues=[dead_letters]))
+                continue
+            await topology.declare(channel, topology.handler(self._settings, handler))
+            log.info("handler topology declared", handler=handler.name,
+                     partitions=handler.partitions)  # fmt: skip
+
+    async def _watch_depths(self, connection: AbstractConnection, over: asyncio.Event) -> None:
+        """Keeps the queue depth gauge current for this worker's queues (best effort)."""
+        queues = [q for h in self._handlers for q in (*h.queues, h.dead_letter_queue)]
+        with contextlib.suppress(*BROKER_ERRORS):
+            channel = await connection.channel(publisher_confirms=False)
+            while not over.is_set():
+                for name in queues:
+                    queue = await channel.declare_queue(name, passive=True)
+                    depth = queue.declaration_result.message_count or 0
+                    metrics.QUEUE_DEPTH.labels(name).set(depth)
+                await until_set(asyncio.sleep(DEPTH_INTERVAL_SECONDS), over)
+
+    async def _keep_consuming(
+        self, partition: Partition, connection: AbstractConnection, over: asyncio.Event
+    ) -> None:
+        """Consume a partition, reopening its channel if the broker closes it (consumer_timeout)."""
+        while not over.is_set():
+            try:
+                await partition.consume(connection, over)
+            except (*BROKER_ERRORS, ConnectionError) as exc:
+                if over.is_set():
+                    return
+                log.warning("partition channel lost", partition=partition.queue, error=repr(exc))
+                await until_set(asyncio.sleep(REOPEN_SECONDS), over)

@@ -1,0 +1,199 @@
+"""The scheduling and retry/park decisions, as plain code: a fake clock, outcomes in, decisions
+out, in milliseconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from relay.settings import HandlerSettings
+from relay.wire import State
+from relay.worker.delivery import Outcome, Verdict
+from relay.worker.keys import KeyQueues
+from relay.worker.policy import Fate, HandlerPolicy
+
+OK = Outcome(Verdict.SUCCESS, "HTTP 200", 200)
+DOWN = Outcome(Verdict.TRANSIENT, "HTTP 503", 503)
+GONE = Outcome(Verdict.PERMANENT, "HTTP 410", 410)
+
+
+def policy(**options: object) -> HandlerPolicy:
+    settings = {
+        "name": "h", "events": ("envoice.#",), "bindings": ("envoice.#",), "url": "http://h/",
+        "max_attempts": 3, "backoff_initial_ms": 100, "backoff_max_ms": 2000, **options,
+    }  # fmt: skip
+    return HandlerPolicy(HandlerSettings(**settings), jitter=lambda: 1.0)  # type: ignore[arg-type]
+
+
+# --- backoff ------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_from_the_initial_delay_up_to_the_cap() -> None:
+    rules = policy(max_attempts=100)
+
+    delays = [rules.backoff(n, DOWN) for n in range(1, 8)]
+
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+
+
+def test_backoff_jitter_takes_off_at_most_a_fifth() -> None:
+    settings = HandlerSettings(name="h", events=(), bindings=(), url="http://h/")
+    rules = HandlerPolicy(settings)  # real jitter
+
+    delays = {rules.backoff(1, DOWN) for _ in range(200)}
+
+    assert min(delays) >= 0.4
+    assert max(delays) <= 0.5
+    assert len(delays) > 1
+
+
+@pytest.mark.parametrize(("retry_after", "waited"), [(7.0, 7.0), (5000.0, 900.0), (0.0, 0.1)])
+def test_retry_after_is_waited_at_least_and_at_most_15_minutes(
+    retry_after: float, waited: float
+) -> None:
+    rules = policy()
+    busy = Outcome(Verdict.TRANSIENT, "HTTP 429", 429, retry_after)
+
+    decision = rules.outcome(busy, attempts=1, now=0.0)
+
+    assert (decision.fate, decision.delay) == (Fate.RETRY, waited)
+
+
+# --- outcomes -----------------------------------------------------------------------------------
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once() -> None:
+    decision = policy().outcome(GONE, attempts=1, now=0.0)
+
+    assert (decision.fate, decision.reason) == (Fate.DEAD_LETTER, "HTTP 410")
+
+
+def test_a_message_failing_while_others_are_delivered_is_poison() -> None:
+    rules = policy(max_attempts=3)
+    fates = []
+    for attempt in (1, 2, 3):
+        fates.append(rules.outcome(DOWN, attempts=attempt, now=0.0).fate)
+        rules.outcome(OK, attempts=1, now=0.0)  # another key delivered in between
+
+    assert fates == [Fate.RETRY, Fate.RETRY, Fate.DEAD_LETTER]
+    assert not rules.parked
+
+
+def test_a_message_failing_with_nothing_delivered_in_between_is_an_outage_not_poison() -> None:
+    rules = policy(max_attempts=3)
+
+    fates = [rules.outcome(DOWN, attempts=n, now=0.0).fate for n in (1, 2, 3, 4)]
+
+    assert fates == [Fate.RETRY] * 4
+    assert rules.parked
+
+
+def test_failures_in_a_row_across_keys_park_the_handler_and_never_dead_letter() -> None:
+    rules = policy(max_attempts=3)
+
+    fates = [rules.outcome(DOWN, attempts=n, now=0.0).fate for n in (1, 1, 1, 2, 9)]
+
+    assert fates == [Fate.RETRY] * 5  # parked: a message that keeps failing is kept
+    assert rules.parked
+    assert rules.current_state() is State.PARKED
+
+
+def test_a_parked_handler_sends_one_probe_per_backoff_max() -> None:
+    rules = policy(max_attempts=1, backoff_max_ms=2000)
+    rules.outcome(DOWN, attempts=1, now=10.0)
+
+    assert rules.wait(10.0) == 2.0  # the first probe after backoff_max
+    assert rules.wait(12.0) == 0.0
+    rules.started(12.0)
+    assert rules.wait(12.5) > 0  # one probe at a time
+    rules.outcome(DOWN, attempts=2, now=12.5)
+    assert rules.wait(12.5) == pytest.approx(1.5)  # the next one backoff_max after the last
+    rules.started(14.0)
+    rules.outcome(OK, attempts=3, now=14.2)
+    assert not rules.parked
+    assert rules.wait(14.2) == 0.0  # live: everything goes again
+
+
+def test_retry_after_holds_the_whole_handler() -> None:
+    rules = policy(max_attempts=10)
+    busy = Outcome(Verdict.TRANSIENT, "HTTP 429", 429, 30.0)
+
+    rules.outcome(busy, attempts=1, now=100.0)
+
+    assert rules.wait(100.0) == 30.0
+    rules.outcome(OK, attempts=1, now=101.0)  # a delivery in flight meanwhile succeeded
+    assert rules.wait(101.0) == 29.0  # the hold stands
+    assert rules.wait(130.0) == 0.0
+
+
+def test_a_429_without_retry_after_holds_the_handler_for_the_backoff() -> None:
+    rules = policy(max_attempts=10, backoff_initial_ms=500)
+    busy = Outcome(Verdict.TRANSIENT, "HTTP 429", 429)
+
+    rules.outcome(busy, attempts=2, now=0.0)
+
+    assert rules.wait(0.0) == 1.0
+    rules.outcome(DOWN, attempts=1, now=0.0)  # a 503 holds only its own message
+    assert rules.wait(0.0) == 1.0
+
+
+def test_max_rate_spaces_deliveries_evenly() -> None:
+    rules = policy(max_rate=4.0)
+
+    starts = []
+    now = 0.0
+    for _ in range(5):
+        now += rules.wait(now)
+        rules.started(now)
+        starts.append(now)
+
+    assert starts == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_state_is_unknown_until_the_first_outcome_then_follows_them() -> None:
+    rules = policy(max_attempts=2)
+    assert rules.state is None
+
+    rules.outcome(DOWN, attempts=1, now=0.0)
+    rules.retrying(+1)
+    first = rules.current_state()
+    rules.outcome(DOWN, attempts=2, now=0.0)
+    second = rules.current_state()
+    rules.outcome(OK, attempts=3, now=0.0)
+    rules.retrying(-1)
+
+    assert (first, second, rules.current_state()) == (State.RETRYING, State.PARKED, State.LIVE)
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    key: str
+    n: int
+
+
+def test_each_key_releases_its_next_message_only_when_the_one_before_is_done() -> None:
+    keys: KeyQueues[Item] = KeyQueues()
+    a1, a2, b1, a3 = Item("a", 1), Item("a", 2), Item("b", 1), Item("a", 3)
+
+    ready = [item for item in (a1, a2, b1, a3) if keys.add(item)]
+
+    assert ready == [a1, b1]  # every key's head at once
+    assert keys.done(a1) is a2
+    assert keys.done(b1) is None
+    assert keys.done(a2) is a3
+    assert keys.done(a3) is None
+    assert len(keys) == 0
+
+
+def test_only_a_keys_head_can_be_done() -> None:
+    keys: KeyQueues[Item] = KeyQueues()
+    first, second = Item("a", 1), Item("a", 2)
+    keys.add(first)
+    keys.add(second)
+
+    with pytest.raises(ValueError, match="is not the head"):
+        keys.done(second)
