@@ -4,6 +4,12 @@ source "$(dirname "$0")/setup.sh"
 ensure_venv "[test]"
 ensure_rabbitmq
 cd "$ROOT"
-echo "== ruff" && "$VENV/bin/ruff" check relay tests && "$VENV/bin/ruff" format --check relay tests
-echo "== mypy" && "$VENV/bin/mypy" --strict relay
-echo "== pytest" && exec "$VENV/bin/pytest" "$@"
+# Each step on its own line: under `set -e` a failing step stops the command (in `a && b`
+# it would not).
+echo "== ruff"
+"$VENV/bin/ruff" check relay tests
+"$VENV/bin/ruff" format --check relay tests
+echo "== mypy"
+"$VENV/bin/mypy" --strict relay
+echo "== pytest"
+exec "$VENV/bin/pytest" "$@"

@@ -91,6 +91,19 @@ async def exchange_exists(connection: AbstractConnection, name: str) -> bool:
     return True
 
 
+async def queue_exists(connection: AbstractConnection, name: str) -> bool:
+    """Whether the queue exists; asked on a channel of its own, which NOT_FOUND closes."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(name, passive=True)
+    except ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
+
+
 async def _close(connection: AbstractConnection) -> None:
     with contextlib.suppress(*BROKER_ERRORS):
         await asyncio.wait_for(connection.close(), timeout=5)

@@ -17,7 +17,7 @@ from relay.verify import hex_signature, hex_signature_matches
 if TYPE_CHECKING:
     from relay.settings import SourceSettings
 
-# The Activity Type enum of Envoice's OpenAPI spec, in order from 0 (SPEC "The Envoice webhook").
+# The Activity Type enum of Envoice's OpenAPI spec, in order from 0 (README "Routing").
 TYPE_NAMES = (  # noqa: SIM905 - one compact, diffable list
     "Created Draft Cloned SentViaEmail SentViaSms SentReminderViaEmail "
     "SentReminderViaSms Opened Viewed Rejected Updated Paid Unpaid Overdue "

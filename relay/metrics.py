@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC "Logs and metrics")."""
+"""Prometheus metrics: requests, publishes, deliveries, handler states, queue depths."""
 
 from __future__ import annotations
 

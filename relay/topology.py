@@ -113,20 +113,25 @@ def describe(settings: Settings) -> Topology:
 
 async def declare(channel: AbstractChannel, topology: Topology) -> None:
     """Declare idempotently; an object that exists with other arguments raises."""
-    exchanges = {}
     for ex in topology.exchanges:
-        exchanges[ex.name] = await channel.declare_exchange(
-            ex.name, ex.type, durable=True, arguments=ex.arguments
-        )
-    queues = {}
+        await channel.declare_exchange(ex.name, ex.type, durable=True, arguments=ex.arguments)
     for q in topology.queues:
-        queues[q.name] = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+        await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+    raw = await channel.get_underlay_channel()
     for b in topology.bindings:
-        destination = queues if b.destination_type == "queue" else exchanges
-        source = exchanges.get(b.source) or await channel.get_exchange(b.source, ensure=False)
-        await destination[b.destination].bind(
-            source, routing_key=b.routing_key, arguments=b.arguments
-        )
+        if b.destination_type == "queue":
+            await raw.queue_bind(b.destination, b.source, b.routing_key, arguments=b.arguments)
+        else:
+            await raw.exchange_bind(b.destination, b.source, b.routing_key, arguments=b.arguments)
+
+
+async def unbind(channel: AbstractChannel, binding: Binding) -> None:
+    raw = await channel.get_underlay_channel()
+    b = binding
+    if b.destination_type == "queue":
+        await raw.queue_unbind(b.destination, b.source, b.routing_key, arguments=b.arguments)
+    else:
+        await raw.exchange_unbind(b.destination, b.source, b.routing_key, arguments=b.arguments)
 
 
 def export(topology: Topology, vhost: str = "/") -> dict[str, Any]:

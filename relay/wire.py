@@ -216,25 +216,95 @@ def state_record(
     *, handler: str, partition: str, state: str, detail: str, worker: str
 ) -> aio_pika.Message:
     """A handler state change, appended to the relay.state stream."""
-    body = {
-        "handler": handler,
-        "partition": partition,
-        "state": state,
-        "detail": detail,
-        "worker": worker,
-        "at": datetime.now(UTC).isoformat(),
-    }
+    return _record(
+        {"kind": "state", "handler": handler, "partition": partition, "state": state,
+         "detail": detail, "worker": worker}
+    )  # fmt: skip
+
+
+def layout_record(*, handler: str, partitions: int, change: str) -> aio_pika.Message:
+    """A handler's partitions were laid out anew (`relay topology declare`, or a worker creating
+    a new handler's): workers consume every partition of every layout still on the broker."""
+    return _record(
+        {"kind": "layout", "handler": handler, "partitions": partitions, "change": change}
+    )
+
+
+def release_record(
+    *, handler: str, change: str, buckets: list[int], duplicates: list[str]
+) -> aio_pika.Message:
+    """Every message of `buckets` routed to their old partition before `change` has its final
+    outcome: their new partition may deliver them. `duplicates` were routed to both partitions
+    while the change was made, and were delivered from the old one."""
+    return _record(
+        {"kind": "release", "handler": handler, "change": change, "buckets": buckets,
+         "duplicates": duplicates}
+    )  # fmt: skip
+
+
+def _record(body: dict[str, Any]) -> aio_pika.Message:
     return aio_pika.Message(
-        orjson.dumps(body),
+        orjson.dumps({**body, "at": datetime.now(UTC).isoformat()}),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
 
 
-def read_state_record(body: bytes) -> dict[str, Any] | None:
-    """A state record's fields, or None if `body` is not one."""
+def read_record(body: bytes) -> dict[str, Any] | None:
+    """The fields of a record of the relay.state stream (`kind`: state, layout or release), or
+    None if `body` is not one."""
     try:
         record = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    return record if isinstance(record, dict) and "partition" in record else None
+    if not isinstance(record, dict) or "handler" not in record:
+        return None
+    record.setdefault("kind", "state")  # records written before kinds
+    return record
+
+
+# --- partition change markers -----------------------------------------------------------------
+#
+# Changing a handler's partitions moves buckets from old partitions to new ones. So that a key's
+# older messages, still in its old partition, are delivered before its newer ones, `relay
+# topology declare` puts markers into the partition queues (docs/ARCHITECTURE.md, "Changing
+# partitions"): HOLD into a partition gaining buckets before they are routed to it (it holds
+# their messages), FENCE_START and then FENCE into a partition losing buckets, around the
+# switch of bindings (when the FENCE has passed, the buckets are released).
+
+MARKER_HEADER = "x-relay-marker"
+HOLD, FENCE_START, FENCE = "hold", "fence-start", "fence"
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    kind: str  # HOLD | FENCE_START | FENCE
+    change: str
+    buckets: frozenset[int]
+
+
+def marker(kind: str, change: str, buckets: list[int]) -> aio_pika.Message:
+    return aio_pika.Message(
+        orjson.dumps({"change": change, "buckets": sorted(buckets)}),
+        headers={MARKER_HEADER: kind},
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=f"marker:{change}:{kind}",
+    )
+
+
+def read_marker(headers: dict[str, Any], body: bytes) -> Marker | None:
+    """The marker a message is, or None if it is not one."""
+    kind = headers.get(MARKER_HEADER)
+    if kind not in (HOLD, FENCE_START, FENCE):
+        return None
+    fields = orjson.loads(body)
+    return Marker(kind, str(fields["change"]), frozenset(int(b) for b in fields["buckets"]))
+
+
+def bucket_of(headers: dict[str, Any], key: str) -> int:
+    """A message's bucket: its header, or (a message from before buckets) its key's."""
+    stamped = headers.get(BUCKET_HEADER)
+    if isinstance(stamped, str) and stamped.isdigit():
+        return int(stamped) % BUCKETS
+    return bucket(key)

@@ -1,10 +1,15 @@
-"""The RabbitMQ traps that touch ordering or loss (/work/shared/RABBITMQ.md), each shown on the
+"""The RabbitMQ traps that touch ordering or loss (docs/RABBITMQ.md), each shown on the
 real broker, and relay's handling of it shown to hold.
 
 - requeue position: a nack with requeue sends a message to the back of a quorum queue; closing
-  a channel returns its one unacked message to the head, which is what relay relies on (it
-  never nacks); returning many at once scrambles a quorum queue, so dead letters are classic.
-- aiormq runs a consumer callback per delivery, concurrently: relay serialises each partition.
+  a channel returns its unacked deliveries to the head in order, whatever was acked in between,
+  also when the consumer's process is killed: what relay relies on (it never nacks); messages
+  taken with basic.get and returned together scramble a quorum queue, so dead letters are
+  classic.
+- aiormq runs a consumer callback per delivery, concurrently: relay queues each delivery per key
+  before any await, and delivers each key one message at a time.
+- cancelling a single-active consumer hands its queue over while it still holds deliveries:
+  relay closes channels instead.
 - consumer_timeout closes the channel of a delivery held too long: relay keeps order.
 - a delivery received before a connection drop cannot be acked: the broker delivers it again.
 """
@@ -242,15 +247,17 @@ def inversions(got: list[int]) -> int:
     return sum(1 for a, b in itertools.pairwise(got) if a > b)
 
 
-async def consume_all(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
-    """Consume (acking) until `count` messages arrived, in arrival order."""
+async def consume_all(queue: AbstractQueue, expected: set[int]) -> list[AbstractIncomingMessage]:
+    """Consume (acking) until every number in `expected` arrived; all that came, in order."""
     got: list[AbstractIncomingMessage] = []
     done = asyncio.Event()
+    missing = set(expected)
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         got.append(message)  # before any await: arrival order
+        missing.discard(int(message.body))
         await message.ack()
-        if len(got) >= count:
+        if not missing:
             done.set()
 
     await queue.channel.set_qos(prefetch_count=100)
@@ -273,7 +280,7 @@ async def test_deliveries_returned_by_closing_the_channel_come_back_first_in_ord
         total = prefetch + 50
         await fill(queue, total)
         taker = await on_own_channel(connection, queue)
-        held = await hold(taker, prefetch)
+        held, _ = await hold(taker, prefetch)
         # which acks a random 40% of them
         chosen = random.Random(trial).sample(held, k=prefetch * 2 // 5)
         for message in chosen:
@@ -284,15 +291,16 @@ async def test_deliveries_returned_by_closing_the_channel_come_back_first_in_ord
         await taker.channel.close()
 
         # Then what was not acked comes back, in queue order, before what was never delivered
-        back = numbers(await consume_all(queue, total - len(acked)))
         unacked = [n for n in range(1, total + 1) if n not in acked]
+        back = numbers(await consume_all(queue, set(unacked)))
         assert back == sorted(back), f"trial {trial}: {inversions(back)} inversion(s)"
         assert set(back) - acked == set(unacked)  # only acked ones may come again
         print(f"prefetch {prefetch} trial {trial}: {len(back) - len(unacked)} acked came again")
 
 
-async def hold(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
-    """Consume `count` deliveries (prefetch `count`) and hold them unacked."""
+async def hold(queue: AbstractQueue, count: int) -> tuple[list[AbstractIncomingMessage], str]:
+    """Consume `count` deliveries (prefetch `count`) and hold them unacked: the deliveries, and
+    the consumer's tag (it stays)."""
     held: list[AbstractIncomingMessage] = []
     arrived = asyncio.Event()
 
@@ -302,9 +310,9 @@ async def hold(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage
             arrived.set()
 
     await queue.channel.set_qos(prefetch_count=count)
-    await queue.consume(on_message)
+    tag = await queue.consume(on_message)
     await asyncio.wait_for(arrived.wait(), 30)
-    return held
+    return held, tag
 
 
 KILLED_CONSUMER = """
@@ -356,10 +364,11 @@ async def test_deliveries_of_a_consumer_killed_with_sigkill_come_back_first_in_o
         await consumer.wait()
 
         # Then what it had not acked comes back, in queue order, marked redelivered first
-        remaining = await eventually(
+        await eventually(
             lambda: _ready(connection, name), what="the killed consumer's deliveries returned"
         )
-        got = await consume_all(await on_own_channel(connection, queue), remaining)
+        unacked = set(range(1, 401)) - acked
+        got = await consume_all(await on_own_channel(connection, queue), unacked)
     finally:
         await (await connection.channel()).queue_delete(name)
     back = numbers(got)
@@ -527,3 +536,43 @@ async def test_a_delivery_that_cannot_be_acked_after_a_reconnect_is_delivered_ag
     # the second time as attempt 2, counted by the broker (x-delivery-count)
     again: list[Request] = http_handler.of(events[0].message_id)
     assert [r.attempt for r in again] == [1, 2]
+
+
+# --- single active consumer ---------------------------------------------------------------------
+
+
+async def test_cancelling_a_single_active_consumer_hands_the_queue_over_while_it_holds_deliveries(
+    connection: AbstractConnection,
+) -> None:
+    """Why a stopping worker closes its partition channels and never cancels its consumers
+    first (relay/worker/partition.py): the waiting consumer would get later messages while the
+    cancelled one still holds earlier ones unacked, and deliver them first."""
+    # Given 1..20 in a quorum queue with single active consumer, consumer A holding 1..10
+    name = f"relay.test-trap-{uuid.uuid4().hex[:8]}"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(
+        name, durable=True, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True}
+    )
+    try:
+        await fill(queue, 20)
+        first = await on_own_channel(connection, queue)
+        held, tag = await hold(first, 10)
+        # and consumer B waiting on another channel
+        second = await on_own_channel(connection, queue)
+        await second.channel.set_qos(prefetch_count=10)
+        got: list[int] = []
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            got.append(int(message.body))
+
+        await second.consume(on_message)
+
+        # When A cancels its consumer, still holding its deliveries
+        await first.cancel(tag)
+
+        # Then B is handed the queue at once and gets 11.. while 1..10 are still held by A
+        await eventually(lambda: got, what="deliveries to the consumer waiting")
+        assert got[0] == 11
+        assert numbers(held) == list(range(1, 11))
+    finally:
+        await (await connection.channel()).queue_delete(name)

@@ -43,7 +43,7 @@ def sign(
     template: str = "{Timestamp}.{Activity}",
     algorithm: str = "hmac-sha256",
 ) -> str:
-    """The recipe of SPEC "The Envoice webhook", computed independently of relay."""
+    """The recipe of README "The Envoice signature recipe", computed independently of relay."""
     return envoice_signature(secret, timestamp, raw, template=template, algorithm=algorithm)
 
 

@@ -1,4 +1,4 @@
-"""The ingress over real HTTP against the real broker: every row of SPEC "Ingress HTTP"."""
+"""The ingress over real HTTP against the real broker: every row of README "Ingress answers"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What an accepted webhook becomes on the broker - routing key, properties, body (SPEC Routing)."""
+"""What an accepted webhook becomes on the broker: routing key, properties, body (README
+"Routing")."""
 
 from __future__ import annotations
 

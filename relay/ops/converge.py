@@ -10,7 +10,9 @@ messages: they are reported, and `--prune` removes them once they are empty.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ from relay.settings import Settings
 from relay.topology import Binding, Topology
 
 LEGACY_HEADER = re.compile(r"^relay-p\d+$")  # partition headers of relay before buckets
+# Between removing a bucket's old binding and putting FENCE into its old partition: a message
+# the broker routed just before the removal may still be on its way to that queue.
+ROUTING_SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +51,23 @@ class Broker:
 
 
 @dataclass(frozen=True, slots=True)
+class Move:
+    """A handler's buckets that leave their partition for another: a partition change."""
+
+    handler: str
+    change: str  # an id, in the markers and release records
+    gains: dict[str, list[int]]  # queue -> the buckets it gains
+    losses: dict[str, list[int]]  # queue -> the buckets it loses
+    partitions: int  # partition queues that may hold messages after it: 0 .. partitions - 1
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     declare: Topology = field(default_factory=Topology)  # what is missing
     unbind: list[Binding] = field(default_factory=list)  # owned bindings the config lacks
     legacy: list[Binding] = field(default_factory=list)  # relay-p<N> bindings: --prune removes
     leftovers: list[Leftover] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -59,7 +76,7 @@ class Plan:
         )
 
 
-def plan(desired: Topology, broker: Broker, main_exchange: str) -> Plan:
+def plan(desired: Topology, broker: Broker, main_exchange: str, change: str = "change") -> Plan:
     """The changes that take `broker` to `desired` (pure: no I/O).
 
     Only this config's objects are considered: its main exchange, and the handler exchanges the
@@ -95,7 +112,37 @@ def plan(desired: Topology, broker: Broker, main_exchange: str) -> Plan:
         unbind=[b for b in stale if b not in legacy],
         legacy=legacy,
         leftovers=leftovers,
+        moves=_moves(desired, broker, change),
     )
+
+
+def _moves(desired: Topology, broker: Broker, change: str) -> list[Move]:
+    """Per handler, the buckets whose partition changes (a bucket bound nowhere yet moves not)."""
+    moves = []
+    for exchange in sorted({e.name for e in desired.exchanges if e.type == "headers"}):
+        old = _bucket_routes(broker.bindings, exchange)
+        new = _bucket_routes(desired.bindings, exchange)
+        moved = [b for b in sorted(new) if b in old and old[b] != new[b]]
+        if not moved:
+            continue
+        gains: dict[str, list[int]] = defaultdict(list)
+        losses: dict[str, list[int]] = defaultdict(list)
+        for bucket in moved:
+            gains[new[bucket]].append(bucket)
+            losses[old[bucket]].append(bucket)
+        count = 1 + max(int(q.rsplit(".", 1)[1]) for q in [*old.values(), *new.values()])
+        moves.append(
+            Move(exchange.removeprefix("relay."), change, dict(gains), dict(losses), count)
+        )
+    return moves
+
+
+def _bucket_routes(bindings: Iterable[Binding], exchange: str) -> dict[int, str]:
+    return {
+        int(b.arguments[wire.BUCKET_HEADER]): b.destination
+        for b in bindings
+        if b.source == exchange and wire.BUCKET_HEADER in b.arguments
+    }
 
 
 def _to_handler(binding: Binding, main_exchange: str) -> bool:
@@ -121,6 +168,12 @@ def describe(plan: Plan, *, prune: bool) -> list[str]:
     lines += [f"+ queue {q.name}" for q in plan.declare.queues]
     lines += _binding_lines("+", plan.declare.bindings)
     lines += _binding_lines("-", plan.unbind)
+    for move in plan.moves:
+        moved = sum(len(buckets) for buckets in move.gains.values())
+        lines.append(
+            f"~ {moved} bucket(s) of relay.{move.handler} change partition: each new partition "
+            "holds them until the old one has delivered what it has of them"
+        )
     if plan.legacy:
         what = f"{len(plan.legacy)} legacy relay-p<N> binding(s)"
         if prune:
@@ -192,25 +245,37 @@ def _binding(raw: dict[str, Any]) -> Binding:
 
 
 async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prune: bool) -> None:
-    """Declare everything desired (idempotent), then remove what the plan says, in that order."""
-    await topology.declare(channel, desired)
+    """Declare what is desired and remove what the plan says. Buckets that change partition
+    are moved with markers (relay/worker/changes.py) so that each key stays in order: HOLD into
+    the partitions gaining buckets and FENCE_START into those losing them, then the new bindings
+    and the removal of the old ones, then (once routing decisions made meanwhile have landed)
+    FENCE into those losing them. `channel` must be in confirm mode."""
+    await topology.declare(channel, Topology(desired.exchanges, desired.queues))
+    for move in plan.moves:
+        for queue, buckets in move.gains.items():
+            await _publish(channel, wire.marker(wire.HOLD, move.change, buckets), queue)
+        for queue, buckets in move.losses.items():
+            await _publish(channel, wire.marker(wire.FENCE_START, move.change, buckets), queue)
+    await topology.declare(channel, Topology(bindings=desired.bindings))
     for binding in plan.unbind + (plan.legacy if prune else []):
-        await _unbind(channel, binding)
+        await topology.unbind(channel, binding)
+    if plan.moves:
+        await asyncio.sleep(ROUTING_SETTLE_SECONDS)
+    for move in plan.moves:
+        for queue, buckets in move.losses.items():
+            await _publish(channel, wire.marker(wire.FENCE, move.change, buckets), queue)
+        record = wire.layout_record(
+            handler=move.handler, partitions=move.partitions, change=move.change
+        )
+        await _publish(channel, record, topology.STATE_STREAM)
     if prune:
-        for queue in plan.leftovers:
-            if queue.messages == 0:
-                await channel.queue_delete(queue.name, if_empty=True)
+        for leftover in plan.leftovers:
+            if leftover.messages == 0:
+                await channel.queue_delete(leftover.name, if_empty=True)
 
 
-async def _unbind(channel: AbstractChannel, binding: Binding) -> None:
-    source = await channel.get_exchange(binding.source, ensure=False)
-    arguments = binding.arguments
-    if binding.destination_type == "exchange":
-        destination = await channel.get_exchange(binding.destination, ensure=False)
-        await destination.unbind(source, binding.routing_key, arguments=arguments)
-    else:
-        queue = await channel.get_queue(binding.destination, ensure=False)
-        await queue.unbind(source, binding.routing_key, arguments=arguments)
+async def _publish(channel: AbstractChannel, message: aio_pika.Message, queue: str) -> None:
+    await channel.default_exchange.publish(message, queue, mandatory=True)
 
 
 async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[str]:
@@ -218,9 +283,10 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
     desired = topology.describe(settings)
     async with Management(settings.broker) as api:
         broker = await read(api, desired, settings.broker.exchange)
-    changes = plan(desired, broker, settings.broker.exchange)
+    changes = plan(desired, broker, settings.broker.exchange, uuid.uuid4().hex[:12])
     if not dry_run:
         connection = await aio_pika.connect(settings.broker.url, timeout=10)
         async with connection:
-            await apply(await connection.channel(), desired, changes, prune=prune)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await apply(channel, desired, changes, prune=prune)
     return describe(changes, prune=prune)

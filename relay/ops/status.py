@@ -141,8 +141,8 @@ async def latest_states(
     arrived = asyncio.Event()
 
     async def on_record(incoming: AbstractIncomingMessage) -> None:
-        entry = wire.read_state_record(incoming.body)
-        if entry is not None:
+        entry = wire.read_record(incoming.body)
+        if entry is not None and entry["kind"] == "state":
             found[entry["partition"]] = entry
         arrived.set()
         await incoming.ack()

@@ -50,6 +50,8 @@ class HandlerDeliveries:
         self._timers: dict[Delivery, asyncio.TimerHandle] = {}  # retries waiting for their time
         self._tries: dict[str, tuple[int, datetime, float]] = {}  # of messages that failed
         self._halted = False
+        # Partition changes released so far: change -> (buckets, duplicates), from relay.state.
+        self._releases: dict[str, tuple[set[int], set[str]]] = {}
         self._publish: Publish | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._log = log.bind(handler=handler.name)
@@ -87,6 +89,29 @@ class HandlerDeliveries:
         if delivery.failed:
             delivery.failed = False
             self.policy.retrying(-1)
+
+    def released(self, change: str, bucket: int) -> frozenset[str] | None:
+        """If `change` released `bucket`: the ids it delivered from the old partition."""
+        release = self._releases.get(change)
+        if release is None or bucket not in release[0]:
+            return None
+        return frozenset(release[1])
+
+    def is_released(self, change: str, bucket: int) -> bool:
+        return self.released(change, bucket) is not None
+
+    async def release(self, change: str, buckets: list[int], duplicates: list[str]) -> None:
+        """A release record: `change` released `buckets` (in relay.state, from any worker)."""
+        known, ids = self._releases.setdefault(change, (set(), set()))
+        known.update(buckets)
+        ids.update(duplicates)
+        for partition in self.partitions:
+            await partition.released(change, frozenset(buckets))
+
+    async def record(self, message: aio_pika.Message) -> None:
+        """Append a record to relay.state, confirmed."""
+        assert self._publish is not None
+        await self._publish(message, STATE_STREAM)
 
     async def dead_letter(self, delivery: Delivery, outcome: Outcome, reason: str) -> None:
         """Publish `delivery`'s dead letter and wait for the broker's confirm."""

@@ -24,6 +24,7 @@ from pamqp.commands import Basic
 from relay import wire
 from relay.broker import BROKER_ERRORS, until_set
 from relay.settings import HandlerSettings
+from relay.worker.changes import Changes, Fence
 from relay.worker.delivery import Outcome
 from relay.worker.keys import KeyQueues
 
@@ -37,6 +38,7 @@ DRAIN_MARGIN_SECONDS = 5.0  # beyond a handler's timeout, how long in-flight del
 # messages would come again (docs/RABBITMQ.md). On a graceful stop the channel stays open
 # this long after the last outcome.
 ACKS_SETTLE_SECONDS = 0.5
+ACK_QUEUE_SECONDS = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -47,6 +49,8 @@ class Delivery:
     generation: int  # of the channel it came on: when that closes, it will come again
     tag: int
     key: str
+    bucket: int
+    held_by: str | None  # the partition change holding its bucket when it arrived
     message_id: str
     body: bytes
     properties: Any  # pamqp BasicProperties: headers, message_id, ...
@@ -76,8 +80,11 @@ class Partition:
     active: bool = False  # has had deliveries on its current channel
     in_flight: int = 0
     _keys: KeyQueues[Delivery] = field(default_factory=KeyQueues)
+    _changes: Changes[Delivery] = field(default_factory=Changes)
+    _blocked: list[Delivery] = field(default_factory=list)  # key heads a change holds
     _channel: Any = None  # the aiormq channel
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Future[None]] = field(default_factory=set)
 
     @property
     def queue(self) -> str:
@@ -99,11 +106,13 @@ class Partition:
         self.active = False
         try:
             await self._channel.basic_qos(prefetch_count=self.handler.window)
-            consuming = await self._channel.basic_consume(self.queue, self._receive)
+            await self._channel.basic_consume(self.queue, self._receive)
             await until_set(closed.wait(), over)
-            if not closed.is_set():  # stopping: take no more, finish what is in flight
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await self._channel.basic_cancel(consuming.consumer_tag)
+            if not closed.is_set():  # stopping: nothing new starts, what is in flight finishes
+                # The consumer stays: cancelling it would hand the queue (single active
+                # consumer) to a standby while this channel still holds unacked messages, and
+                # the standby would deliver later messages of their keys first. Closing the
+                # channel returns them and hands over the queue at once.
                 await self._drained()
                 await until_set(asyncio.sleep(ACKS_SETTLE_SECONDS), closed)
         finally:
@@ -117,20 +126,45 @@ class Partition:
         # Runs in a task of its own, before the next delivery's: the window keeps queue order.
         properties = message.header.properties
         headers = properties.headers or {}
+        tag = cast(int, cast(Basic.Deliver, message.delivery).delivery_tag)
+        marker = wire.read_marker(headers, message.body)
+        if marker is not None:
+            await self._take_marker(marker, tag)
+            return
+        key = wire.key_of(properties)
+        bucket = wire.bucket_of(headers, key)
         earlier = headers.get("x-delivery-count")
         delivery = Delivery(
             partition=self,
             generation=self.generation,
-            tag=cast(int, cast(Basic.Deliver, message.delivery).delivery_tag),
-            key=wire.key_of(properties),
+            tag=tag,
+            key=key,
+            bucket=bucket,
+            held_by=self._changes.holder(bucket),
             message_id=properties.message_id or "?",
             body=message.body,
             properties=properties,
             earlier=earlier if isinstance(earlier, int) else 0,
         )
         self.active = True
+        self._changes.arrived(delivery)
         if self._keys.add(delivery):
-            self.deliveries.ready(delivery)
+            await self._next_of_key(delivery)
+
+    async def _next_of_key(self, delivery: Delivery) -> None:
+        """`delivery` is its key's head: deliver it, unless a partition change holds it (or
+        made it a duplicate, delivered from its old partition)."""
+        if delivery.held_by is not None:
+            duplicates = self.deliveries.released(delivery.held_by, delivery.bucket)
+            if duplicates is None:
+                self._blocked.append(delivery)
+                return
+            if delivery.message_id in duplicates:
+                log.info("delivered from its old partition during a partition change",
+                         partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+                await self._finish(delivery)
+                return
+        self.deliveries.ready(delivery)
 
     async def settle(self, delivery: Delivery, outcome: Outcome, dead_letter: str | None) -> None:
         """`delivery`'s outcome is final: dead-letter it (when `dead_letter` says why), ack it,
@@ -141,14 +175,80 @@ class Partition:
         try:
             if dead_letter is not None:
                 await self.deliveries.dead_letter(delivery, outcome, dead_letter)
-            await self._channel.basic_ack(delivery.tag)
         except BROKER_ERRORS as exc:
-            log.warning("outcome not recorded: the message will come again", error=repr(exc),
+            log.warning("dead letter not written: the message will come again", error=repr(exc),
                         partition=self.queue, message_id=delivery.message_id)  # fmt: skip
             return
+        await self._finish(delivery)
+
+    async def _finish(self, delivery: Delivery) -> None:
+        """Ack `delivery`; pass the fences waiting for it; go on with its key."""
+        if not await self._ack(delivery.tag):
+            return
+        for fence in self._changes.done(delivery):
+            self._pass(fence)
         following = self._keys.done(delivery)
         if following is not None:
-            self.deliveries.ready(following)
+            await self._next_of_key(following)
+
+    async def _ack(self, tag: int) -> bool:
+        try:
+            # Queued to the connection's writer, not awaited through it; its bounded queue
+            # blocks only when the connection is dead, which the timeout then tells.
+            async with asyncio.timeout(ACK_QUEUE_SECONDS):
+                await self._channel.basic_ack(tag, wait=False)
+        except (*BROKER_ERRORS, TimeoutError) as exc:
+            log.warning("ack not sent: the message will come again", error=repr(exc),
+                        partition=self.queue)  # fmt: skip
+            return False
+        return True
+
+    # --- partition changes --------------------------------------------------------------------
+
+    async def _take_marker(self, marker: wire.Marker, tag: int) -> None:
+        acks, passed = self._changes.marker(marker, tag, self._keys, self.deliveries.is_released)
+        for ack in acks:
+            await self._ack(ack)
+        if passed is not None:
+            self._pass(passed)
+
+    def _pass(self, fence: Fence[Delivery]) -> None:
+        """Every earlier message of the fence's buckets is done: release them (retried until
+        the record is written, while this channel lasts), then ack the markers."""
+        task = asyncio.ensure_future(self._release(fence, self.generation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, fence: Fence[Delivery], generation: int) -> None:
+        record = wire.release_record(
+            handler=self.handler.name,
+            change=fence.change,
+            buckets=sorted(fence.buckets),
+            duplicates=sorted(fence.duplicates),
+        )
+        while generation == self.generation:
+            try:
+                await self.deliveries.record(record)
+            except (*BROKER_ERRORS, TimeoutError) as exc:
+                log.warning("release not written, trying again", error=repr(exc),
+                            partition=self.queue, change=fence.change)  # fmt: skip
+                await asyncio.sleep(1)
+                continue
+            log.info("partition change: buckets released", partition=self.queue,
+                     change=fence.change, buckets=sorted(fence.buckets))  # fmt: skip
+            for tag in fence.tags:
+                await self._ack(tag)
+            return
+
+    async def released(self, change: str, buckets: frozenset[int]) -> None:
+        """A release of `change` arrived: deliver what its buckets held here."""
+        for tag in self._changes.released(change, self.deliveries.is_released):
+            await self._ack(tag)
+        free = [d for d in self._blocked if d.held_by == change and d.bucket in buckets]
+        self._blocked = [d for d in self._blocked if d not in free]
+        for delivery in free:
+            if not delivery.stale:
+                await self._next_of_key(delivery)
 
     def started(self) -> None:
         self.in_flight += 1
@@ -170,6 +270,8 @@ class Partition:
         for delivery in self._keys:
             self.deliveries.forget(delivery)
         self._keys.clear()
+        self._changes.clear()
+        self._blocked.clear()
 
 
 async def _close(channel: AbstractChannel) -> None:

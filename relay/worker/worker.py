@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiohttp
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity
 
-from relay import metrics, topology
-from relay.broker import BROKER_ERRORS, exchange_exists, keep_connected, until_set
+from relay import metrics, topology, wire
+from relay.broker import BROKER_ERRORS, exchange_exists, keep_connected, queue_exists, until_set
 from relay.settings import Settings
 from relay.worker.delivery import CallTarget, HttpTarget, Target
 from relay.worker.handler import HandlerDeliveries
@@ -27,6 +30,7 @@ log = structlog.get_logger()
 
 DEPTH_INTERVAL_SECONDS = 10
 REOPEN_SECONDS = 1.0  # after the broker closed a partition's channel
+MISSING_RETRY_SECONDS = 30.0  # a partition queue of the config that does not exist
 PUBLISH_TIMEOUT_SECONDS = 10.0  # dead letters and state records
 
 
@@ -83,27 +87,94 @@ class Worker:
             return
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         publisher.close_callbacks.add(lambda *_: over.set())
-        await self._declare(connection, publisher)
 
         async def publish(message: aio_pika.Message, queue: str) -> None:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 await publisher.default_exchange.publish(message, queue, mandatory=True)
 
+        await self._declare(connection, publisher, publish)
         for deliveries in self._deliveries.values():
             deliveries.start(publish)
+        consuming: dict[str, asyncio.Future[None]] = {}
+
+        def consume(partition: Partition) -> None:
+            if partition.queue not in consuming:
+                consuming[partition.queue] = asyncio.ensure_future(
+                    self._keep_consuming(partition, connection, over)
+                )
+
+        for partition in self._partitions:
+            consume(partition)
         self.ready.set()
         log.info("worker consuming", partitions=[p.queue for p in self._partitions])
-        depths = asyncio.ensure_future(self._watch_depths(connection, over))
+        background = [
+            asyncio.ensure_future(self._watch_depths(connection, over)),
+            asyncio.ensure_future(self._follow_records(connection, over, consume)),
+        ]
         try:
-            await asyncio.gather(*(self._keep_consuming(p, connection, over)
-                                   for p in self._partitions))  # fmt: skip
+            await over.wait()
+            await asyncio.gather(*consuming.values())
         finally:
             self.ready.clear()
-            depths.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             for deliveries in self._deliveries.values():
                 await deliveries.stop()
 
-    async def _declare(self, connection: AbstractConnection, channel: AbstractChannel) -> None:
+    async def _follow_records(
+        self,
+        connection: AbstractConnection,
+        over: asyncio.Event,
+        consume: Callable[[Partition], None],
+    ) -> None:
+        """Follows relay.state from its start: releases of partition changes, and layouts whose
+        partitions may still hold messages (consumed while they exist)."""
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
+        stream = await channel.get_queue(topology.STATE_STREAM, ensure=False)
+
+        records: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_record(message: AbstractIncomingMessage) -> None:
+            records.put_nowait(message.body)  # before any await: in stream order
+            await message.ack()
+
+        await stream.consume(on_record, arguments={"x-stream-offset": "first"})
+        while not over.is_set():
+            body = await until_set(records.get(), over)
+            record = wire.read_record(body) if body is not None else None
+            deliveries = self._deliveries.get(record["handler"]) if record else None
+            if record is None or deliveries is None:
+                continue
+            if record["kind"] == "release":
+                await deliveries.release(record["change"], record["buckets"], record["duplicates"])
+            elif record["kind"] == "layout":
+                for index in range(int(record["partitions"])):
+                    partition = await self._partition(connection, deliveries, index)
+                    if partition is not None:
+                        consume(partition)
+
+    async def _partition(
+        self, connection: AbstractConnection, deliveries: HandlerDeliveries, index: int
+    ) -> Partition | None:
+        """Partition `index` of the handler, if its queue exists (made the first time)."""
+        for partition in deliveries.partitions:
+            if partition.index == index:
+                return partition
+        if not await queue_exists(connection, deliveries.handler.queue(index)):
+            return None
+        partition = Partition(deliveries.handler, index, deliveries)
+        deliveries.partitions.append(partition)
+        self._partitions.append(partition)
+        return partition
+
+    async def _declare(
+        self,
+        connection: AbstractConnection,
+        channel: AbstractChannel,
+        publish: Callable[[aio_pika.Message, str], Awaitable[None]],
+    ) -> None:
         """Declare the exchange and the state stream, and the topology of each handler that has
         none yet. An existing handler's bindings and partitions are left as they are: only
         `relay topology declare` changes them, so workers of an older config restarting
@@ -115,6 +186,10 @@ class Worker:
                 await topology.declare(channel, topology.Topology(queues=[dead_letters]))
                 continue
             await topology.declare(channel, topology.handler(self._settings, handler))
+            layout = wire.layout_record(
+                handler=handler.name, partitions=handler.partitions, change=uuid.uuid4().hex[:12]
+            )
+            await publish(layout, topology.STATE_STREAM)
             log.info("handler topology declared", handler=handler.name,
                      partitions=handler.partitions)  # fmt: skip
 
@@ -137,6 +212,10 @@ class Worker:
         while not over.is_set():
             try:
                 await partition.consume(connection, over)
+            except ChannelNotFoundEntity:
+                log.warning("partition queue missing: run `relay topology declare`",
+                            partition=partition.queue, retry_in=MISSING_RETRY_SECONDS)  # fmt: skip
+                await until_set(asyncio.sleep(MISSING_RETRY_SECONDS), over)
             except (*BROKER_ERRORS, ConnectionError) as exc:
                 if over.is_set():
                     return
