@@ -35,14 +35,14 @@ TOML
 PER_RUN=$((SECONDS_PER_RUN * 12000))
 "$VENV/bin/python" - "$WORK" "$((RUNS * PER_RUN))" <<'PY'
 import sys, time
-from relay.settings import Settings
-from relay.provider import PROVIDERS
+from relay.config import load
+from relay.providers import PROVIDERS
 work, count = sys.argv[1], int(sys.argv[2])
-source = Settings.from_file(f"{work}/bench.toml").sources[0]
+source = load(f"{work}/bench.toml").sources[0]
 first = time.time_ns() // 1000
 with open(f"{work}/bodies", "wb") as out:
     for i in range(count):
-        out.write(PROVIDERS["envoice"].sample(source, event_id=first + i, key=i % 1000, now=0) + b"\n")
+        out.write(PROVIDERS["envoice"].sample(source, event_id=first + i, key=i % 1000, now=0).body + b"\n")
 PY
 
 cat > "$WORK/post.lua" <<'LUA'

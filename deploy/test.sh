@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: venv + package + test tools, RabbitMQ, then lint, types and the test suite.
 source "$(dirname "$0")/setup.sh"
-ensure_venv "[test]"
+ensure_venv "[test,dev]"
 ensure_rabbitmq
 cd "$ROOT"
 # Each step on its own line: under `set -e` a failing step stops the command (in `a && b`
@@ -10,6 +10,6 @@ echo "== ruff"
 "$VENV/bin/ruff" check relay tests
 "$VENV/bin/ruff" format --check relay tests
 echo "== mypy"
-"$VENV/bin/mypy" --strict relay
+"$VENV/bin/mypy" --strict relay tests
 echo "== pytest"
 exec "$VENV/bin/pytest" "$@"

@@ -15,7 +15,15 @@ from typing import TypeVar
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractConnection
-from aiormq.exceptions import AMQPError, ChannelNotFoundEntity
+from aiormq.exceptions import (
+    AMQPError,
+    ChannelNotFoundEntity,
+    InvalidFrameError,
+    ProbableAuthenticationError,
+)
+
+from relay.errors import BrokerUnavailable
+from relay.settings import BrokerSettings
 
 log = structlog.get_logger()
 
@@ -60,6 +68,27 @@ async def keep_connected(
             await asyncio.shield(_close(connection))
         if not until.is_set():
             log.warning("broker connection lost", component=what)
+
+
+CONNECT_SECONDS = 10.0
+
+
+async def connect(broker: BrokerSettings) -> AbstractConnection:
+    """A connection for a command that needs the broker now; any failure is BrokerUnavailable,
+    saying why in words an operator can act on."""
+    where = broker.safe_url
+    try:
+        return await aio_pika.connect(broker.url, timeout=CONNECT_SECONDS)
+    except ProbableAuthenticationError:
+        raise BrokerUnavailable(
+            f"{where} refused the login: check the user and password in broker.url"
+        ) from None
+    except InvalidFrameError:  # the broker closed the connection while opening it
+        raise BrokerUnavailable(
+            f"{where} refused vhost {broker.vhost!r}: it does not exist, or the user may not use it"
+        ) from None
+    except BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f"{where}: {_describe(exc)}") from None
 
 
 async def until_set(awaitable: Awaitable[T], *events: asyncio.Event) -> T | None:

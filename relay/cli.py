@@ -1,9 +1,15 @@
-"""The `relay` command: parses arguments, loads settings, configures logging, runs."""
+"""The `relay` command: parses arguments, loads settings, configures logging, runs.
+
+Errors are turned into exit codes here and nowhere else, by `EXIT_CODES`: 0 ok, 1 runtime
+failure, 2 bad usage or config, 3 broker unreachable (commands that need it now; the servers
+keep retrying instead).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -15,13 +21,12 @@ import orjson
 import prometheus_client
 import structlog
 
-from relay import __version__, deadletters, ingress, topology, wire
-from relay.broker import BROKER_ERRORS
-from relay.errors import BrokerUnavailable, ConfigError
+from relay import __version__, config, ingress, wire
+from relay.errors import BrokerUnavailable, CannotListen, ConfigError, RelayError
 from relay.logging import configure
-from relay.ops import converge, status
+from relay.ops import deadletters, status, topology
+from relay.ops.send import send
 from relay.secrets import resolve_secret
-from relay.send import send
 from relay.settings import Settings
 from relay.worker import Worker
 
@@ -30,6 +35,13 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_BROKER = 3
 
+# The first class an error is an instance of decides the exit code and the message's prefix.
+EXIT_CODES: list[tuple[type[RelayError], int, str]] = [
+    (ConfigError, EXIT_CONFIG, "config error: "),
+    (BrokerUnavailable, EXIT_BROKER, "broker unreachable: "),
+    (RelayError, EXIT_FAILURE, ""),
+]
+
 log = structlog.get_logger()
 
 
@@ -37,18 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage
     try:
-        settings = Settings.from_file(args.config)
+        settings = config.load(args.config)
         configure(args.log_level)
         return _run(args.run(settings, args))
-    except ConfigError as exc:
-        print(f"relay: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except BrokerUnavailable as exc:
-        print(f"relay: broker unreachable: {exc}", file=sys.stderr)
-        return EXIT_BROKER
-    except BROKER_ERRORS as exc:  # commands that need the broker now; servers retry instead
-        print(f"relay: broker unreachable or refused: {exc!r}", file=sys.stderr)
-        return EXIT_BROKER
+    except RelayError as exc:
+        code, prefix = next((c, p) for kind, c, p in EXIT_CODES if isinstance(exc, kind))
+        print(f"relay: {prefix}{exc}", file=sys.stderr)
+        return code
+    except BrokenPipeError:  # `relay dlq list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -68,12 +78,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    common = argparse.ArgumentParser(add_help=False)  # before or after the command
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="the TOML config (default: $RELAY_CONFIG, else config/relay.toml)",
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning"],
+        default=argparse.SUPPRESS,
+        help="what to log (default: info)",
+    )
+    parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="info", help=argparse.SUPPRESS)
+
     def command(
         name: str, run: Callable[..., Awaitable[int]], help: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False)
-        sub.add_argument("--config", help="TOML config (default: $RELAY_CONFIG, config/relay.toml)")
-        sub.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+        sub = commands.add_parser(
+            name, help=help, description=help, allow_abbrev=False, parents=[common]
+        )
         sub.set_defaults(run=run)
         return sub
 
@@ -148,11 +173,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 async def _ingress(settings: Settings, args: argparse.Namespace) -> int:
     stopping = asyncio.Event()
     _stop_on_signals(stopping.set)
-    try:
-        await ingress.serve(_with_listen(settings, args), stopping)
-    except OSError as exc:
-        print(f"relay: cannot listen: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    await ingress.serve(_with_listen(settings, args), stopping)
     log.info("ingress stopped")
     return EXIT_OK
 
@@ -162,7 +183,11 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
     _stop_on_signals(worker.stop)
     port = args.metrics_port if args.metrics_port is not None else settings.worker.metrics_port
     if port is not None:
-        prometheus_client.start_http_server(port, addr=settings.worker.metrics_host)
+        host = settings.worker.metrics_host
+        try:
+            prometheus_client.start_http_server(port, addr=host)
+        except OSError as exc:
+            raise CannotListen(f"worker metrics on {host}:{port}: {exc.strerror}") from None
     await worker.async_run()
     log.info("worker stopped")
     return EXIT_OK
@@ -178,11 +203,7 @@ async def _run_both(settings: Settings, args: argparse.Namespace) -> int:
         worker.stop()
 
     _stop_on_signals(stop)
-    try:
-        await asyncio.gather(ingress.serve(settings, stopping), worker.async_run())
-    except OSError as exc:
-        print(f"relay: cannot listen: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    await asyncio.gather(ingress.serve(settings, stopping), worker.async_run())
     return EXIT_OK
 
 
@@ -246,12 +267,10 @@ def _print_dead_letters(letters: list[wire.DeadLetter], *, as_json: bool) -> Non
 
 async def _topology(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "export":
-        sys.stdout.buffer.write(
-            orjson.dumps(topology.export(topology.describe(settings)), option=orjson.OPT_INDENT_2)
-        )
+        sys.stdout.buffer.write(orjson.dumps(topology.export(settings), option=orjson.OPT_INDENT_2))
         sys.stdout.write("\n")
         return EXIT_OK
-    changes = await converge.converge(settings, dry_run=args.dry_run, prune=args.prune)
+    changes = await topology.converge(settings, dry_run=args.dry_run, prune=args.prune)
     verb = "would change" if args.dry_run else "changed"
     for line in changes:
         print(line)

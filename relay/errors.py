@@ -12,7 +12,15 @@ class ConfigError(RelayError):
 
 
 class BrokerUnavailable(RelayError):
-    """RabbitMQ is unreachable or did not confirm in time."""
+    """RabbitMQ is unreachable, refused relay, or did not confirm in time."""
+
+
+class CannotListen(RelayError):
+    """A port relay must serve on cannot be bound."""
+
+
+class NotFound(RelayError):
+    """Something an operator named does not exist on the broker."""
 
 
 class Unroutable(RelayError):

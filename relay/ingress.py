@@ -20,8 +20,8 @@ from aiohttp import web, web_response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import metrics
-from relay.errors import BrokerUnavailable, RequestError, Unroutable
-from relay.provider import PROVIDERS, Event
+from relay.errors import BrokerUnavailable, CannotListen, RequestError, Unroutable
+from relay.providers import PROVIDERS, Event, Request
 from relay.publisher import Publisher
 from relay.settings import IngressSettings, Settings, SourceSettings
 
@@ -148,7 +148,7 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
     async def receive(request: web.Request) -> web.Response:
         structlog.contextvars.bind_contextvars(source=source.name)
         body = await _read_body(request, request.app[SETTINGS].ingress)
-        event = provider.parse(body, source, time.time())
+        event = provider.parse(Request(body, request.headers), source, time.time())
         structlog.contextvars.bind_contextvars(message_id=event.message_id)
         status = await request.app[ACCEPTOR].accept(event)
         metrics.REQUESTS.labels(source.name, "200").inc()
@@ -289,10 +289,15 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
     admin = web.AppRunner(create_admin_app(app), access_log=None, shutdown_timeout=1)
     await runner.setup()
     try:
-        await LimitedSite(runner, ingress.host, ingress.port, ingress.max_connections).start()
-        if ingress.admin_port is not None:
-            await admin.setup()
-            await web.TCPSite(admin, ingress.admin_host, ingress.admin_port).start()
+        try:
+            await LimitedSite(runner, ingress.host, ingress.port, ingress.max_connections).start()
+            if ingress.admin_port is not None:
+                await admin.setup()
+                await web.TCPSite(admin, ingress.admin_host, ingress.admin_port).start()
+        except OSError as exc:
+            raise CannotListen(
+                f"ingress on {ingress.host}:{ingress.port}: {exc.strerror}"
+            ) from None
         log.info(
             "ingress listening",
             host=ingress.host,

@@ -17,7 +17,7 @@ from aiormq.exceptions import DeliveryError, PublishError
 from relay import topology, wire
 from relay.broker import BROKER_ERRORS, keep_connected
 from relay.errors import BrokerUnavailable, Unroutable
-from relay.provider import Event
+from relay.providers import Event
 from relay.settings import Settings
 
 log = structlog.get_logger()

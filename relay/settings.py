@@ -1,4 +1,8 @@
-"""Settings: frozen dataclasses loaded once from one TOML file and passed down."""
+"""Settings: frozen dataclasses loaded once from one TOML file and passed down.
+
+A leaf: it knows no scheme and no broker. `relay.config.load` reads a file into these and then
+resolves what needs the schemes (their options, event names for patterns).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,6 @@ from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webho
 DEFAULT_CONFIG = "config/relay.toml"
 MAX_PARTITIONS = 64  # relay.wire.BUCKETS: each partition owns at least one bucket
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-SIGNATURE_ALGORITHMS = ("hmac-sha256", "sha256")
-# Envoice re-sends past activities after an outage and does not say whether Timestamp is the
-# send time, so a window could refuse a catch-up: its check is off unless configured.
-DEFAULT_TOLERANCE = {"envoice": 0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,17 +86,15 @@ class SourceSettings:
     path: str
     scheme: str
     secrets: tuple[Secret, ...]
-    tolerance_seconds: int = 300
-    signature_template: str = "{Timestamp}.{Activity}"
-    signature_algorithm: str = "hmac-sha256"
-    types: Mapping[int, str] = field(default_factory=dict)
+    tolerance_seconds: int | None = None  # None: the scheme's default (relay.config sets it)
+    options: Any = field(default_factory=dict)  # the scheme's own keys (relay.config reads them)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandlerSettings:
     name: str
     events: tuple[str, ...]
-    bindings: tuple[str, ...]
+    bindings: tuple[str, ...] = ()  # the events as topic bindings (relay.config expands them)
     url: str | None = None
     call: str | None = None
     signing_secret: Secret | None = None
@@ -134,10 +132,15 @@ class Settings:
     sources: tuple[SourceSettings, ...] = ()
     handlers: tuple[HandlerSettings, ...] = ()
 
+    @staticmethod
+    def path(path: str | Path | None = None) -> Path:
+        """The config file: `path`, else $RELAY_CONFIG, else config/relay.toml."""
+        return Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
+
     @classmethod
     def from_file(cls, path: str | Path | None = None) -> Settings:
         """Load and validate; raise ConfigError naming the offending key."""
-        path = Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
+        path = cls.path(path)
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -160,7 +163,7 @@ class Settings:
         _development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
         _unique(sources, "path", "sources")
-        handlers = tuple(_handler(h, sources) for h in t.tables("handlers"))
+        handlers = tuple(_handler(h) for h in t.tables("handlers"))
         _unique(handlers, "name", "handlers")
         for i, handler in enumerate(handlers):
             if handler.exchange in (broker.exchange, "relay.unrouted"):
@@ -172,7 +175,10 @@ class Settings:
         )
 
     def source(self, name: str) -> SourceSettings:
-        return next(s for s in self.sources if s.name == name)
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise ConfigError(f"no source named {name!r} in the config")
 
     def handler(self, name: str) -> HandlerSettings:
         for handler in self.handlers:
@@ -317,50 +323,26 @@ def _development_secrets_on_loopback_only(
 
 
 def _source(t: _Table) -> SourceSettings:
-    from relay.provider import PROVIDERS
-
-    t.only(
-        "name", "path", "scheme", "secrets", "tolerance_seconds",
-        "signature_template", "signature_algorithm", "types",
-    )  # fmt: skip
     path = t.get("path", str)
     if not path.startswith("/"):
         raise ConfigError(f"{t.key('path')}: must start with '/'")
-    scheme = t.get("scheme", str)
-    if scheme not in PROVIDERS:
-        supported = ", ".join(sorted(PROVIDERS))
-        raise ConfigError(f"{t.key('scheme')}: unknown scheme {scheme!r} (supported: {supported})")
     specs = t.get("secrets", list)
     if not specs or not all(isinstance(s, str) for s in specs):
         raise ConfigError(f"{t.key('secrets')}: expected a non-empty list of strings")
-    algorithm = t.get("signature_algorithm", str, "hmac-sha256")
-    if algorithm not in SIGNATURE_ALGORITHMS:
-        raise ConfigError(
-            f"{t.key('signature_algorithm')}: expected one of {', '.join(SIGNATURE_ALGORITHMS)}"
-        )
-    template = t.get("signature_template", str, "{Timestamp}.{Activity}")
-    if "{Activity}" not in template:
-        raise ConfigError(f"{t.key('signature_template')}: must contain {{Activity}}")
-    types: dict[int, str] = {}
-    for code, name in t.get("types", dict, {}).items():
-        if not re.fullmatch(r"\d+", code, re.ASCII) or not str(name).isidentifier():
-            raise ConfigError(f'{t.key("types")}.{code}: expected <integer> = "TypeName"')
-        types[int(code)] = name
+    common = ("name", "path", "scheme", "secrets", "tolerance_seconds")
     return SourceSettings(
         name=t.name(),
         path=path,
-        scheme=scheme,
+        scheme=t.get("scheme", str),
         secrets=tuple(resolve_secret(s, f"{t.key('secrets')}[{i}]") for i, s in enumerate(specs)),
-        tolerance_seconds=t.number(
-            "tolerance_seconds", DEFAULT_TOLERANCE.get(scheme, 300), minimum=0
+        tolerance_seconds=(
+            t.number("tolerance_seconds", 0, minimum=0) if "tolerance_seconds" in t.raw else None
         ),
-        signature_template=template,
-        signature_algorithm=algorithm,
-        types=types,
+        options={k: v for k, v in t.raw.items() if k not in common},
     )
 
 
-def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
+def _handler(t: _Table) -> HandlerSettings:
     t.only(
         "name", "events", "url", "call", "signing_secret", "partitions", "concurrency", "window",
         "max_rate", "max_attempts", "backoff_initial_ms", "backoff_max_ms", "timeout_seconds",
@@ -386,7 +368,6 @@ def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
     return HandlerSettings(
         name=t.name(),
         events=tuple(events),
-        bindings=_bindings(events, sources, t.key("events")),
         url=url or None,
         call=call or None,
         signing_secret=signing_secret,
@@ -399,51 +380,6 @@ def _handler(t: _Table, sources: tuple[SourceSettings, ...]) -> HandlerSettings:
         backoff_max_ms=t.number("backoff_max_ms", max(60_000, initial), minimum=initial),
         timeout_seconds=t.number("timeout_seconds", 10.0, minimum=0.001, integer=False),
     )
-
-
-def _bindings(events: list[str], sources: tuple[SourceSettings, ...], key: str) -> tuple[str, ...]:
-    """Topic patterns as bindings; a `*` inside a word expands against known event names."""
-    from relay.provider import PROVIDERS
-
-    bindings: list[str] = []
-    for i, pattern in enumerate(events):
-        words = pattern.split(".")
-        if any(not w for w in words):
-            raise ConfigError(f"{key}[{i}]: {pattern!r} has an empty word")
-        if words[0] not in ("*", "#") and words[0] not in {s.name for s in sources}:
-            raise ConfigError(f"{key}[{i}]: {pattern!r} names no configured source")
-        plain = all(w in ("*", "#") or ("*" not in w and "#" not in w) for w in words)
-        candidates = [
-            f"{s.name}.{event}" for s in sources for event in PROVIDERS[s.scheme].event_names(s)
-        ]
-        matches = [c for c in candidates if topic_matches(pattern, c)]
-        if plain:
-            unknown_type = len(words) == 2 and re.fullmatch(r"type_\d+", words[1])
-            if not matches and not unknown_type:
-                raise ConfigError(f"{key}[{i}]: {pattern!r} matches no known event")
-            bindings.append(pattern)
-        elif not matches:
-            raise ConfigError(f"{key}[{i}]: {pattern!r} matches no known event")
-        else:
-            bindings.extend(matches)
-    return tuple(dict.fromkeys(bindings))
-
-
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """RabbitMQ topic matching, with `*` also allowed inside a word (as a glob)."""
-    return _words_match(pattern.split("."), routing_key.split("."))
-
-
-def _words_match(pattern: list[str], words: list[str]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_words_match(rest, words[i:]) for i in range(len(words) + 1))
-    if not words:
-        return False
-    glob = ".*".join(re.escape(part) for part in head.split("*"))
-    return re.fullmatch(glob, words[0]) is not None and _words_match(rest, words[1:])
 
 
 def _unique(items: tuple[Any, ...], attr: str, key: str) -> None:

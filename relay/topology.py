@@ -132,25 +132,3 @@ async def unbind(channel: AbstractChannel, binding: Binding) -> None:
         await raw.queue_unbind(b.destination, b.source, b.routing_key, arguments=b.arguments)
     else:
         await raw.exchange_unbind(b.destination, b.source, b.routing_key, arguments=b.arguments)
-
-
-def export(topology: Topology, vhost: str = "/") -> dict[str, Any]:
-    """RabbitMQ definitions JSON, as the management UI imports it."""
-    return {
-        "exchanges": [
-            {"name": e.name, "vhost": vhost, "type": e.type, "durable": True,
-             "auto_delete": False, "internal": False, "arguments": e.arguments}
-            for e in topology.exchanges
-        ],
-        "queues": [
-            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False,
-             "arguments": q.arguments}
-            for q in topology.queues
-        ],
-        "bindings": [
-            {"source": b.source, "vhost": vhost, "destination": b.destination,
-             "destination_type": b.destination_type, "routing_key": b.routing_key,
-             "arguments": b.arguments}
-            for b in topology.bindings
-        ],
-    }  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import aio_pika
 import orjson
 
-from relay.provider import Event
+from relay.providers import Event
 
 
 class Properties(Protocol):
@@ -90,7 +90,8 @@ def envelope(event: Event, received_at: datetime) -> bytes:
             "received_at": received_at.isoformat().replace("+00:00", "Z"),
         }
     )
-    return head[:-1] + b',"data":' + event.data_json + b"}"
+    data: bytes = event.data_json
+    return head[:-1] + b',"data":' + data + b"}"
 
 
 def webhook(event: Event, received_at: datetime) -> aio_pika.Message:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,9 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relay import topology
-from relay.provider import Event
+from relay.config import from_dict as config_from_dict
+from relay.config import load as load_config
+from relay.providers import Event
 from relay.publisher import Publisher
 from relay.settings import Settings
 from tests import handlers_for_tests
@@ -101,7 +103,7 @@ class SettingsFactory:
 
     def __call__(self, **kwargs: Any) -> Settings:
         raw = settings_dict(uuid.uuid4().hex[:8], **kwargs)
-        settings = Settings.from_dict(raw)
+        settings = config_from_dict(raw)
         self._raw[settings.broker.exchange] = raw
         self.made.append(settings)
         return settings
@@ -109,7 +111,7 @@ class SettingsFactory:
     def config_file(self, settings: Settings) -> str:
         path = self._directory / f"{settings.broker.exchange}.toml"
         path.write_text(toml(self._raw[settings.broker.exchange]), encoding="utf-8")
-        assert Settings.from_file(path) == settings
+        assert load_config(path) == settings
         return str(path)
 
 
@@ -209,7 +211,7 @@ async def http_handler() -> AsyncIterator[HttpHandler]:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
     """What in-process relay code logs during the test, one dict per line (`event`, fields)."""
     with structlog.testing.capture_logs() as captured:
         yield captured

@@ -33,6 +33,7 @@ import aiohttp
 import orjson
 
 from relay.broker import BROKER_ERRORS
+from relay.config import load as load_config
 from relay.settings import Settings, SourceSettings
 from tests.conftest import AMQP_URL, delete_topology, settings_dict
 from tests.handlers_for_tests import HttpHandler
@@ -83,7 +84,7 @@ def write_config(
     raw = {name: table for name, table in raw.items() if table != []}  # TOML has no empty array
     path.write_text(toml(raw), encoding="utf-8")
     assert tomllib.loads(path.read_text(encoding="utf-8")) == raw
-    return Config(path, Settings.from_file(path))
+    return Config(path, load_config(path))
 
 
 # --- processes --------------------------------------------------------------------------------

@@ -187,7 +187,8 @@ class Soak:
 
     async def _fail_handler(self) -> None:
         name = self.random.choice(sorted(self.handlers))
-        answer = self.random.choice([503, HANG])
+        choices: list[Answer] = [503, HANG]
+        answer = self.random.choice(choices)
         self.say(f"handler {name}: answers {answer}")
         self.handlers[name].default = answer
         await asyncio.sleep(self.random.uniform(*FAULT_SECONDS))

@@ -25,11 +25,11 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from relay import topology
-from relay.envoice import _signed_message
 from relay.ingress import PUBLISHER, create_app, runner_options
-from relay.provider import PROVIDERS, Event
+from relay.providers import PROVIDERS, Event, Request
+from relay.providers.envoice import _signed_message
 from relay.settings import Settings, SourceSettings
-from relay.verify import hex_signature
+from relay.signatures import hex_signature
 from relay.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +103,10 @@ def signed_body(
     timestamp = timestamp or now_timestamp()
     raw = act if isinstance(act, bytes) else orjson.dumps(act)
     if signature is None:
-        message = _signed_message(source.signature_template, timestamp, raw)
-        signature = hex_signature(source.signature_algorithm, source.secrets[secret_index], message)
+        message = _signed_message(source.options.signature_template, timestamp, raw)
+        signature = hex_signature(
+            source.options.signature_algorithm, source.secrets[secret_index], message
+        )
     head = orjson.dumps({"Signature": signature, "Timestamp": timestamp})
     return head[:-1] + b',"Activity":' + raw + b"}"
 
@@ -254,7 +256,8 @@ def new_event(settings: Settings, invoice: int = 42) -> Event:
     """A verified Envoice `paid` event on `invoice`, as the ingress would publish it."""
     source = settings.sources[0]
     act = activity(Id=next(_event_ids), InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
-    return PROVIDERS[source.scheme].parse(signed_body(source, act), source, time.time())
+    request = Request(signed_body(source, act), {})
+    return PROVIDERS[source.scheme].parse(request, source, time.time())
 
 
 def events_per_invoice(settings: Settings, invoices: int, each: int) -> dict[int, list[Event]]:

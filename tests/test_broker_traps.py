@@ -374,7 +374,7 @@ async def test_deliveries_of_a_consumer_killed_with_sigkill_come_back_first_in_o
     back = numbers(got)
     assert back == sorted(back), f"{inversions(back)} inversion(s)"
     assert set(back) | acked == set(range(1, 401))
-    flags = [m.redelivered for m in got]
+    flags = [bool(m.redelivered) for m in got]
     assert flags == sorted(flags, reverse=True)  # the returned ones, then the never delivered
     assert sum(flags) >= 300 - len(acked)
 
@@ -437,7 +437,7 @@ def came_back_first(logs: list[dict[str, Any]], partition: str) -> bool:
         ]
         if after:
             again = after[0]
-            return again["message_id"] == held["message_id"] and (
+            return bool(again["message_id"] == held["message_id"]) and (
                 again["attempt"] == held["attempt"] + 1
             )
     return False

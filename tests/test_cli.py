@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,63 @@ def test_send_without_sources_is_a_config_error(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["relay: config error: sources: none configured"]
+
+
+def test_send_to_a_source_not_in_the_config_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_relay("send", "--config", write_config(tmp_path), "--source", "nope")
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "relay: config error: no source named 'nope' in the config"
+    ]
+
+
+# --- exit codes -------------------------------------------------------------------------------
+
+
+def test_a_busy_metrics_port_is_a_runtime_failure_not_the_broker(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = run_relay(
+            "worker", "--config", write_config(tmp_path), "--metrics-port", str(port),
+            env={"RELAY_AMQP_URL": CLOSED_BROKER},
+        )  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"relay: worker metrics on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_options_may_come_before_the_command(tmp_path: Path) -> None:
+    result = run_relay("--config", write_config(tmp_path), "topology", "export")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["queues"]
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (CLOSED_BROKER, "Connection refused"),
+        ("amqp://guest:wrong@127.0.0.1:5672/", "refused the login"),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "refused vhost 'no-such-vhost'"),
+    ],
+    ids=["closed", "bad password", "missing vhost"],
+)
+def test_the_broker_refusing_a_command_is_exit_3_saying_why(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    config = write_config(tmp_path)
+
+    result = run_relay("dlq", "list", "--handler", "billing", "--config", config,
+                       env={"RELAY_AMQP_URL": url})  # fmt: skip
+
+    assert result.returncode == 3
+    [line] = result.stderr.splitlines()
+    assert line.startswith("relay: broker unreachable: ")
+    assert said in line
+    assert "wrong" not in line

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from relay.errors import ConfigError, Reject, Retry
 from relay.secrets import Secret, standard_webhooks_key
 from relay.settings import HandlerSettings
-from relay.verify import standard_webhooks_signature
+from relay.signatures import standard_webhooks_signature
 from relay.worker.delivery import (
     CallTarget,
     HttpTarget,

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from relay.provider import Event
+from relay.providers import Event
 from tests.conftest import MakeSettings, Publish, StartWorker
 from tests.handlers_for_tests import HttpHandler
 from tests.support import (

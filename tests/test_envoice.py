@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from relay import envoice
+from relay.config import from_dict as config_from_dict
 from relay.errors import BadPayload, BadSignature
-from relay.settings import Settings, SourceSettings
+from relay.providers import Request, envoice
+from relay.settings import SourceSettings
 from tests.support import envoice_signature
 
 TIMESTAMP = "2026-11-28T12:00:00.1234567Z"
@@ -20,7 +21,7 @@ SECRETS = ["old-secret", "new-secret"]
 
 def make_source(**overrides: Any) -> SourceSettings:
     source = {"name": "envoice", "path": "/e", "scheme": "envoice", "secrets": SECRETS}
-    return Settings.from_dict({"sources": [{**source, **overrides}]}).sources[0]
+    return config_from_dict({"sources": [{**source, **overrides}]}).sources[0]
 
 
 SOURCE = make_source()
@@ -61,8 +62,9 @@ def webhook(
     return head[:-1].encode() + b', "Activity": ' + raw + b"}"
 
 
-def parse(body: bytes, source: SourceSettings = SOURCE, now: float = NOW) -> Any:
-    return envoice.parse(body, source, now)
+def parse(body: bytes | Request, source: SourceSettings = SOURCE, now: float = NOW) -> Any:
+    request = body if isinstance(body, Request) else Request(body, {})
+    return envoice.parse(request, source, now)
 
 
 # --- type names -------------------------------------------------------------------------------
@@ -229,9 +231,7 @@ def test_whitespace_around_the_activity_value_is_not_signed() -> None:
 )
 def test_signature_recipe_from_config(template: str, algorithm: str) -> None:
     source = make_source(signature_template=template, signature_algorithm=algorithm)
-    recipe = {"template": template, "algorithm": algorithm}
-
-    assert parse(webhook(**recipe), source).id == "9001"
+    assert parse(webhook(template=template, algorithm=algorithm), source).id == "9001"
     other = "sha256" if algorithm == "hmac-sha256" else "hmac-sha256"
     with pytest.raises(BadSignature):
         parse(webhook(template=template, algorithm=other), source)

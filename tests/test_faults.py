@@ -96,7 +96,7 @@ async def test_a_worker_killed_mid_delivery_then_restarted_loses_and_reorders_no
     assert len(sender.ledger) == 300
 
     # When the worker is killed (-9) once about half are delivered, and a new one started
-    await eventually(lambda: len(http_deliveries(http_handler)) >= 150, interval=0.01)
+    await eventually(lambda: len(list(http_deliveries(http_handler))) >= 150, interval=0.01)
     await worker.kill()
     await relay.worker(config)
 
@@ -119,7 +119,7 @@ async def test_when_the_active_worker_is_killed_the_other_takes_over_its_partiti
     await sender.send(INVOICES, each=20)
 
     # When about a third is delivered, each partition by one worker only (single active consumer)
-    await eventually(lambda: len(http_deliveries(http_handler)) >= 70, interval=0.01)
+    await eventually(lambda: len(list(http_deliveries(http_handler))) >= 70, interval=0.01)
     active, standby = sorted(workers, key=lambda w: w.logged("delivered"), reverse=True)
     taken = partitions_delivered_by(active)
     assert taken
@@ -144,7 +144,7 @@ async def test_worker_and_ingress_reconnect_by_themselves_after_a_broker_restart
     await sender.send(INVOICES, each=30)
 
     # When the broker app stops once about a third is delivered
-    await eventually(lambda: len(http_deliveries(http_handler)) >= 100, interval=0.01)
+    await eventually(lambda: len(list(http_deliveries(http_handler))) >= 100, interval=0.01)
     await broker.stop()
     # and, once both processes have seen their connection go, starts again
     await eventually(

@@ -18,17 +18,18 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.envoice import parse
+from relay.config import from_dict as config_from_dict
 from relay.errors import BadPayload, BadSignature
 from relay.ingress import create_app, runner_options
-from relay.settings import Settings
+from relay.providers import Request
+from relay.providers.envoice import parse
 from relay.wire import envelope
 from tests.conftest import settings_dict
 from tests.support import FakePublisher, activity, now_timestamp, signed_body
 
 PATH = "/webhooks/envoice"
 ANSWERS = {200, 400, 401, 404, 405, 408, 413, 415, 417}  # README "Ingress answers"
-SETTINGS = Settings.from_dict(settings_dict("fuzz", ingress={"max_body_bytes": 4096}))
+SETTINGS = config_from_dict(settings_dict("fuzz", ingress={"max_body_bytes": 4096}))
 SOURCE = SETTINGS.sources[0]
 EXAMPLES = settings(
     max_examples=300, deadline=None, database=None,
@@ -138,7 +139,7 @@ def test_any_request_is_answered_from_the_table_and_never_logged_as_an_error() -
 @given(body=envoice_bodies())
 def test_a_parsed_envoice_webhook_can_be_read_by_every_consumer(body: bytes) -> None:
     try:
-        event = parse(body, SOURCE, time.time())
+        event = parse(Request(body, {}), SOURCE, time.time())
     except (BadPayload, BadSignature):
         return
     message = envelope(event, datetime.now(UTC))

@@ -24,12 +24,13 @@ import aio_pika
 import aiohttp
 import orjson
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiohttp import web
 
+from relay.config import from_dict as config_from_dict
 from relay.ingress import PUBLISHER
 from relay.settings import Settings
-from tests.conftest import SECRET, MakeSettings, StartWorker, settings_dict
+from tests.conftest import AMQP_URL, SECRET, MakeSettings, StartWorker, settings_dict
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import Config, Relay, free_port, ingress_ready
 from tests.support import (
@@ -50,7 +51,7 @@ READ_SECONDS = 10.0  # how long a raw client waits for an answer before failing 
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings.from_dict(settings_dict("hostile", ingress={"max_body_bytes": 4096}))
+    return config_from_dict(settings_dict("hostile", ingress={"max_body_bytes": 4096}))
 
 
 @pytest.fixture
@@ -215,7 +216,7 @@ async def test_accepted_data_is_forwarded_byte_for_byte(
 
 
 async def test_an_echoed_key_is_clipped(logs: list[dict[str, Any]]) -> None:
-    settings = Settings.from_dict(settings_dict("echo", ingress={"max_body_bytes": 1_000_000}))
+    settings = config_from_dict(settings_dict("echo", ingress={"max_body_bytes": 1_000_000}))
     key = "k" * 400_000
     body = orjson.dumps({key: 1})[:-1] + b"," + orjson.dumps({key: 2})[1:]
 
@@ -396,9 +397,10 @@ async def test_operational_endpoints_can_move_to_an_admin_port(tmp_path: Path) -
     }
 
 
-def config_file(tmp_path: Path, **sections: dict[str, Any]) -> str:
-    handlers = sections.pop("handlers", [])
-    raw = settings_dict("start", handlers=handlers, **sections)
+def config_file(
+    tmp_path: Path, handlers: list[dict[str, Any]] | None = None, **sections: dict[str, Any]
+) -> str:
+    raw = settings_dict("start", handlers=handlers or [], url=AMQP_URL, **sections)
     path = tmp_path / "relay.toml"
     path.write_text(toml(raw), encoding="utf-8")
     return str(path)
@@ -663,7 +665,7 @@ async def test_a_delivery_that_cannot_be_made_is_dead_lettered_and_the_worker_go
     assert dead_letters == 1
 
 
-QUORUM_SAC = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+QUORUM_SAC: dict[str, Any] = {"x-queue-type": "quorum", "x-single-active-consumer": True}
 
 
 @pytest.mark.rabbit
@@ -691,7 +693,11 @@ async def test_redirects_and_undecodable_bodies_are_dead_lettered_at_once(
     reasons = {}
     for handler in (web_handler, py_handler):
         queue = await channel.get_queue(handler.dead_letter_queue)
-        letter = await eventually(lambda q=queue: q.get(no_ack=True, fail=False), what="dead")
+
+        async def dead(queue: AbstractQueue = queue) -> AbstractIncomingMessage | None:
+            return await queue.get(no_ack=True, fail=False)
+
+        letter = await eventually(dead, what="a dead letter")
         reasons[handler.name] = (
             letter.headers["x-relay-reason"],
             letter.headers["x-relay-attempts"],

@@ -96,7 +96,8 @@ async def handler_status(config: str, name: str) -> dict[str, Any]:
 
 async def shows(config: str, name: str, state: str) -> bool:
     """Whether `relay status` shows the handler in this state."""
-    return (await handler_status(config, name))["state"] == state
+    current: str = (await handler_status(config, name))["state"]
+    return current == state
 
 
 def state_gauge(name: str) -> dict[str, float]:

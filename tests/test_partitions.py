@@ -17,8 +17,10 @@ import orjson
 import pytest
 
 from relay import topology, wire
-from relay.ops.converge import Broker, Leftover, describe, plan
+from relay.config import from_dict as config_from_dict
+from relay.config import load as load_config
 from relay.ops.management import Management
+from relay.ops.topology import Broker, Leftover, describe, plan
 from relay.settings import Settings
 from tests.conftest import delete_topology, settings_dict
 from tests.handlers_for_tests import Held, HttpHandler
@@ -40,7 +42,7 @@ def settings_with(**handler: Any) -> Settings:
     base = {"name": "h", "events": ["envoice.paid"], "url": "http://127.0.0.1:9/"}
     raw = settings_dict("plan", handlers=[{**base, **handler}])
     raw["handlers"][0]["name"] = "h"
-    return Settings.from_dict(raw)
+    return config_from_dict(raw)
 
 
 def on_broker(settings: Settings, **extra_queues: int) -> Broker:
@@ -181,7 +183,7 @@ def changed(relay: Relay, config: Config, handler: int, **options: Any) -> Confi
     raw["handlers"][handler].update(options)
     path = relay.directory / f"relay-{len(relay.configs)}.toml"
     path.write_text(toml(raw))
-    relay.configs.append(Config(path, Settings.from_file(path)))
+    relay.configs.append(Config(path, load_config(path)))
     return relay.configs[-1]
 
 
@@ -280,7 +282,7 @@ async def test_topology_declare_dry_run_prints_the_plan_and_changes_nothing(
         again = run_relay("topology", "declare", "--dry-run", "--config", str(config.path))
         assert again.stdout.strip().endswith("is as the config says")  # nothing was touched
     finally:
-        await delete_topology(Settings.from_file(four))
+        await delete_topology(load_config(four))
 
 
 @pytest.mark.rabbit
@@ -322,7 +324,7 @@ def replica(relay: Relay, config: Config) -> Config:
     raw["ingress"]["port"] = free_port()
     path = relay.directory / f"relay-{len(relay.configs)}.toml"
     path.write_text(toml(raw))
-    relay.configs.append(Config(path, Settings.from_file(path)))
+    relay.configs.append(Config(path, load_config(path)))
     return relay.configs[-1]
 
 

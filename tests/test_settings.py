@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 
+from relay.config import from_dict as config_from_dict
+from relay.config import load as load_config
+from relay.config import topic_matches
 from relay.errors import ConfigError
-from relay.settings import BrokerSettings, Secret, Settings, topic_matches
+from relay.secrets import Secret
+from relay.settings import BrokerSettings, Settings
 from tests.support import ROOT
 from tests.support import run_relay as support_run_relay
 
@@ -61,7 +65,7 @@ def config(
 
 
 def load(**kwargs: Any) -> Settings:
-    return Settings.from_dict(config(**kwargs))
+    return config_from_dict(config(**kwargs))
 
 
 def bindings(*events: str, **source: Any) -> tuple[str, ...]:
@@ -77,7 +81,7 @@ def raises_naming(key: str) -> pytest.RaisesExc[ConfigError]:
 
 
 def test_defaults() -> None:
-    settings = Settings.from_dict({"sources": [SOURCE], "handlers": [HANDLER]})
+    settings = config_from_dict({"sources": [SOURCE], "handlers": [HANDLER]})
 
     assert settings.broker.url == "amqp://guest:guest@localhost:5672/"
     assert settings.broker.exchange == "relay.activities"
@@ -92,9 +96,9 @@ def test_defaults() -> None:
     assert settings.ingress.duplicate_window == 100_000
     source = settings.sources[0]
     assert source.tolerance_seconds == 0  # envoice's default (README "Configuration")
-    assert source.signature_template == "{Timestamp}.{Activity}"
-    assert source.signature_algorithm == "hmac-sha256"
-    assert dict(source.types) == {}
+    assert source.options.signature_template == "{Timestamp}.{Activity}"
+    assert source.options.signature_algorithm == "hmac-sha256"
+    assert dict(source.options.types) == {}
     handler = settings.handlers[0]
     assert handler.call is None
     assert handler.signing_secret is None
@@ -106,7 +110,7 @@ def test_defaults() -> None:
 
 
 def test_empty_config_is_valid() -> None:
-    settings = Settings.from_dict({})
+    settings = config_from_dict({})
 
     assert settings.sources == ()
     assert settings.handlers == ()
@@ -147,7 +151,7 @@ def test_config_file_resolution(
     if env:
         monkeypatch.setenv("RELAY_CONFIG", str(files[1002]))
 
-    settings = Settings.from_file(files[1001] if explicit else None)
+    settings = load_config(files[1001] if explicit else None)
 
     assert settings.ingress.port == expected_port
 
@@ -180,7 +184,7 @@ def test_unloadable_file_is_a_config_error(
         path.write_text(content)
 
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {problem}"):
-        Settings.from_file(path)
+        load_config(path)
 
 
 def test_file_errors_are_prefixed_with_the_path_and_name_the_key(tmp_path: Path) -> None:
@@ -188,7 +192,7 @@ def test_file_errors_are_prefixed_with_the_path_and_name_the_key(tmp_path: Path)
     path.write_text("[ingress]\nport = 70000\n")
 
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: ingress\.port: "):
-        Settings.from_file(path)
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +206,7 @@ def test_shipped_configs_load(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
 
-    settings = Settings.from_file(ROOT / "config" / name)
+    settings = load_config(ROOT / "config" / name)
 
     assert settings.sources[0].secrets[0].value == "from-env"
     assert all(h.bindings for h in settings.handlers)
@@ -212,25 +216,25 @@ def test_example_config_routes_the_documented_events(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("ENVOICE_API_SECRET", "x")
     monkeypatch.setenv("BILLING_WEBHOOK_SECRET", "whsec_c2VjcmV0")
 
-    settings = Settings.from_file(ROOT / "config" / "example.toml")
+    settings = load_config(ROOT / "config" / "example.toml")
 
     billing, audit = settings.handlers
     assert billing.bindings[0] == "envoice.paid"
     assert len(billing.bindings) == 1 + len(NEW_PAYMENT_EVENTS)
     assert audit.bindings == ("envoice.#",)
     assert audit.call == "relay.handlers:log"
-    assert settings.sources[0].types == {49: "InvoiceArchived"}
+    assert settings.sources[0].options.types == {49: "InvoiceArchived"}
 
 
 def test_default_config_falls_back_to_the_development_secret() -> None:
-    source = Settings.from_file(ROOT / "config" / "relay.toml").sources[0]
+    source = load_config(ROOT / "config" / "relay.toml").sources[0]
 
     assert source.secrets[0].value == "dev-insecure-secret"
 
 
 def test_example_config_needs_its_secrets() -> None:
     with pytest.raises(ConfigError, match=r"sources\[0\]\.secrets\[0\]: .*ENVOICE_API_SECRET"):
-        Settings.from_file(ROOT / "config" / "example.toml")
+        load_config(ROOT / "config" / "example.toml")
 
 
 # --- secrets ----------------------------------------------------------------------------------
@@ -396,7 +400,7 @@ def test_wrongly_typed_secret_is_not_echoed(
 )
 def test_bad_section_names_the_key(raw: dict[str, Any], key: str) -> None:
     with raises_naming(key):
-        Settings.from_dict({"sources": [SOURCE], **raw})
+        config_from_dict({"sources": [SOURCE], **raw})
 
 
 @pytest.mark.parametrize(
@@ -469,7 +473,7 @@ def test_bad_handler_names_the_key(handler: dict[str, Any], key: str) -> None:
 )
 def test_duplicates_name_the_second_key(raw: dict[str, Any], key: str) -> None:
     with raises_naming(key):
-        Settings.from_dict(raw)
+        config_from_dict(raw)
 
 
 # --- events and bindings ----------------------------------------------------------------------
@@ -534,7 +538,7 @@ def test_types_extension_adds_events_to_expansion() -> None:
         "envoice.invoice_digitally_signed",
         "envoice.invoice_archived",
     }
-    assert load(source={"types": types}).sources[0].types == {49: "InvoiceArchived"}
+    assert load(source={"types": types}).sources[0].options.types == {49: "InvoiceArchived"}
 
 
 @pytest.mark.parametrize(

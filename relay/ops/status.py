@@ -12,10 +12,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from relay import topology, wire
+from relay.broker import connect
 from relay.ops.management import Management
 from relay.settings import Settings
 
@@ -127,7 +127,7 @@ def _figures(name: str, queue: dict[str, Any] | None) -> dict[str, Any]:
 
 
 async def _states(settings: Settings) -> dict[str, dict[str, Any]]:
-    connection = await aio_pika.connect(settings.broker.url, timeout=10)
+    connection = await connect(settings.broker)
     async with connection:
         return await latest_states(await connection.channel())
 

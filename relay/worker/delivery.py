@@ -20,7 +20,7 @@ from relay import wire
 from relay.errors import ConfigError, Reject, Retry
 from relay.secrets import standard_webhooks_key
 from relay.settings import HandlerSettings
-from relay.verify import standard_webhooks_signature
+from relay.signatures import standard_webhooks_signature
 
 TRANSIENT_4XX = frozenset({408, 409, 425, 429})
 RESPONSE_READ_BYTES = 4096  # of a handler's answer, at most this much is read (never inflated)

@@ -46,8 +46,9 @@ import aio_pika
 import aio_pika.exceptions
 import aiohttp
 
-from relay.provider import PROVIDERS
-from relay.settings import Settings, SourceSettings
+from relay.config import load as load_config
+from relay.providers import PROVIDERS
+from relay.settings import SourceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -224,7 +225,7 @@ async def load(
 
     async def post(invoice: int) -> None:
         event_id = next(_event_ids)
-        body = provider.sample(source, event_id=event_id, key=invoice, now=time.time())
+        body = provider.sample(source, event_id=event_id, key=invoice, now=time.time()).body
         for attempt in range(RETRIES_503 + 1):
             try:
                 async with session.post(url, data=body) as response:
@@ -390,7 +391,7 @@ async def run(args: argparse.Namespace, directory: Path) -> list[Round]:
         ) + "".join(f"{k} = {v}\n" for k, v in options.items() if v is not None),
         encoding="utf-8",
     )  # fmt: skip
-    source = Settings.from_file(config).sources[0]
+    source = load_config(config).sources[0]
 
     def relay(command: str) -> tuple[str, ...]:
         return ("-m", "relay", *command.split(), "--config", str(config), "--log-level", "warning")

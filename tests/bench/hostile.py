@@ -46,8 +46,9 @@ import aio_pika
 import aio_pika.exceptions
 import aiohttp
 
-from relay.provider import PROVIDERS
-from relay.settings import Settings, SourceSettings
+from relay.config import load as load_config
+from relay.providers import PROVIDERS
+from relay.settings import SourceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -115,7 +116,8 @@ def valid_bodies(source: SourceSettings) -> Callable[[int], bytes]:
     provider = PROVIDERS[source.scheme]
 
     def body(i: int) -> bytes:
-        return provider.sample(source, event_id=next(event_ids), key=i % 100 + 1, now=time.time())
+        sample = provider.sample(source, event_id=next(event_ids), key=i % 100 + 1, now=time.time())
+        return sample.body
 
     return body
 
@@ -535,7 +537,7 @@ async def bench(args: argparse.Namespace, directory: Path) -> tuple[list[Result]
     port = free_port()
     config = directory / "relay.toml"
     write_config(config, names, port, args.max_body_bytes)
-    source = Settings.from_file(config).sources[0]  # this checkout's code, not --code-dir's
+    source = load_config(config).sources[0]  # this checkout's code, not --code-dir's
     base_url = f"http://127.0.0.1:{port}"
     ingress = Ingress(args.python, args.code_dir, config, directory / "ingress.log", base_url)
     results = [Result(case) for case in cases(args.max_body_bytes, source)]

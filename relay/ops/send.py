@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from relay.provider import PROVIDERS
+from relay.providers import PROVIDERS
 from relay.settings import SourceSettings
 
 
@@ -35,10 +35,10 @@ async def send(source: SourceSettings, url: str, *, count: int, invoices: int) -
 
     async def send_invoice(session: aiohttp.ClientSession, invoice: int, ids: list[int]) -> None:
         for event_id in ids:  # one after the other: the ingress accepts them in this order
-            body = provider.sample(source, event_id=event_id, key=invoice, now=time.time())
+            sample = provider.sample(source, event_id=event_id, key=invoice, now=time.time())
             try:
                 async with session.post(
-                    url, data=body, headers={"Content-Type": "application/json"}
+                    url, data=sample.body, headers=dict(sample.headers)
                 ) as response:
                     answer = await response.json(content_type=None)
                     what = answer.get("status") if response.status == 200 else None

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from relay import wire
+from relay.broker import connect
+from relay.errors import NotFound
 from relay.settings import HandlerSettings, Settings
 
 
@@ -23,10 +25,16 @@ async def _held(
     settings: Settings, handler: HandlerSettings, limit: int | None = None
 ) -> AsyncIterator[tuple[AbstractChannel, list[AbstractIncomingMessage]]]:
     """Every dead letter (up to `limit`), held unacked; those not acked go back in place."""
-    connection = await aio_pika.connect(settings.broker.url, timeout=10)
+    connection = await connect(settings.broker)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await channel.get_queue(handler.dead_letter_queue, ensure=True)
+        try:
+            queue = await channel.get_queue(handler.dead_letter_queue, ensure=True)
+        except ChannelNotFoundEntity:
+            raise NotFound(
+                f"{handler.dead_letter_queue} does not exist: no worker of handler "
+                f"{handler.name!r} has run yet"
+            ) from None
         held: list[AbstractIncomingMessage] = []
         while limit is None or len(held) < limit:
             message = await queue.get(no_ack=False, fail=False)

@@ -5,17 +5,54 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from relay.errors import BadPayload, BadSignature
-from relay.provider import Event
-from relay.verify import hex_signature, hex_signature_matches
+from relay.errors import BadPayload, BadSignature, ConfigError
+from relay.providers.base import Event, Request
+from relay.providers.payload import check_depth, clip, within_tolerance
+from relay.signatures import hex_signature, hex_signature_matches
 
 if TYPE_CHECKING:
     from relay.settings import SourceSettings
+
+# Envoice re-sends past activities after an outage and does not say whether Timestamp is the
+# send time, so a window could refuse a catch-up: the check is off unless a source sets one.
+DEFAULT_TOLERANCE = 0
+ALGORITHMS = ("hmac-sha256", "sha256")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """An Envoice source's own settings: the signature recipe, and type names."""
+
+    signature_template: str = "{Timestamp}.{Activity}"  # {Activity}: its exact bytes
+    signature_algorithm: str = "hmac-sha256"  # or sha256: digest of secret + message
+    types: Mapping[int, str] = field(default_factory=dict)  # code -> PascalCase name
+
+
+def options(raw: Mapping[str, Any], key: str) -> Options:
+    for name in raw:
+        if name not in ("signature_template", "signature_algorithm", "types"):
+            raise ConfigError(f"{key}.{name}: unknown key")
+    template = raw.get("signature_template", "{Timestamp}.{Activity}")
+    if not isinstance(template, str) or "{Activity}" not in template:
+        raise ConfigError(f"{key}.signature_template: must be a string containing {{Activity}}")
+    algorithm = raw.get("signature_algorithm", "hmac-sha256")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"{key}.signature_algorithm: expected one of {', '.join(ALGORITHMS)}")
+    types = raw.get("types", {})
+    if not isinstance(types, dict):
+        raise ConfigError(f"{key}.types: expected a table")
+    for code, name in types.items():
+        if not re.fullmatch(r"\d+", code, re.ASCII) or not str(name).isidentifier():
+            raise ConfigError(f'{key}.types.{code}: expected <integer> = "TypeName"')
+    return Options(template, algorithm, {int(code): name for code, name in types.items()})
+
 
 # The Activity Type enum of Envoice's OpenAPI spec, in order from 0 (README "Routing").
 TYPE_NAMES = (  # noqa: SIM905 - one compact, diffable list
@@ -51,7 +88,6 @@ def _reject_constant(name: str) -> None:
 
 _SKIPPER = json.JSONDecoder(parse_constant=_reject_constant)  # top-level fields relay ignores
 MAX_MEMBERS = 32  # top-level fields read before the body is refused: Envoice sends three
-MAX_DEPTH = 64  # levels of nesting in the Activity
 
 # Activity fields: name -> (accepted types, required)
 _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
@@ -75,7 +111,7 @@ def snake_case(name: str) -> str:
 
 def type_names(source: SourceSettings) -> dict[int, str]:
     """Code -> PascalCase name: the built-in enum, overridden and extended by `types`."""
-    return {**dict(enumerate(TYPE_NAMES)), **source.types}
+    return {**dict(enumerate(TYPE_NAMES)), **source.options.types}
 
 
 def event_names(source: SourceSettings) -> list[str]:
@@ -87,9 +123,10 @@ def event_name(source: SourceSettings, code: int) -> str:
     return snake_case(name) if name else f"type_{code}"
 
 
-def parse(body: bytes, source: SourceSettings, now: float) -> Event:
+def parse(request: Request, source: SourceSettings, now: float) -> Event:
     """Verify the signature and validate the payload of one Envoice webhook."""
-    fields, activity_raw = _top_level(body)
+    recipe: Options = source.options
+    fields, activity_raw = _top_level(request.body)
     activity = fields.get("Activity")
     if not isinstance(activity, dict):
         raise BadPayload("Activity: required, must be an object")
@@ -99,12 +136,11 @@ def parse(body: bytes, source: SourceSettings, now: float) -> Event:
     signature = fields.get("Signature")
     if not isinstance(signature, str) or not signature:
         raise BadSignature("Signature: missing")
-    message = _signed_message(source.signature_template, timestamp, activity_raw)
-    if not hex_signature_matches(signature, source.signature_algorithm, source.secrets, message):
+    message = _signed_message(recipe.signature_template, timestamp, activity_raw)
+    if not hex_signature_matches(signature, recipe.signature_algorithm, source.secrets, message):
         raise BadSignature("Signature: does not match")
     sent_at = _parse_time(timestamp, "Timestamp")
-    if source.tolerance_seconds and abs(now - sent_at.timestamp()) > source.tolerance_seconds:
-        raise BadSignature(f"Timestamp: outside the tolerance of {source.tolerance_seconds}s")
+    within_tolerance(sent_at.timestamp(), now, source.tolerance_seconds, "Timestamp")
     return _event(activity, activity_raw, source)
 
 
@@ -119,7 +155,7 @@ def _event(activity: dict[str, Any], raw: bytes, source: SourceSettings) -> Even
             wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             raise BadPayload(f"Activity.{name}: must be {wanted}")
     _parse_time(activity["CreatedOn"], "Activity.CreatedOn")
-    _check_depth(activity, "Activity")
+    check_depth(activity, "Activity")
     code = _type_code(activity["Type"], source)
     activity_id = activity["Id"]
     if activity_id < 0:
@@ -252,28 +288,9 @@ def _expect(text: str, i: int, char: str) -> int:
     return i + 1
 
 
-def _check_depth(value: Any, field: str) -> None:
-    """Refuse data nested deeper than MAX_DEPTH: every JSON library downstream can read it."""
-    level = [value]
-    for _ in range(MAX_DEPTH):
-        level = [
-            child
-            for node in level
-            if isinstance(node, dict | list)
-            for child in (node.values() if isinstance(node, dict) else node)
-        ]
-        if not level:
-            return
-    raise BadPayload(f"{field}: nested deeper than {MAX_DEPTH} levels")
-
-
-def clip(text: str, limit: int = 64) -> str:
-    """`text` for an error message or log line: repr'd, and cut to `limit` characters."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> bytes:
+def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
     """A signed Envoice webhook for invoice `key`, signed with the source's first secret."""
+    recipe: Options = source.options
     created = datetime.fromtimestamp(now, UTC)
     timestamp = created.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"  # 7 digits, like .NET
     code = random.choice((0, 3, 7, 8, 10, 11, 14, 16))
@@ -290,7 +307,8 @@ def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> by
             "CreatedOn": timestamp,
         }
     )
-    message = _signed_message(source.signature_template, timestamp, activity)
-    signature = hex_signature(source.signature_algorithm, source.secrets[0], message)
+    message = _signed_message(recipe.signature_template, timestamp, activity)
+    signature = hex_signature(recipe.signature_algorithm, source.secrets[0], message)
     head = orjson.dumps({"Signature": signature, "Timestamp": timestamp})
-    return head[:-1] + b',"Activity":' + activity + b"}"
+    body = head[:-1] + b',"Activity":' + activity + b"}"
+    return Request(body, {"Content-Type": "application/json"})

@@ -1,4 +1,5 @@
-"""`relay topology declare`: bring the broker to the config's topology and say every change.
+"""`relay topology declare` brings the broker to the config's topology and says every change;
+`relay topology export` gives it as definitions JSON.
 
 What the config describes (relay/topology.py) is compared with what the broker has (read from
 the management API): what is missing is declared, and the bindings relay owns that the config
@@ -20,8 +21,11 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from relay import topology, wire
+from relay.broker import connect
+from relay.errors import RelayError
 from relay.ops.management import Management
 from relay.settings import Settings
 from relay.topology import Binding, Topology
@@ -285,8 +289,36 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
         broker = await read(api, desired, settings.broker.exchange)
     changes = plan(desired, broker, settings.broker.exchange, uuid.uuid4().hex[:12])
     if not dry_run:
-        connection = await aio_pika.connect(settings.broker.url, timeout=10)
+        connection = await connect(settings.broker)
         async with connection:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            await apply(channel, desired, changes, prune=prune)
+            try:
+                await apply(channel, desired, changes, prune=prune)
+            except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
+                raise RelayError(f"the broker refused a change: {exc}") from None
     return describe(changes, prune=prune)
+
+
+def export(settings: Settings) -> dict[str, Any]:
+    """Everything relay declares for `settings`, as RabbitMQ definitions JSON (the management
+    UI's "Import definitions"), in the vhost of `broker.url`."""
+    described = topology.describe(settings)
+    vhost = settings.broker.vhost
+    return {
+        "exchanges": [
+            {"name": e.name, "vhost": vhost, "type": e.type, "durable": True,
+             "auto_delete": False, "internal": False, "arguments": e.arguments}
+            for e in described.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False,
+             "arguments": q.arguments}
+            for q in described.queues
+        ],
+        "bindings": [
+            {"source": b.source, "vhost": vhost, "destination": b.destination,
+             "destination_type": b.destination_type, "routing_key": b.routing_key,
+             "arguments": b.arguments}
+            for b in described.bindings
+        ],
+    }  # fmt: skip

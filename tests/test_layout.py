@@ -1,0 +1,96 @@
+"""The shape of the code: imports point one way, down the map of docs/ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from tests.support import ROOT
+
+PACKAGE = ROOT / "relay"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """Each relay module and the relay modules it imports (anywhere in it, functions too;
+    imports only for type checking left out)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for module in graph[todo.pop()] - seen:
+            seen.add(module)
+            todo.append(module)
+    return seen
+
+
+def test_no_module_imports_itself_round_a_cycle() -> None:
+    graph = imports()
+
+    cycles = [name for name in graph if name in reachable(graph, name)]
+
+    assert cycles == []
+
+
+def test_settings_import_nothing_of_relay_but_errors_and_secrets() -> None:
+    assert imports()["relay.settings"] == {"relay.errors", "relay.secrets"}
+
+
+def test_the_ingress_and_the_worker_never_import_the_operator_tools() -> None:
+    graph = imports()
+
+    for runtime in ("relay.ingress", "relay.worker", "relay.publisher"):
+        tools = {m for m in reachable(graph, runtime) if m.startswith("relay.ops")}
+        assert tools == set(), runtime
+
+
+def test_providers_do_no_io() -> None:
+    graph = imports()
+    io_modules = {"relay.broker", "relay.publisher", "relay.ingress", "relay.worker"}
+
+    for provider in (m for m in graph if m.startswith("relay.providers")):
+        assert not reachable(graph, provider) & io_modules, provider
+
+
+def test_relay_header_names_are_spelled_in_one_module() -> None:
+    spelled = {
+        module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        if re.search(r"[\"']x-relay-", path.read_text(encoding="utf-8"))
+    }
+
+    assert spelled == {"relay.wire"}
+
+
+def test_no_module_is_named_for_what_it_is_not() -> None:
+    names = {p.stem for p in PACKAGE.rglob("*.py")}
+
+    assert not names & {"utils", "util", "common", "helpers", "misc", "manager"}
