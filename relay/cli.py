@@ -114,11 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="override ingress.host")
     run.add_argument("--port", type=int, help="override ingress.port")
 
-    sender = command("send", _send, "Sign and POST sample Envoice webhooks to an ingress.")
+    sender = command(
+        "send", _send, "Sign and POST sample webhooks of a source's scheme to an ingress."
+    )
     sender.add_argument("--url", help="default: the config's ingress port and source path")
     sender.add_argument("--source", help="source name (default: the first source)")
     sender.add_argument("--count", type=_positive, default=10, help="webhooks to send (10)")
-    sender.add_argument("--invoices", type=_positive, default=3, help="invoices to spread over")
+    sender.add_argument(
+        "--invoices", type=_positive, default=3, help="ordering keys (invoices) to spread over (3)"
+    )
     sender.add_argument(
         "--secret-env",
         metavar="NAME",

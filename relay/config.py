@@ -51,7 +51,7 @@ def _source(source: SourceSettings, key: str) -> SourceSettings:
     tolerance = source.tolerance_seconds
     return replace(
         source,
-        options=provider.options(source.options, key),
+        options=provider.options(source, key),
         tolerance_seconds=provider.DEFAULT_TOLERANCE if tolerance is None else tolerance,
     )
 

@@ -36,9 +36,35 @@ def hex_signature_matches(
     return matched
 
 
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def any_digest_matches(given: Iterable[bytes], keys: Iterable[bytes], message: bytes) -> bool:
+    """True when one of the `given` digests is the HMAC-SHA256 of `message` under one of the
+    `keys`. Every pair is compared in constant time, so timing tells neither which matched."""
+    expected = [hmac_sha256(key, message) for key in keys]
+    matched = False
+    for digest in given:
+        for wanted in expected:
+            matched |= hmac.compare_digest(digest, wanted)
+    return matched
+
+
+def decode_digest(text: str, encoding: str) -> bytes | None:
+    """A signature as senders write it (`hex`: lowercase; `base64`: standard, padded), as
+    bytes; None when it is not one. Only the canonical spelling is read, so that a signature
+    changed in any character does not match."""
+    try:
+        digest = bytes.fromhex(text) if encoding == "hex" else base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    canonical = digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
+    return digest if canonical == text else None
+
+
 def standard_webhooks_signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header value: `v1,<base64 HMAC-SHA256 of id.timestamp.body>`;
     `key` as `relay.secrets.standard_webhooks_key` reads it."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(key, signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    return "v1," + base64.b64encode(hmac_sha256(key, signed)).decode()

@@ -73,14 +73,21 @@ class Config:
 
 
 def write_config(
-    path: Path, *handlers: dict[str, Any], url: str = AMQP_URL, **sections: dict[str, Any]
+    path: Path,
+    *handlers: dict[str, Any],
+    url: str = AMQP_URL,
+    sources: list[dict[str, Any]] | None = None,
+    **sections: dict[str, Any],
 ) -> Config:
     """A config file with names of its own (exchange, handlers) and a free ingress port;
-    `sections` add to the config's tables (`ingress={...}`, `worker={...}`, `source={...}`)."""
+    `sections` add to the config's tables (`ingress={...}`, `worker={...}`, `source={...}`);
+    `sources` replace the one Envoice source."""
     ingress = {"port": free_port(), **sections.pop("ingress", {})}
     raw = settings_dict(
         uuid.uuid4().hex[:8], handlers=list(handlers), url=url, ingress=ingress, **sections
     )
+    if sources is not None:
+        raw["sources"] = sources
     raw = {name: table for name, table in raw.items() if table != []}  # TOML has no empty array
     path.write_text(toml(raw), encoding="utf-8")
     assert tomllib.loads(path.read_text(encoding="utf-8")) == raw
@@ -162,9 +169,16 @@ class Relay:
         self.configs: list[Config] = []
         self.processes: list[RelayProcess] = []
 
-    def config(self, *handlers: dict[str, Any], **sections: dict[str, Any]) -> Config:
+    def config(
+        self,
+        *handlers: dict[str, Any],
+        sources: list[dict[str, Any]] | None = None,
+        **sections: dict[str, Any],
+    ) -> Config:
         path = self.directory / f"relay-{len(self.configs)}.toml"
-        self.configs.append(write_config(path, *handlers, url=self.url, **sections))
+        self.configs.append(
+            write_config(path, *handlers, url=self.url, sources=sources, **sections)
+        )
         return self.configs[-1]
 
     async def run(

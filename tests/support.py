@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,8 +168,10 @@ class Ingress:
     def __init__(self, app: web.Application, client: ClientSession) -> None:
         self.app, self.client = app, client
 
-    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
-        async with self.client.post(path, data=body) as response:
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        async with self.client.post(path, data=body, headers=headers) as response:
             return response.status, await response.json(), dict(response.headers)
 
 

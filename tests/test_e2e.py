@@ -9,6 +9,7 @@ import hmac
 import itertools
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,67 @@ async def test_relay_send_reaches_the_built_in_log_handler(relay: Relay) -> None
     assert await worker.terminate() == 0
     assert worker.logged("delivered") == 20
     assert worker.logged("activity") == 20
+
+
+SW_SECRET = "whsec_" + base64.b64encode(b"standard webhooks key").decode()
+SCHEME_SOURCES: list[dict[str, Any]] = [
+    {"name": "envoice", "path": "/hooks/envoice", "scheme": "envoice", "secrets": ["e-secret"]},
+    {"name": "sw", "path": "/hooks/sw", "scheme": "standard-webhooks", "secrets": [SW_SECRET],
+     "key_path": "data.invoice_id"},
+    {"name": "github", "path": "/hooks/github", "scheme": "github", "secrets": ["gh-secret"]},
+    {"name": "stripe", "path": "/hooks/stripe", "scheme": "stripe", "secrets": ["whsec_stripe"]},
+    {"name": "shop", "path": "/hooks/shop", "scheme": "hmac-sha256", "secrets": ["shop-secret"],
+     "signature_header": "X-Signature", "timestamp_header": "X-Timestamp",
+     "event_path": "header:X-Event", "key_path": "data.account"},
+]  # fmt: skip
+# What each source's samples for keys 1..3 are keyed by (the scheme's ordering key)
+SAMPLE_KEYS = {
+    "envoice": "invoice:{}", "sw": "invoice:{}", "github": "example/repo-{}",
+    "stripe": "cus_{}", "shop": "invoice:{}",
+}  # fmt: skip
+
+
+def sent_order(message_id: str) -> int:
+    """The number `relay send` gave a sample: it sends each key's samples in increasing order."""
+    raw = message_id.split(":", 1)[1]
+    return uuid.UUID(raw).int if "-" in raw else int(raw.rsplit("_", 1)[-1])
+
+
+async def test_every_scheme_reaches_an_http_handler_routed_and_keyed(
+    relay: Relay, http_handler: HttpHandler
+) -> None:
+    # Given one source of each scheme, and an HTTP handler bound to all of them
+    patterns = [f"{source['name']}.#" for source in SCHEME_SOURCES]
+    config = relay.config(
+        {"name": "all", "events": patterns, "url": http_handler.url, "partitions": 2},
+        sources=SCHEME_SOURCES,
+    )
+    ingress, worker = await relay.start(config)
+
+    # When `relay send` signs and POSTs 12 samples over 3 keys to each source
+    send = ("send", "--count", "12", "--invoices", "3", "--source")
+    senders = [await relay.run(*send, s.name, config=config) for s in config.settings.sources]
+
+    # Then every sample is accepted
+    for sender in senders:
+        assert await sender.exit_code() == 0, sender.output()
+        assert "sent 12: 12 accepted" in sender.output().splitlines()
+    # and delivered once, with its source's routing and ordering key, in order per key
+    await eventually(lambda: len(http_handler.requests) >= 60, timeout=30, what="60 deliveries")
+    requests = list(http_handler.requests)
+    assert len({r.id for r in requests}) == len(requests) == 60
+    for source in SCHEME_SOURCES:
+        name = source["name"]
+        got = [r for r in requests if r.json["source"] == name]
+        assert all(r.id.startswith(f"{name}:") for r in got)
+        keys = {SAMPLE_KEYS[name].format(i) for i in (1, 2, 3)}
+        assert {r.json["key"] for r in got} == keys, name
+        for key in keys:
+            order = [sent_order(r.id) for r in got if r.json["key"] == key]
+            assert len(order) == 4, (name, key)
+            assert order == sorted(order), (name, key)
+        if name != "envoice":
+            event = "issues.opened" if name == "github" else "invoice.paid"
+            assert {r.json["event"] for r in got} == {event}, name
+    assert await ingress.terminate() == 0
+    assert await worker.terminate() == 0

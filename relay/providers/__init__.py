@@ -5,11 +5,15 @@ in `PROVIDERS`. Schemes do no I/O: they verify over the raw bytes, validate, and
 its id and its ordering key.
 """
 
-from relay.providers import envoice
+from relay.providers import envoice, github, hmac_sha256, standard_webhooks, stripe
 from relay.providers.base import Event, Provider, Request
 
 PROVIDERS: dict[str, Provider] = {
     "envoice": envoice,
+    "standard-webhooks": standard_webhooks,
+    "github": github,
+    "stripe": stripe,
+    "hmac-sha256": hmac_sha256,
 }
 
 __all__ = ["PROVIDERS", "Event", "Provider", "Request"]

@@ -16,7 +16,7 @@ class Request:
     """What a scheme sees of a webhook request: the raw body and the headers (any case)."""
 
     body: bytes
-    headers: Mapping[str, str]
+    headers: Mapping[str, str]  # case-insensitive, like aiohttp's or multidict.CIMultiDict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,9 +45,10 @@ class Provider(Protocol):
     # Seconds a request's timestamp may differ from now, when a source does not say (0: off).
     DEFAULT_TOLERANCE: int
 
-    def options(self, options: Mapping[str, Any], key: str) -> Any:
-        """The scheme's own settings of a source (its config keys but the common ones),
-        validated; raise ConfigError naming `key`.<option>."""
+    def options(self, source: SourceSettings, key: str) -> Any:
+        """The scheme's own settings of a source, read from `source.options` (its config keys
+        but the common ones) and checked with its secrets; raise ConfigError naming
+        `key`.<option>."""
         ...
 
     def parse(self, request: Request, source: SourceSettings, now: float) -> Event:

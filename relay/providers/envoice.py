@@ -35,7 +35,8 @@ class Options:
     types: Mapping[int, str] = field(default_factory=dict)  # code -> PascalCase name
 
 
-def options(raw: Mapping[str, Any], key: str) -> Options:
+def options(source: SourceSettings, key: str) -> Options:
+    raw: Mapping[str, Any] = source.options
     for name in raw:
         if name not in ("signature_template", "signature_algorithm", "types"):
             raise ConfigError(f"{key}.{name}: unknown key")
@@ -204,7 +205,10 @@ def _parse_time(value: str, field: str) -> datetime:
 
 def _signed_message(template: str, timestamp: str, activity_raw: bytes) -> bytes:
     values = {"{Timestamp}": timestamp.encode(), "{Activity}": activity_raw}
-    return b"".join(values.get(part) or part.encode() for part in _PLACEHOLDER_RE.split(template))
+    return b"".join(
+        values[part] if part in values else part.encode()
+        for part in _PLACEHOLDER_RE.split(template)
+    )
 
 
 def _top_level(body: bytes) -> tuple[dict[str, Any], bytes]:
