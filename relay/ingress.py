@@ -67,35 +67,51 @@ class DuplicateWindow:
 
 
 class Acceptor:
-    """Publishes each new event once; repeats of an accepted id answer `duplicate`."""
+    """Publishes each new event once; repeats of an accepted id answer `duplicate`.
+
+    The publish runs in the request's own task: aiohttp does not cancel a handler whose client
+    went away, so the publish completes and its id is remembered either way.
+    """
 
     def __init__(self, publisher: EventPublisher, window: DuplicateWindow) -> None:
         self.publisher = publisher
         self._window = window
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # ids being published; a future once a concurrent request with the same id waits
+        self._in_flight: dict[str, asyncio.Future[None] | None] = {}
 
     async def accept(self, event: Event) -> str:
         message_id = event.message_id
         if message_id in self._window:
             return "duplicate"
-        publishing = self._in_flight.get(message_id)
-        if publishing is not None:  # the same id is being published by another request
-            await asyncio.shield(publishing)
+        if message_id in self._in_flight:  # the same id is being published by another request
+            waiter = self._in_flight[message_id]
+            if waiter is None:
+                waiter = self._in_flight[message_id] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)  # raises what the publish raised
             return "duplicate"
-        publishing = asyncio.ensure_future(self._publish(event))
-        self._in_flight[message_id] = publishing
-        publishing.add_done_callback(lambda _: self._in_flight.pop(message_id, None))
-        await asyncio.shield(publishing)  # a client that goes away does not cancel a publish
+        self._in_flight[message_id] = None
+        try:
+            started = time.perf_counter()
+            await self.publisher.publish(event)
+            metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+            self._window.add(message_id)
+        except BaseException as exc:
+            waiter = self._in_flight.pop(message_id)
+            if waiter is not None:
+                waiter.set_exception(
+                    exc if isinstance(exc, Exception) else BrokerUnavailable("stopped")
+                )
+            raise
+        waiter = self._in_flight.pop(message_id)
+        if waiter is not None:
+            waiter.set_result(None)
         return "accepted"
-
-    async def _publish(self, event: Event) -> None:
-        started = time.perf_counter()
-        await self.publisher.publish(event)
-        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        self._window.add(event.message_id)
 
 
 SETTINGS = web.AppKey("settings", Settings)
+SOURCE_NAMES = web.AppKey("source_names", dict[str, str])  # path -> source name
+MESSAGE_ID = web.RequestKey("message_id", str)  # of a request refused after it was parsed
+JSON_HEADERS = {"Content-Type": "application/json"}
 ACCEPTOR = web.AppKey("acceptor", Acceptor)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 
@@ -106,6 +122,7 @@ def create_app(settings: Settings, publisher: EventPublisher | None = None) -> w
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[PUBLISHER] = publisher or Publisher(settings)
+    app[SOURCE_NAMES] = {source.path: source.name for source in settings.sources}
     app.cleanup_ctx.append(_broker)
     expect = _expect_handler(settings.ingress.max_body_bytes)
     for source in settings.sources:
@@ -143,16 +160,22 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
 
 
 def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.Response]]:
-    provider = PROVIDERS[source.scheme]
+    """The handler of a source's path: the hot path, so everything per source is bound once."""
+    parse = PROVIDERS[source.scheme].parse
+    accepted = metrics.REQUESTS.labels(source.name, "200")
 
     async def receive(request: web.Request) -> web.Response:
-        structlog.contextvars.bind_contextvars(source=source.name)
-        body = await _read_body(request, request.app[SETTINGS].ingress)
-        event = provider.parse(Request(body, request.headers), source, time.time())
-        structlog.contextvars.bind_contextvars(message_id=event.message_id)
-        status = await request.app[ACCEPTOR].accept(event)
-        metrics.REQUESTS.labels(source.name, "200").inc()
-        return _json({"status": status, "id": event.message_id})
+        app = request.app
+        body = await _read_body(request, app[SETTINGS].ingress)
+        event = parse(Request(body, request.headers), source, time.time())
+        try:
+            status = await app[ACCEPTOR].accept(event)
+        except (BrokerUnavailable, Unroutable):
+            request[MESSAGE_ID] = event.message_id  # for the rejection's log line
+            raise
+        accepted.inc()
+        answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
+        return web.Response(body=answer + b"}", headers=JSON_HEADERS)
 
     return receive
 
@@ -219,7 +242,6 @@ async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Renders every error as a JSON answer; a client that went away is not an error."""
-    structlog.contextvars.clear_contextvars()
     try:
         return await handler(request)
     except _Refused as exc:
@@ -236,7 +258,7 @@ async def error_middleware(
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except ConnectionError:  # the client went away mid-request: no one reads this answer
-        _count(CLIENT_GONE)
+        _count(request, CLIENT_GONE)
         log.info("client went away", method=request.method, path=request.path[:200])
         return _closing(web.Response(status=400))
     except Exception:
@@ -244,18 +266,23 @@ async def error_middleware(
         return _rejected(request, 500, "internal error")
 
 
-def _count(status: str) -> None:
-    source = structlog.contextvars.get_contextvars().get("source")
+def _count(request: web.Request, status: str) -> str | None:
+    """Count an answer to a source's path; the source's name, if it is one."""
+    source = request.app.get(SOURCE_NAMES, {}).get(request.path)
     if source is not None:
         metrics.REQUESTS.labels(source, status).inc()
+    return source
 
 
 def _rejected(
     request: web.Request, status: int, error: str, *, retry_after: bool = False
 ) -> web.Response:
-    _count(str(status))
+    source = _count(request, str(status))
+    about = {"source": source} if source else {}
+    if MESSAGE_ID in request:
+        about["message_id"] = request[MESSAGE_ID]
     log.warning("request rejected", status=status, error=error, method=request.method,
-                path=request.path[:200])  # fmt: skip
+                path=request.path[:200], **about)  # fmt: skip
     return _error(status, error, retry_after=retry_after)
 
 

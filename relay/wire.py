@@ -94,21 +94,15 @@ def envelope(event: Event, received_at: datetime) -> bytes:
     return head[:-1] + b',"data":' + data + b"}"
 
 
-def webhook(event: Event, received_at: datetime) -> aio_pika.Message:
-    """An accepted webhook, as published to the exchange with routing key `event.routing_key`."""
-    return aio_pika.Message(
-        envelope(event, received_at),
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=event.message_id,
-        timestamp=received_at,
-        headers={
-            SOURCE_HEADER: event.source,
-            EVENT_HEADER: event.name,
-            KEY_HEADER: event.key,
-            BUCKET_HEADER: str(bucket(event.key)),
-        },
-    )
+def webhook_headers(event: Event) -> dict[str, str]:
+    """The headers of an accepted webhook's message (published by relay.publisher with the
+    envelope as body, persistent, `application/json`, `message_id` and `timestamp`)."""
+    return {
+        SOURCE_HEADER: event.source,
+        EVENT_HEADER: event.name,
+        KEY_HEADER: event.key,
+        BUCKET_HEADER: str(bucket(event.key)),
+    }
 
 
 def key_of(message: Properties) -> str:
