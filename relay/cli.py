@@ -21,13 +21,13 @@ import orjson
 import prometheus_client
 import structlog
 
-from relay import __version__, config, ingress, wire
+from relay import __version__, config, ingress, processes, wire
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, RelayError
 from relay.logging import configure
 from relay.ops import deadletters, status, topology
 from relay.ops.send import send
 from relay.secrets import resolve_secret
-from relay.settings import Settings
+from relay.settings import Settings, development_secrets_on_loopback_only
 from relay.worker import Worker
 
 EXIT_OK = 0
@@ -105,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("ingress", _ingress, "Serve the webhook ingress.")
     serve.add_argument("--host", help="override ingress.host")
     serve.add_argument("--port", type=int, help="override ingress.port")
+    serve.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="run N ingress processes on the port, each with its own broker connection (1)",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so that other relay ingress processes serve the same port "
+        "(--processes sets it)",
+    )
     worker = command("worker", _worker, "Deliver messages to handlers.")
     worker.add_argument("--handler", action="append", help="only this handler (repeatable)")
     worker.add_argument(
@@ -165,6 +177,7 @@ def _positive(value: str) -> int:
 def _with_listen(settings: Settings, args: argparse.Namespace) -> Settings:
     listen = settings.ingress
     listen = replace(listen, host=args.host or listen.host, port=args.port or listen.port)
+    development_secrets_on_loopback_only(settings.sources, listen)  # --host may leave loopback
     return replace(settings, ingress=listen)
 
 
@@ -175,9 +188,19 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 
 async def _ingress(settings: Settings, args: argparse.Namespace) -> int:
+    settings = _with_listen(settings, args)
     stopping = asyncio.Event()
     _stop_on_signals(stopping.set)
-    await ingress.serve(_with_listen(settings, args), stopping)
+    if args.processes > 1:
+        child = ["ingress", "--reuse-port", "--log-level", args.log_level]
+        for flag, value in (
+            ("--config", args.config),
+            ("--host", args.host),
+            ("--port", args.port),
+        ):
+            child += [flag, str(value)] if value is not None else []
+        return await processes.supervise(args.processes, child, stopping)
+    await ingress.serve(settings, stopping, reuse_port=args.reuse_port)
     log.info("ingress stopped")
     return EXIT_OK
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 import orjson
 import structlog
 from aiohttp import web, web_response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay import metrics
 from relay.errors import BrokerUnavailable, CannotListen, RequestError, Unroutable
@@ -234,7 +234,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @web.middleware
@@ -307,9 +307,10 @@ def _json(
 # --- serving ----------------------------------------------------------------------------------
 
 
-async def serve(settings: Settings, stopping: asyncio.Event) -> None:
+async def serve(settings: Settings, stopping: asyncio.Event, *, reuse_port: bool = False) -> None:
     """Serve the ingress until `stopping` is set, then drain: stop accepting connections, let
-    requests in flight finish (up to `drain_seconds`), close the broker connection."""
+    requests in flight finish (up to `drain_seconds`), close the broker connection. With
+    `reuse_port`, other processes may serve the same ports (relay/processes.py)."""
     ingress = settings.ingress
     app = create_app(settings)
     runner = web.AppRunner(app, **runner_options(ingress))
@@ -317,10 +318,14 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
     await runner.setup()
     try:
         try:
-            await LimitedSite(runner, ingress.host, ingress.port, ingress.max_connections).start()
+            await LimitedSite(
+                runner, ingress.host, ingress.port, ingress.max_connections, reuse_port
+            ).start()
             if ingress.admin_port is not None:
                 await admin.setup()
-                await web.TCPSite(admin, ingress.admin_host, ingress.admin_port).start()
+                await web.TCPSite(
+                    admin, ingress.admin_host, ingress.admin_port, reuse_port=reuse_port or None
+                ).start()
         except OSError as exc:
             raise CannotListen(
                 f"ingress on {ingress.host}:{ingress.port}: {exc.strerror}"
@@ -367,8 +372,15 @@ class LimitedSite(web.TCPSite):
     """A TCP site that serves at most `max_connections` connections at once; a connection over
     the limit is answered 503 and closed at once."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
-        super().__init__(runner, host, port)
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        max_connections: int,
+        reuse_port: bool = False,
+    ):
+        super().__init__(runner, host, port, reuse_port=reuse_port or None)
         self._max_connections = max_connections
 
     async def start(self) -> None:
@@ -382,7 +394,9 @@ class LimitedSite(web.TCPSite):
             return server()
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(protocol, self._host, self._port)
+        self._server = await loop.create_server(
+            protocol, self._host, self._port, reuse_port=self._reuse_port
+        )
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `relay ingress --processes N`
 
 REQUESTS = Counter(
     "relay_ingress_requests_total", "Webhook requests answered, by source and status",
@@ -24,3 +29,13 @@ HANDLER_STATE = Gauge(
     "relay_handler_state", "1 for the handler's current state in this worker, else 0",
     ["handler", "state"],
 )  # fmt: skip
+
+
+def exposition() -> bytes:
+    """The metrics in Prometheus' text format: this process's, or, when several ingress
+    processes share a port (MULTIPROCESS_ENV set), all of theirs summed, whichever one is asked."""
+    if MULTIPROCESS_ENV not in os.environ:
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

@@ -160,7 +160,7 @@ class Settings:
         ingress = _ingress(t.table("ingress"))
         worker = _worker(t.table("worker"))
         sources = tuple(_source(s) for s in t.tables("sources"))
-        _development_secrets_on_loopback_only(sources, ingress)
+        development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
         _unique(sources, "path", "sources")
         handlers = tuple(_handler(h) for h in t.tables("handlers"))
@@ -305,7 +305,7 @@ def _worker(t: _Table) -> WorkerSettings:
     )
 
 
-def _development_secrets_on_loopback_only(
+def development_secrets_on_loopback_only(
     sources: tuple[SourceSettings, ...], ingress: IngressSettings
 ) -> None:
     """A development default secret (`env:NAME:-default` with NAME unset) is known to anyone who

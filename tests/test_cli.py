@@ -288,3 +288,16 @@ def test_the_broker_refusing_a_command_is_exit_3_saying_why(
     assert line.startswith("relay: broker unreachable: ")
     assert said in line
     assert "wrong" not in line
+
+
+@pytest.mark.parametrize("command", ["ingress", "run"])
+def test_host_override_off_loopback_refuses_the_development_secret(command: str) -> None:
+    # config/relay.toml listens on loopback with a development default secret
+    result = run_relay(
+        command, "--config", "config/relay.toml", "--host", "0.0.0.0",  # noqa: S104
+        unset=("ENVOICE_API_SECRET",), timeout=30,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert "development default is refused while ingress.host is '0.0.0.0'" in result.stderr
+    assert "dev-insecure-secret" not in result.stderr

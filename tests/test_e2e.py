@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,8 +19,8 @@ import aiohttp
 import pytest
 
 from tests.handlers_for_tests import HttpHandler, Request
-from tests.processes import Config, Relay
-from tests.support import activity, eventually, signed_body
+from tests.processes import STARTUP_SECONDS, Config, Relay
+from tests.support import activity, declare_topology, eventually, signed_body
 
 pytestmark = pytest.mark.rabbit
 
@@ -204,3 +205,46 @@ async def test_every_scheme_reaches_an_http_handler_routed_and_keyed(
             assert {r.json["event"] for r in got} == {event}, name
     assert await ingress.terminate() == 0
     assert await worker.terminate() == 0
+
+
+async def test_ingress_processes_share_a_port_and_their_metrics(relay: Relay) -> None:
+    # Given `relay ingress --processes 2` (and a handler queue to route to)
+    config = relay.config({"name": "log", "events": ["envoice.#"], "call": "relay.handlers:log"})
+    await declare_topology(config.settings)
+    ingress = await relay.run("ingress", "--processes", "2", config=config)
+    await eventually(
+        lambda: ingress.logged("broker connected") == 2, timeout=STARTUP_SECONDS, what="ready"
+    )
+    pids = await eventually(lambda: child_pids(ingress.process.pid, 2), what="two children")
+
+    # When 40 webhooks arrive, each on a new connection (the kernel spreads them)
+    source = config.settings.sources[0]
+    acts = [activity(Id=next(_activity_ids), InvoiceId=7) for _ in range(40)]
+    answers = []
+    for act in acts:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(config.webhook_url, data=signed_body(source, act)) as response,
+        ):
+            answers.append((response.status, (await response.json())["status"]))
+
+    # Then every one is accepted, and /metrics counts all 40 whichever child answers
+    assert answers == [(200, "accepted")] * 40
+    for _ in range(6):  # new connections: both children answer some (per-child counts: ~20)
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(config.base_url + "/metrics") as response,
+        ):
+            text = await response.text()
+        counted = re.search(r'requests_total\{source="envoice",status="200"\} (\S+)', text)
+        assert counted is not None, text[:2000]
+        assert float(counted.group(1)) == 40
+
+    # When the parent gets SIGTERM, Then it and both children exit 0
+    assert await ingress.terminate() == 0
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)  # noqa: ASYNC240
+
+
+def child_pids(pid: int, count: int) -> list[int] | None:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children] if len(children) == count else None
