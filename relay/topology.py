@@ -5,7 +5,7 @@ relay.activities (topic, alternate exchange relay.unrouted)
   --<pattern>--> relay.<handler> (headers)
                    --relay-bucket = b--> relay.<handler>.<b % partitions> (quorum, single active)
 relay.unrouted (fanout) --> relay.unrouted (quorum)
-relay.<handler>.dlq (classic: see relay/deadletters.py for why)
+relay.<handler>.dlq (quorum, read by `relay dlq` through a consumer: relay/ops/deadletters.py)
 relay.state (stream: handler state records)
 
 The ingress stamps each message with its key's bucket (relay/wire.py); a handler's partitions
@@ -27,7 +27,6 @@ from relay.settings import HandlerSettings, Settings
 UNROUTED = "relay.unrouted"
 STATE_STREAM = "relay.state"
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
-CLASSIC: dict[str, Any] = {}  # the default queue type
 STREAM: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": "7D"}
 PARTITION: dict[str, Any] = {**QUORUM, "x-single-active-consumer": True}
 
@@ -96,7 +95,7 @@ def handler(settings: Settings, handler: HandlerSettings) -> Topology:
     bound to the buckets it owns; its dead-letter queue."""
     return Topology(
         [Exchange(handler.exchange, "headers")],
-        [Queue(q, PARTITION) for q in handler.queues] + [Queue(handler.dead_letter_queue, CLASSIC)],
+        [Queue(q, PARTITION) for q in handler.queues] + [Queue(handler.dead_letter_queue, QUORUM)],
         [Binding(settings.broker.exchange, handler.exchange, "exchange", pattern)
          for pattern in handler.bindings]
         + [bucket_binding(handler, b, handler.partitions) for b in range(wire.BUCKETS)],

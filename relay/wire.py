@@ -143,8 +143,16 @@ def replayed(body: bytes, message: Properties) -> aio_pika.Message:
     """A dead letter as it goes back to its handler: the original message, marked replayed (and
     given its bucket, if it was dead-lettered before messages carried one)."""
     headers = {k: v for k, v in (message.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
+    headers.pop("x-delivery-count", None)  # the broker's, of the dead-letter queue (each list)
     headers.setdefault(BUCKET_HEADER, str(bucket(key_of(message))))
     return _copy(body, message, {**headers, REPLAYED_HEADER: True})
+
+
+def moved(body: bytes, message: Properties) -> aio_pika.Message:
+    """A message as it moves from one of relay's queues to another, unchanged but for the
+    broker's delivery count."""
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "x-delivery-count"}
+    return _copy(body, message, headers)
 
 
 def _copy(body: bytes, message: Properties, headers: dict[str, Any]) -> aio_pika.Message:

@@ -141,8 +141,8 @@ async def test_closing_a_channel_returns_its_one_unacked_message_to_the_head(
 async def test_returning_many_unacked_messages_scrambles_a_quorum_queue(
     kind: str, in_order: bool, make_queue: MakeQueue, connection: AbstractConnection
 ) -> None:
-    """Why relay's dead-letter queues are classic: `relay dlq list` holds every dead letter
-    unacked and gives them back by closing its channel (relay/deadletters.py)."""
+    """Why `relay dlq` never reads with basic.get: it holds every dead letter unacked and gives
+    them back by closing its channel (relay/ops/deadletters.py)."""
     # Given 300 messages, all taken unacked with basic.get on one channel
     queue = await make_queue(kind)
     await fill(queue, 300)
@@ -156,6 +156,31 @@ async def test_returning_many_unacked_messages_scrambles_a_quorum_queue(
     back = numbers(await drain(queue))
     assert sorted(back) == list(range(1, 301))
     assert (back == list(range(1, 301))) is in_order
+
+
+@pytest.mark.parametrize("kind", ["quorum", "classic"])
+async def test_many_deliveries_held_by_a_consumer_come_back_in_order(
+    kind: str, make_queue: MakeQueue, connection: AbstractConnection
+) -> None:
+    """How `relay dlq` reads a quorum dead-letter queue without reordering it
+    (relay/ops/deadletters.py): through a consumer, some acked (replay, purge --id)."""
+    # Given 300 messages, all delivered unacked to a consumer, two of them then acked
+    queue = await make_queue(kind)
+    await fill(queue, 300)
+    taker = await on_own_channel(connection, queue)
+    await taker.channel.set_qos(prefetch_count=300)
+    arrived: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    await taker.consume(arrived.put)
+    held = [await asyncio.wait_for(arrived.get(), timeout=10) for _ in range(300)]
+    assert numbers(held) == list(range(1, 301))
+    await held[0].ack()
+    await held[150].ack()
+
+    # When the channel closes
+    await taker.channel.close()
+
+    # Then the other 298 are back, in order, on either kind of queue
+    assert numbers(await drain(queue)) == [n for n in range(1, 301) if n not in (1, 151)]
 
 
 def test_relay_never_nacks_or_rejects() -> None:

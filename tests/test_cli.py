@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -97,6 +100,51 @@ def test_bad_usage_exits_2(args: list[str]) -> None:
 # --- topology ---------------------------------------------------------------------------------
 
 
+MANAGEMENT = "http://127.0.0.1:15672/api"
+
+
+@pytest.mark.rabbit
+async def test_topology_export_imports_into_a_fresh_vhost(tmp_path: Path) -> None:
+    # Given a fresh vhost, and the export of a config whose broker.url names it
+    vhost = f"relay-import-{uuid.uuid4().hex[:8]}"
+    url = AMQP_URL.rstrip("/") + "/" + vhost
+    result = run_relay("topology", "export", "--config", write_config(tmp_path),
+                       env={"RELAY_AMQP_URL": url})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    definitions = json.loads(result.stdout)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
+    async with aiohttp.ClientSession(headers=auth, raise_for_status=True) as api:
+        await api.put(f"{MANAGEMENT}/vhosts/{vhost}")
+        try:
+            # When it is imported through the management API (the UI's "Import definitions")
+            await api.post(f"{MANAGEMENT}/definitions", json=definitions)
+
+            # Then the vhost has every relay object the export lists, dead-letter queue included
+            found = {}
+            for kind in ("exchanges", "queues", "bindings"):
+                async with api.get(f"{MANAGEMENT}/{kind}/{vhost}") as response:
+                    found[kind] = await response.json()
+        finally:
+            await api.delete(f"{MANAGEMENT}/vhosts/{vhost}")
+    queues = {q["name"]: q for q in found["queues"]}
+    assert queues.keys() == {q["name"] for q in definitions["queues"]}
+    assert queues["relay.billing.dlq"]["type"] == "quorum"
+    assert {q["name"] for q in found["queues"] if q["type"] == "classic"} == set()
+    assert {e["name"] for e in definitions["exchanges"]} <= {e["name"] for e in found["exchanges"]}
+
+    def key(b: dict[str, Any]) -> tuple[str, str, str, str]:
+        return (
+            b["source"],
+            b["destination"],
+            b["routing_key"],
+            json.dumps(b["arguments"], sort_keys=True),
+        )
+
+    assert {key(b) for b in definitions["bindings"]} <= {key(b) for b in found["bindings"]}
+    buckets = [b for b in definitions["bindings"] if "relay-bucket" in b["arguments"]]
+    assert len(buckets) == 64  # each bucket bound to one partition
+
+
 def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in items}
 
@@ -123,7 +171,7 @@ def test_topology_export(tmp_path: Path) -> None:
             "x-single-active-consumer": True,
         }
     assert queues["relay.unrouted"]["arguments"] == {"x-queue-type": "quorum"}
-    assert queues["relay.billing.dlq"]["arguments"] == {}  # classic: see relay/deadletters.py
+    assert queues["relay.billing.dlq"]["arguments"] == {"x-queue-type": "quorum"}
     assert queues["relay.state"]["arguments"]["x-queue-type"] == "stream"
     for item in definitions["exchanges"] + definitions["queues"]:
         assert (item["durable"], item["auto_delete"], item["vhost"]) == (True, False, "/")

@@ -10,8 +10,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.exceptions import ChannelPreconditionFailed
 
+from relay.broker import queue_exists
 from relay.providers import Event
 from tests.conftest import MakeSettings, Publish, StartWorker
 from tests.handlers_for_tests import HttpHandler
@@ -306,3 +308,65 @@ async def test_an_unreachable_broker_exits_3(
     [line] = result.stderr.splitlines()
     assert line.startswith("relay: broker unreachable")
     assert "guest:guest" not in result.stderr + result.stdout
+
+
+# --- a classic dead-letter queue of an older relay --------------------------------------------
+
+
+async def test_topology_declare_converts_an_older_classic_dead_letter_queue_in_order(
+    http_handler: HttpHandler,
+    make_settings: MakeSettings,
+    start_worker: StartWorker,
+    publish: Publish,
+    channel: AbstractChannel,
+    connection: AbstractConnection,
+) -> None:
+    # Given a handler whose dead-letter queue an older relay declared classic
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, partitions=2)])
+    dlq = settings.handlers[0].dead_letter_queue
+    await publish(settings)  # declares the topology of today's relay
+    await channel.queue_delete(dlq)
+    await channel.declare_queue(dlq, durable=True)  # classic
+    config = make_settings.config_file(settings)
+    dead = DeadLetters(config, settings.handlers[0].name, dlq)
+    # and a worker of today's relay dead-lettering 5 events into it
+    http_handler.default = 422
+    worker = await start_worker(settings)
+    events = [new_event(settings, invoice) for invoice in (7, 8, 7, 8, 7)]
+    await publish(settings, *events)
+    await eventually(lambda: depth_is(channel, dlq, 5), what="5 dead letters")
+    before = await dead.listed_ids()
+    assert per_key_order_kept(before, events)
+
+    # When `relay topology declare` runs while the worker consumes the handler's partitions
+    busy = await relay_command("topology", "declare", "--config", config)
+
+    # Then it leaves the queue as it is and says why
+    assert busy.returncode == 0, busy.stderr
+    assert f"= queue {dlq} stays as it is until it can become a quorum queue" in busy.stdout
+    assert await is_quorum(connection, dlq) is False
+
+    # When it runs again with the worker stopped
+    await worker.stop()
+    converted = await relay_command("topology", "declare", "--config", config)
+
+    # Then the queue is a quorum queue holding the same dead letters in the same order
+    assert converted.returncode == 0, converted.stderr
+    assert f"~ queue {dlq} becomes a quorum queue, its messages moved in order" in converted.stdout
+    assert await is_quorum(connection, dlq) is True
+    assert await dead.listed_ids() == before
+    assert not await queue_exists(connection, dlq + ".converting")
+    # and a third run has nothing left to do for it
+    again = await relay_command("topology", "declare", "--config", config)
+    assert dlq not in again.stdout
+
+
+async def is_quorum(connection: AbstractConnection, name: str) -> bool:
+    """Whether the queue is a quorum queue: declaring it as one is refused otherwise."""
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    except ChannelPreconditionFailed:
+        return False
+    await probe.close()
+    return True

@@ -48,7 +48,10 @@ def settings_with(**handler: Any) -> Settings:
 def on_broker(settings: Settings, **extra_queues: int) -> Broker:
     """A broker holding exactly what `settings` describe, plus queues with message counts."""
     described = topology.describe(settings)
-    queues = {q.name: Leftover(q.name, 0, 0) for q in described.queues}
+    queues = {
+        q.name: Leftover(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"))
+        for q in described.queues
+    }
     queues.update({name: Leftover(name, n, 0) for name, n in extra_queues.items()})
     return Broker({e.name: e.type for e in described.exchanges}, queues, described.bindings)
 
@@ -96,6 +99,28 @@ def test_a_partition_change_moves_buckets_and_keeps_the_queues_it_no_longer_uses
         "`relay topology declare --prune` removes it once empty",
         "= queue relay.h.3 is no longer used: 0 message(s), 0 consumer(s); "
         "`relay topology declare --prune` removes it once empty",
+    ]
+
+
+def test_a_classic_dead_letter_queue_is_converted_once_no_worker_consumes() -> None:
+    settings = settings_with(partitions=2)
+    broker = on_broker(settings)
+    broker.queues["relay.h.dlq"] = Leftover("relay.h.dlq", 3, 0, "classic")  # an older relay's
+
+    idle = plan(topology.describe(settings), broker, settings.broker.exchange)
+    broker.queues["relay.h.1"] = Leftover("relay.h.1", 0, 2, "quorum")
+    busy = plan(topology.describe(settings), broker, settings.broker.exchange)
+
+    assert [(c.queue, c.type, c.busy, c.old) for c in idle.convert] == [
+        ("relay.h.dlq", "quorum", 0, True)
+    ]
+    assert not idle.declare.queues  # it is converted, not declared
+    assert describe(idle, prune=False) == [
+        "~ queue relay.h.dlq becomes a quorum queue, its messages moved in order"
+    ]
+    assert describe(busy, prune=False) == [
+        "= queue relay.h.dlq stays as it is until it can become a quorum queue: stop the workers "
+        "of its handler (2 consumer(s) on its partitions), then run `relay topology declare` again"
     ]
 
 
@@ -283,6 +308,38 @@ async def test_topology_declare_dry_run_prints_the_plan_and_changes_nothing(
         assert again.stdout.strip().endswith("is as the config says")  # nothing was touched
     finally:
         await delete_topology(load_config(four))
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_prune_deletes_a_removed_handlers_empty_quorum_queues(tmp_path: Path) -> None:
+    # Given two handlers declared, then a config without the second
+    both = write_config(
+        tmp_path / "both.toml",
+        handler_config("http://127.0.0.1:9/", partitions=2),
+        handler_config("http://127.0.0.1:9/", name="gone", partitions=2),
+    )
+    kept, gone = both.settings.handlers
+    one = tmp_path / "one.toml"
+    raw = tomllib.loads(both.path.read_text())
+    raw["handlers"] = raw["handlers"][:1]
+    one.write_text(toml(raw))
+    try:
+        assert run_relay("topology", "declare", "--config", str(both.path)).returncode == 0
+
+        # When `relay topology declare --prune` runs with it
+        pruned = run_relay("topology", "declare", "--prune", "--config", str(one))
+
+        # Then the removed handler's queues (quorum: no if-empty delete) are gone, the rest kept
+        assert pruned.returncode == 0, pruned.stderr
+        for queue in (*gone.queues, gone.dead_letter_queue):
+            assert f"- queue {queue} (empty)" in pruned.stdout
+        async with Management(both.settings.broker) as api:
+            left = {q["name"] for q in await api.queues()}
+        assert not left & {*gone.queues, gone.dead_letter_queue}
+        assert {*kept.queues, kept.dead_letter_queue} <= left
+    finally:
+        await delete_topology(both.settings)
 
 
 @pytest.mark.rabbit

@@ -1,13 +1,15 @@
 """Dead letters: listing, replaying and purging them (relay/wire.py builds them).
 
-`relay.<handler>.dlq` is a classic queue, the one documented exception to quorum queues:
-listing reads every dead letter without removing it and then gives them back; a quorum queue
-(3.10) returns many unacked messages in a scrambled order, a classic queue puts each back in
-its place (tests/test_broker_traps.py shows both), and replay depends on that order.
+`relay.<handler>.dlq` is a quorum queue, replicated like the partitions. Every command reads it
+through a consumer and holds what it read unacked: what it does not ack (all of it, for a list)
+goes back when its channel closes, at the head and in queue order. Not with `basic.get`: a
+quorum queue puts many messages taken that way back scrambled (tests/test_broker_traps.py shows
+both), and replay depends on that order.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -19,30 +21,41 @@ from relay.broker import connect
 from relay.errors import NotFound
 from relay.settings import HandlerSettings, Settings
 
+MAX_PREFETCH = 65535  # basic.qos prefetch-count is 16 bits; 0 is unlimited
+QUIET_SECONDS = 5.0  # a read ends early when no more come for this long (another reader holds them)
+
 
 @asynccontextmanager
 async def _held(
     settings: Settings, handler: HandlerSettings, limit: int | None = None
 ) -> AsyncIterator[tuple[AbstractChannel, list[AbstractIncomingMessage]]]:
-    """Every dead letter (up to `limit`), held unacked; those not acked go back in place."""
+    """The dead letters (up to `limit`) in queue order, held unacked; those not acked go back in
+    place when the channel closes."""
     connection = await connect(settings.broker)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
-            queue = await channel.get_queue(handler.dead_letter_queue, ensure=True)
+            queue = await channel.declare_queue(handler.dead_letter_queue, passive=True)
         except ChannelNotFoundEntity:
             raise NotFound(
                 f"{handler.dead_letter_queue} does not exist: no worker of handler "
                 f"{handler.name!r} has run yet"
             ) from None
+        ready = queue.declaration_result.message_count or 0
+        wanted = ready if limit is None else min(ready, limit)
         held: list[AbstractIncomingMessage] = []
-        while limit is None or len(held) < limit:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            held.append(message)
+        if wanted:
+            await channel.set_qos(prefetch_count=wanted if wanted <= MAX_PREFETCH else 0)
+            arrived: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            tag = await queue.consume(arrived.put, no_ack=False)
+            while len(held) < wanted:
+                try:
+                    held.append(await asyncio.wait_for(arrived.get(), QUIET_SECONDS))
+                except TimeoutError:
+                    break
+            await queue.cancel(tag)  # what it holds stays held until the channel closes
         yield channel, held
-        # Closing the channel returns what was not acked; a classic queue keeps their order.
+        # Closing the channel returns what was not acked, at the head, in order.
 
 
 async def list_dead_letters(

@@ -6,7 +6,9 @@ the management API): what is missing is declared, and the bindings relay owns th
 no longer has are removed, new bindings first, so that no message finds no route in between.
 relay owns the main exchange's bindings to `relay.*` exchanges (the handlers' patterns) and a
 handler exchange's bindings to its own queues. Queues are never deleted while they hold
-messages: they are reported, and `--prune` removes them once they are empty.
+messages: they are reported, and `--prune` removes them once they are empty. A queue of an
+older relay with another type (a classic dead-letter queue) is converted, its messages moved in
+order, while no worker consumes the handler's partitions.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from relay import topology, wire
@@ -43,6 +45,7 @@ class Leftover:
     name: str
     messages: int  # ready and unacknowledged
     consumers: int
+    type: str = "classic"  # classic, quorum, stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +69,36 @@ class Move:
 
 
 @dataclass(frozen=True, slots=True)
+class Conversion:
+    """A queue of an older relay, of another type than the config's, to convert."""
+
+    queue: str
+    type: str  # what it becomes
+    partitions: tuple[str, ...]  # the handler's: it waits until they have no consumer
+    busy: int  # consumers on them (the management API's figure, until checked on the channel)
+    old: bool  # the queue of the other type is still there (else: interrupted after its delete)
+
+
+CONVERTING = ".converting"  # suffix of the queue that holds the messages while it converts
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     declare: Topology = field(default_factory=Topology)  # what is missing
     unbind: list[Binding] = field(default_factory=list)  # owned bindings the config lacks
     legacy: list[Binding] = field(default_factory=list)  # relay-p<N> bindings: --prune removes
     leftovers: list[Leftover] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
+    convert: list[Conversion] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not (
-            self.declare.exchanges or self.declare.queues or self.declare.bindings or self.unbind
+            self.declare.exchanges
+            or self.declare.queues
+            or self.declare.bindings
+            or self.unbind
+            or self.convert
         )
 
 
@@ -107,17 +129,44 @@ def plan(desired: Topology, broker: Broker, main_exchange: str, change: str = "c
         for name, queue in sorted(broker.queues.items())
         if name not in wanted_queues and name.rsplit(".", 1)[0] in handlers
     ]
+    convert = _conversions(desired, broker)
+    converting = {c.queue for c in convert}
     return Plan(
         declare=Topology(
             [e for e in desired.exchanges if e.name not in broker.exchanges],
-            [q for q in desired.queues if q.name not in broker.queues],
+            [q for q in desired.queues if q.name not in broker.queues.keys() | converting],
             [b for b in desired.bindings if _key(b) not in have],
         ),
         unbind=[b for b in stale if b not in legacy],
         legacy=legacy,
         leftovers=leftovers,
         moves=_moves(desired, broker, change),
+        convert=convert,
     )
+
+
+def _conversions(desired: Topology, broker: Broker) -> list[Conversion]:
+    """The config's dead-letter queues that the broker has with another type (classic, from an
+    older relay), or whose conversion was interrupted (its CONVERTING queue is left)."""
+    conversions = []
+    for queue in desired.queues:
+        if not queue.name.endswith(".dlq"):
+            continue
+        want = str(queue.arguments.get("x-queue-type", "classic"))
+        have = broker.queues.get(queue.name)
+        left = broker.queues.get(queue.name + CONVERTING)
+        if (have is None or have.type == want) and left is None:
+            continue
+        handler = queue.name.rsplit(".", 1)[0]
+        partitions = tuple(
+            name
+            for name in broker.queues
+            if name.rsplit(".", 1)[0] == handler and name.rsplit(".", 1)[1].isdigit()
+        )
+        busy = sum(broker.queues[name].consumers for name in partitions)
+        old = have is not None and have.type != want
+        conversions.append(Conversion(queue.name, want, partitions, busy, old))
+    return conversions
 
 
 def _moves(desired: Topology, broker: Broker, change: str) -> list[Move]:
@@ -172,6 +221,15 @@ def describe(plan: Plan, *, prune: bool) -> list[str]:
     lines += [f"+ queue {q.name}" for q in plan.declare.queues]
     lines += _binding_lines("+", plan.declare.bindings)
     lines += _binding_lines("-", plan.unbind)
+    for c in plan.convert:
+        if c.busy:
+            lines.append(
+                f"= queue {c.queue} stays as it is until it can become a {c.type} queue: stop "
+                f"the workers of its handler ({c.busy} consumer(s) on its partitions), then run "
+                "`relay topology declare` again"
+            )
+        else:
+            lines.append(f"~ queue {c.queue} becomes a {c.type} queue, its messages moved in order")
     for move in plan.moves:
         moved = sum(len(buckets) for buckets in move.gains.values())
         lines.append(
@@ -231,6 +289,7 @@ async def read(api: Management, desired: Topology, main_exchange: str) -> Broker
             q["name"],
             int(q.get("messages_ready") or 0) + int(q.get("messages_unacknowledged") or 0),
             int(q.get("consumers") or 0),
+            str(q.get("type") or "classic"),
         )
         for q in await api.queues()
         if q["name"].startswith("relay.")
@@ -254,7 +313,9 @@ async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prun
     the partitions gaining buckets and FENCE_START into those losing them, then the new bindings
     and the removal of the old ones, then (once routing decisions made meanwhile have landed)
     FENCE into those losing them. `channel` must be in confirm mode."""
-    await topology.declare(channel, Topology(desired.exchanges, desired.queues))
+    converting = {c.queue for c in plan.convert}
+    queues = [q for q in desired.queues if q.name not in converting]
+    await topology.declare(channel, Topology(desired.exchanges, queues))
     for move in plan.moves:
         for queue, buckets in move.gains.items():
             await _publish(channel, wire.marker(wire.HOLD, move.change, buckets), queue)
@@ -275,7 +336,56 @@ async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prun
     if prune:
         for leftover in plan.leftovers:
             if leftover.messages == 0:
-                await channel.queue_delete(leftover.name, if_empty=True)
+                await _delete_if_empty(channel, leftover.name)
+
+
+async def convert(connection: AbstractConnection, conversion: Conversion) -> None:
+    """Recreate a queue with the config's type: its messages go to the CONVERTING queue, the old
+    queue is deleted and declared anew, and they come back, in order. Run again after an
+    interruption, it picks up where it stopped (the CONVERTING queue holds what was moved).
+
+    The way back is published on a new channel: a channel that published to the old queue
+    crashes the connection (INTERNAL_ERROR, RabbitMQ 3.10) when it publishes to the new one."""
+    name, holding = conversion.queue, conversion.queue + CONVERTING
+    arguments: dict[str, Any] = {"x-queue-type": conversion.type}
+    async with connection.channel(on_return_raises=True) as channel:
+        await channel.declare_queue(holding, durable=True, arguments=topology.QUORUM)
+        if conversion.old:
+            await _move(channel, name, holding)
+            await _delete_if_empty(channel, name)
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    async with connection.channel(on_return_raises=True) as channel:
+        await _move(channel, holding, name)
+        await _delete_if_empty(channel, holding)
+
+
+async def _consumers(channel: AbstractChannel, queues: Iterable[str]) -> int:
+    total = 0
+    for name in queues:
+        queue = await channel.declare_queue(name, passive=True)
+        total += queue.declaration_result.consumer_count or 0
+    return total
+
+
+async def _delete_if_empty(channel: AbstractChannel, name: str) -> None:
+    """Delete a queue that holds nothing and has no consumer. Not with the if-empty flag: a quorum
+    queue refuses it and the broker closes the connection (NOT_IMPLEMENTED, RabbitMQ 3.10). Only
+    for queues nothing routes to any more, so none can arrive between the check and the delete."""
+    queue = await channel.declare_queue(name, passive=True)
+    result = queue.declaration_result
+    if result.message_count or result.consumer_count:
+        raise RelayError(f"{name} was not deleted: it holds messages or has a consumer")
+    await channel.queue_delete(name)
+
+
+async def _move(channel: AbstractChannel, source: str, destination: str) -> None:
+    """Move every message, one at a time (each confirmed, then acked), so the order holds."""
+    queue = await channel.get_queue(source, ensure=False)
+    while (message := await queue.get(no_ack=False, fail=False)) is not None:
+        await channel.default_exchange.publish(
+            wire.moved(message.body, message), destination, mandatory=True
+        )
+        await message.ack()
 
 
 async def _publish(channel: AbstractChannel, message: aio_pika.Message, queue: str) -> None:
@@ -293,7 +403,16 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
         async with connection:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             try:
+                # The management API's consumer counts lag by seconds: count them on the channel.
+                checked = [
+                    replace(c, busy=await _consumers(channel, c.partitions))
+                    for c in changes.convert
+                ]
+                changes = replace(changes, convert=checked)
                 await apply(channel, desired, changes, prune=prune)
+                for conversion in changes.convert:
+                    if not conversion.busy:
+                        await convert(connection, conversion)
             except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
                 raise RelayError(f"the broker refused a change: {exc}") from None
     return describe(changes, prune=prune)

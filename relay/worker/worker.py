@@ -182,8 +182,10 @@ class Worker:
         await topology.declare(channel, topology.ingress(self._settings) + topology.state())
         for handler in self._handlers:
             if await exchange_exists(connection, handler.exchange):
-                dead_letters = topology.Queue(handler.dead_letter_queue, topology.CLASSIC)
-                await topology.declare(channel, topology.Topology(queues=[dead_letters]))
+                if not await queue_exists(connection, handler.dead_letter_queue):
+                    # One of an older relay is classic: `relay topology declare` converts it.
+                    dead_letters = topology.Queue(handler.dead_letter_queue, topology.QUORUM)
+                    await topology.declare(channel, topology.Topology(queues=[dead_letters]))
                 continue
             await topology.declare(channel, topology.handler(self._settings, handler))
             layout = wire.layout_record(
