@@ -20,6 +20,26 @@ ensure_venv() {  # $1: pip extras, e.g. "[test]" or ""
     "$VENV/bin/python" -c 'import relay' || { say "installing relay failed"; exit 1; }
 }
 
+apt_install() {  # $@: Debian packages; installs the missing ones as root with apt, else says how
+    local missing=() package
+    for package in "$@"; do
+        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        say "missing ${missing[*]}: install with" \
+            "sudo apt-get install -y --no-install-recommends ${missing[*]}"
+        return 1
+    fi
+    say "installing ${missing[*]} (apt)"
+    # --no-install-recommends: Debian's docker-compose would otherwise bring the Docker engine.
+    local install=(apt-get install -y -q --no-install-recommends "${missing[@]}")
+    export DEBIAN_FRONTEND=noninteractive
+    "${install[@]}" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && "${install[@]}" >/dev/null; } \
+        || { say "apt-get could not install ${missing[*]}"; return 1; }
+}
+
 broker_answers() {
     "$VENV/bin/python" - "$AMQP_HOST" "$AMQP_PORT" <<'PY'
 import socket, sys
@@ -39,13 +59,16 @@ ensure_rabbitmq() {
         if command -v rabbitmqctl >/dev/null && rabbitmqctl -q status >/dev/null 2>&1; then
             say "RabbitMQ node is up but its app is stopped: starting it"
             rabbitmqctl -q start_app
-        elif command -v rabbitmq-server >/dev/null; then
-            say "no RabbitMQ on $AMQP_HOST:$AMQP_PORT: starting a local one"
-            rabbitmq-server -detached
         else
-            say "no RabbitMQ on $AMQP_HOST:$AMQP_PORT and rabbitmq-server is not installed:" \
-                "install it (apt-get install rabbitmq-server) or set RELAY_AMQP_URL"
-            exit 1
+            if ! command -v rabbitmq-server >/dev/null; then
+                say "no RabbitMQ on $AMQP_HOST:$AMQP_PORT and rabbitmq-server is not installed" \
+                    "(or set RELAY_AMQP_URL)"
+                apt_install rabbitmq-server || exit 1
+            fi
+            if ! broker_answers; then  # the package's own service may have started it
+                say "no RabbitMQ on $AMQP_HOST:$AMQP_PORT: starting a local one"
+                rabbitmq-server -detached
+            fi
         fi
         for _ in $(seq 1 120); do broker_answers && break; sleep 1; done
         broker_answers || { say "RabbitMQ did not come up within 120 s"; exit 1; }
