@@ -128,11 +128,14 @@ def stripe_body(obj: dict[str, Any] | None = None, **fields: Any) -> bytes:
 
 
 # A valid request per scheme, signed with the first or the rotated secret.
-SIGNED: dict[str, Callable[[int], Request]] = {
-    "standard-webhooks": lambda i: standard_webhook(invoice_paid(), secret=WHSEC[i]),
-    "github": lambda i: github_delivery(pull_request(), secret=PLAIN[i]),
-    "stripe": lambda i: stripe_event(stripe_body(), secret=STRIPE[i]),
-    "hmac-sha256": lambda i: generic_webhook(invoice_paid(), secret=PLAIN[i]),
+# Signed with secret number i, at `at` (default NOW, the time `parse` checks against).
+SIGNED: dict[str, Callable[..., Request]] = {
+    "standard-webhooks": lambda i, at=NOW: standard_webhook(
+        invoice_paid(), secret=WHSEC[i], timestamp=at
+    ),
+    "github": lambda i, at=NOW: github_delivery(pull_request(), secret=PLAIN[i]),
+    "stripe": lambda i, at=NOW: stripe_event(stripe_body(), secret=STRIPE[i], timestamp=at),
+    "hmac-sha256": lambda i, at=NOW: generic_webhook(invoice_paid(), secret=PLAIN[i], timestamp=at),
 }
 # The headers a signature covers, per scheme (GitHub signs the body only).
 SIGNED_HEADERS = {
@@ -426,7 +429,7 @@ async def test_each_scheme_over_http_accepts_signed_and_refuses_unsigned(scheme:
            "ingress": {"host": "127.0.0.1", "port": 0}}  # fmt: skip
     settings = config_from_dict(raw)
     publisher = FakePublisher()
-    request = SIGNED[scheme](1)
+    request = SIGNED[scheme](1, time.time())  # the ingress checks against its own clock
     missing = SIGNED_HEADERS[scheme][-1]
     unsigned = {k: v for k, v in request.headers.items() if k.lower() != missing.lower()}
 
@@ -434,7 +437,7 @@ async def test_each_scheme_over_http_accepts_signed_and_refuses_unsigned(scheme:
         accepted = await ingress.post("/hooks", request.body, request.headers)
         refused = await ingress.post("/hooks", request.body, unsigned)
 
-    event = parse(request, settings.sources[0])
+    event = parse(request, settings.sources[0], now=time.time())
     assert accepted[:2] == (200, {"status": "accepted", "id": event.message_id})
     assert publisher.published == [event]
     assert refused[:2] == (401, {"error": f"{missing}: missing header"})
