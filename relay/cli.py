@@ -24,7 +24,7 @@ import structlog
 from relay import __version__, config, ingress, processes, wire
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, RelayError
 from relay.logging import configure
-from relay.ops import deadletters, status, topology
+from relay.ops import bench, deadletters, status, topology
 from relay.ops.send import send
 from relay.secrets import resolve_secret
 from relay.settings import Settings, development_secrets_on_loopback_only
@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
         help="sign with the secret in environment variable NAME instead of the config's",
     )
 
+    bench.add_arguments(
+        command("bench", _bench, "Load an ingress with signed webhooks: accepted/s, latency.")
+    )
+
     topo = command("topology", _topology, "Declare or export relay's RabbitMQ topology.")
     topo.add_argument(
         "action",
@@ -247,6 +251,10 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     for error in report.errors[:5]:
         print(f"  {error}", file=sys.stderr)
     return EXIT_OK if report.answers.total() == report.answers["accepted"] else EXIT_FAILURE
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    return await bench.run(settings, args)
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from tests.conftest import AMQP_URL, MakeSettings
 from tests.support import run_relay
 
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
-COMMANDS = ["ingress", "worker", "run", "send", "topology"]
+COMMANDS = ["ingress", "worker", "run", "send", "bench", "topology"]
 
 
 def write_config(
