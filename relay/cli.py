@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on bad usage
     try:
         settings = config.load(args.config)
+        args.log_level = args.log_level or args.default_log_level
         configure(args.log_level)
         return _run(args.run(settings, args))
     except RelayError as exc:
@@ -91,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         help="what to log (default: info)",
     )
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="info", help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(default_log_level="info")  # a command's own: `relay bench` logs less
 
     def command(
         name: str, run: Callable[..., Awaitable[int]], help: str

@@ -15,7 +15,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 import relay
-from relay import wire
+from relay import cli, wire
 from tests.conftest import AMQP_URL, MakeSettings
 from tests.support import run_relay
 
@@ -65,6 +65,22 @@ def test_command_help(command: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: relay {command}")
     assert "--config" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [
+        (["worker"], "info"),
+        (["ingress"], "info"),
+        (["bench"], "warning"),  # its --e2e worker would log every delivery
+        (["bench", "--log-level", "info"], "info"),
+        (["--log-level", "debug", "worker"], "debug"),
+    ],
+)
+def test_each_command_logs_at_its_own_default_level(argv: list[str], level: str) -> None:
+    args = cli._parser().parse_args(argv)
+
+    assert (args.log_level or args.default_log_level) == level
 
 
 def test_version() -> None:

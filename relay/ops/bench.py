@@ -60,7 +60,7 @@ ERRORS_KEPT = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(log_level="warning")  # --e2e's worker would log every delivery
+    parser.set_defaults(default_log_level="warning")  # --e2e's worker would log every delivery
     parser.add_argument("--url", help="default: the config's ingress port and source path")
     parser.add_argument("--source", help="source name (default: the first source)")
     parser.add_argument("--concurrency", type=_positive(int), default=50, help="connections (50)")
