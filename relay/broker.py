@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import aio_pika
@@ -23,7 +24,7 @@ from aiormq.exceptions import (
 )
 
 from relay.errors import BrokerUnavailable
-from relay.settings import BrokerSettings
+from relay.settings import BrokerSettings, masked
 
 log = structlog.get_logger()
 
@@ -36,27 +37,37 @@ Session = Callable[[AbstractConnection, asyncio.Event], Awaitable[None]]
 
 
 async def keep_connected(
-    url: str, session: Session, *, what: str, until: asyncio.Event | None = None
+    urls: Sequence[str], session: Session, *, what: str, until: asyncio.Event | None = None
 ) -> None:
     """Run `session(connection, over)` on each new connection until `until` is set (or cancelled).
 
     `over` is set when the connection drops; the session may set it too. A session runs until it
     returns, typically after awaiting `over`; then the connection is closed and, unless `until`
-    is set, a new one is made.
+    is set, a new one is made. Each connection attempt goes to the next of `urls` (a cluster's
+    nodes, starting at a random one so that replicas spread over them); the delay between
+    attempts grows only once every node has failed in a row.
     """
     until = until or asyncio.Event()
     delay = 0.2
+    turn = random.randrange(len(urls))
+    failed = 0  # connection attempts in a row
     while not until.is_set():
+        url, turn = urls[turn % len(urls)], turn + 1
         try:
             connection = await aio_pika.connect(url, timeout=5)
         except BROKER_ERRORS as exc:
-            log.warning("broker unreachable", component=what, error=_describe(exc), retry_in=delay)
-            await until_set(asyncio.sleep(delay), until)
-            delay = min(delay * 2, MAX_RECONNECT_DELAY)
+            failed += 1
+            wait = delay if failed % len(urls) == 0 else 0.0
+            log.warning("broker unreachable", component=what, broker=masked(url),
+                        error=_describe(exc), retry_in=wait)  # fmt: skip
+            if wait:
+                await until_set(asyncio.sleep(wait), until)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
             continue
+        failed = 0
         over = asyncio.Event()
         connection.close_callbacks.add(lambda *_, over=over: over.set())
-        log.info("broker connected", component=what)
+        log.info("broker connected", component=what, broker=masked(url))
         try:
             await session(connection, over)
             delay = 0.2
@@ -74,21 +85,25 @@ CONNECT_SECONDS = 10.0
 
 
 async def connect(broker: BrokerSettings) -> AbstractConnection:
-    """A connection for a command that needs the broker now; any failure is BrokerUnavailable,
-    saying why in words an operator can act on."""
-    where = broker.safe_url
-    try:
-        return await aio_pika.connect(broker.url, timeout=CONNECT_SECONDS)
-    except ProbableAuthenticationError:
-        raise BrokerUnavailable(
-            f"{where} refused the login: check the user and password in broker.url"
-        ) from None
-    except InvalidFrameError:  # the broker closed the connection while opening it
-        raise BrokerUnavailable(
-            f"{where} refused vhost {broker.vhost!r}: it does not exist, or the user may not use it"
-        ) from None
-    except BROKER_ERRORS as exc:
-        raise BrokerUnavailable(f"{where}: {_describe(exc)}") from None
+    """A connection for a command that needs the broker now, to the first of its nodes that
+    answers; if none does, BrokerUnavailable saying why in words an operator can act on."""
+    reasons = []
+    for url in broker.urls:
+        where = masked(url)
+        try:
+            return await aio_pika.connect(url, timeout=CONNECT_SECONDS)
+        except ProbableAuthenticationError:
+            raise BrokerUnavailable(
+                f"{where} refused the login: check the user and password in broker.url"
+            ) from None
+        except InvalidFrameError:  # the broker closed the connection while opening it
+            raise BrokerUnavailable(
+                f"{where} refused vhost {broker.vhost!r}: it does not exist, "
+                "or the user may not use it"
+            ) from None
+        except BROKER_ERRORS as exc:
+            reasons.append(f"{where}: {_describe(exc)}")
+    raise BrokerUnavailable("; ".join(reasons))
 
 
 async def until_set(awaitable: Awaitable[T], *events: asyncio.Event) -> T | None:

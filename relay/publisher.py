@@ -52,7 +52,7 @@ class Publisher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(
-            keep_connected(self._settings.broker.url, self._session, what="publisher")
+            keep_connected(self._settings.broker.urls, self._session, what="publisher")
         )
 
     async def stop(self) -> None:

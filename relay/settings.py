@@ -26,21 +26,28 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerSettings:
     url: str = field(default="amqp://guest:guest@localhost:5672/", repr=False)
+    # More nodes of the same cluster (broker.url given as a list): connections go to each in turn
+    other_urls: tuple[str, ...] = field(default=(), repr=False)
     exchange: str = "relay.activities"
     publish_timeout_seconds: float = 5.0
     management_url: str = ""  # RabbitMQ's management API; "" is http://<url's host>:15672/
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.other_urls)
 
     @property
     def vhost(self) -> str:
         return unquote(urlsplit(self.url).path[1:]) or "/"
 
     @property
-    def management_base(self) -> str:
-        """The management API's base URL, ending in '/'."""
+    def management_bases(self) -> tuple[str, ...]:
+        """Where the management API may answer, ending in '/': management_url, else port 15672
+        of each node's host."""
         if self.management_url:
-            return self.management_url.rstrip("/") + "/"
-        host = urlsplit(self.url).hostname or "localhost"
-        return f"http://{host}:15672/"
+            return (self.management_url.rstrip("/") + "/",)
+        hosts = dict.fromkeys(urlsplit(url).hostname or "localhost" for url in self.urls)
+        return tuple(f"http://{host}:15672/" for host in hosts)
 
     @property
     def credentials(self) -> tuple[str, str]:
@@ -49,12 +56,8 @@ class BrokerSettings:
 
     @property
     def safe_url(self) -> str:
-        """The URL with its password masked, for logs."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
+        """The URLs with their passwords masked, for logs."""
+        return ", ".join(masked(url) for url in self.urls)
 
     def __repr__(self) -> str:
         return f"BrokerSettings(url={self.safe_url!r}, exchange={self.exchange!r})"
@@ -258,24 +261,54 @@ class _Table:
         return value
 
 
+def masked(url: str) -> str:
+    """`url` with its password masked, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _broker(t: _Table) -> BrokerSettings:
     t.only("url", "exchange", "publish_timeout_seconds", "management_url")
     management_url = t.get("management_url", str, "")
     if management_url and urlsplit(management_url).scheme not in ("http", "https"):
         raise ConfigError(f"{t.key('management_url')}: expected an http:// or https:// URL")
-    url = os.environ.get("RELAY_AMQP_URL") or t.get(
-        "url", str, "amqp://guest:guest@localhost:5672/"
-    )
-    if urlsplit(url).scheme not in ("amqp", "amqps"):
-        raise ConfigError(f"{t.key('url')}: expected an amqp:// or amqps:// URL")
+    urls = _broker_urls(t)
     return BrokerSettings(
-        url=url,
+        url=urls[0],
+        other_urls=urls[1:],
         exchange=t.get("exchange", str, "relay.activities"),
         publish_timeout_seconds=t.number(
             "publish_timeout_seconds", 5.0, minimum=0.1, integer=False
         ),
         management_url=management_url,
     )
+
+
+def _broker_urls(t: _Table) -> tuple[str, ...]:
+    """broker.url: one URL, or a list of a cluster's nodes; $RELAY_AMQP_URL (comma-separated
+    for several) overrides it."""
+    from_env = os.environ.get("RELAY_AMQP_URL")
+
+    def refuse(problem: str) -> ConfigError:
+        origin = " (from $RELAY_AMQP_URL)" if from_env else ""
+        return ConfigError(f"{t.key('url')}: {problem}{origin}")
+
+    if from_env:
+        urls: tuple[Any, ...] = tuple(u.strip() for u in from_env.split(","))
+    else:
+        given = t.get("url", (str, list), "amqp://guest:guest@localhost:5672/")
+        urls = (given,) if isinstance(given, str) else tuple(given)
+    if not urls or not all(isinstance(u, str) and u for u in urls):
+        raise refuse("expected an amqp:// URL or a list of them")
+    for url in urls:
+        if urlsplit(url).scheme not in ("amqp", "amqps"):
+            raise refuse(f"expected an amqp:// or amqps:// URL, got {masked(url)!r}")
+    if len({urlsplit(url).path for url in urls}) > 1:
+        raise refuse("the URLs name different vhosts; they must be nodes of one")
+    return urls
 
 
 def _ingress(t: _Table) -> IngressSettings:

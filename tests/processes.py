@@ -86,6 +86,8 @@ def write_config(
     raw = settings_dict(
         uuid.uuid4().hex[:8], handlers=list(handlers), url=url, ingress=ingress, **sections
     )
+    if "," in url:  # a cluster's nodes
+        raw["broker"]["url"] = url.split(",")
     if sources is not None:
         raw["sources"] = sources
     raw = {name: table for name, table in raw.items() if table != []}  # TOML has no empty array

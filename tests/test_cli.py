@@ -227,6 +227,31 @@ def test_topology_declare_with_broker_unreachable_exits_3(tmp_path: Path) -> Non
     assert "guest:guest" not in result.stderr + result.stdout
 
 
+def test_with_every_node_unreachable_the_error_names_each(tmp_path: Path) -> None:
+    other = "amqp://guest:guest@127.0.0.1:2/"
+    result = run_relay(
+        "topology", "declare", "--config", write_config(tmp_path),
+        env={"RELAY_AMQP_URL": f"{CLOSED_BROKER},{other}"},
+    )  # fmt: skip
+
+    assert result.returncode == 3
+    assert "127.0.0.1:1/" in result.stderr
+    assert "127.0.0.1:2/" in result.stderr
+    assert "guest:guest" not in result.stderr + result.stdout
+
+
+@pytest.mark.rabbit
+def test_a_command_uses_the_first_node_that_answers(tmp_path: Path) -> None:
+    config = write_config(tmp_path, exchange=f"relay.test-{uuid.uuid4().hex[:8]}")
+    result = run_relay(
+        "topology", "declare", "--dry-run", "--config", config,
+        env={"RELAY_AMQP_URL": f"{CLOSED_BROKER},{AMQP_URL}"},
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert "+ exchange relay.test-" in result.stdout  # it read the broker: the exchange is missing
+
+
 @pytest.mark.rabbit
 async def test_topology_declare_creates_the_queues(
     tmp_path: Path, make_settings: MakeSettings, channel: AbstractChannel

@@ -171,6 +171,38 @@ def test_amqp_url_from_environment_is_validated(monkeypatch: pytest.MonkeyPatch)
         load()
 
 
+def test_broker_url_may_list_a_clusters_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = [f"amqp://relay:pw@rabbit-{i}:5672/prod" for i in range(3)]
+
+    settings = load(broker={"url": nodes})
+
+    assert settings.broker.urls == tuple(nodes)
+    assert settings.broker.url == nodes[0]
+    assert settings.broker.vhost == "prod"
+    assert settings.broker.safe_url == ", ".join(u.replace(":pw@", ":***@") for u in nodes)
+    assert "pw" not in repr(settings.broker)
+    assert settings.broker.management_bases == tuple(f"http://rabbit-{i}:15672/" for i in range(3))
+
+    monkeypatch.setenv("RELAY_AMQP_URL", "amqp://a:5672/, amqp://b:5672/")
+    assert load(broker={"url": nodes}).broker.urls == ("amqp://a:5672/", "amqp://b:5672/")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ([], "expected an amqp:// URL or a list of them"),
+        (["amqp://a/", 5], "expected an amqp:// URL or a list of them"),
+        (["amqp://a/", "http://u:secret@b/"], "got 'http://u:***@b/'"),
+        (["amqp://a/one", "amqp://b/two"], "different vhosts"),
+    ],
+)
+def test_a_bad_list_of_broker_urls_is_a_config_error(url: Any, problem: str) -> None:
+    with raises_naming("broker.url") as refused:
+        load(broker={"url": url})
+    assert problem in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [(None, "cannot read config"), ("[ingress\nport = 1", "not valid TOML")],

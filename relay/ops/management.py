@@ -23,7 +23,8 @@ class Management:
     """`async with Management(settings.broker) as api:` then `await api.queue(name)`, ..."""
 
     def __init__(self, broker: BrokerSettings) -> None:
-        self._base = broker.management_base
+        self._bases = broker.management_bases  # a cluster's nodes: the first that answers
+        self._base = self._bases[0]
         self._vhost = quote(broker.vhost, safe="")
         user, password = broker.credentials
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -57,27 +58,45 @@ class Management:
         return cast(list[dict[str, Any]], await self._get(path) or [])
 
     async def _get(self, path: str) -> Any:
+        """From the address that answered last, else the others in turn."""
+        start = self._bases.index(self._base)
+        reasons = []
+        for base in self._bases[start:] + self._bases[:start]:
+            try:
+                found = await self._get_from(base, path)
+            except _Unreachable as exc:
+                reasons.append(f"{base} ({exc})")
+                continue
+            self._base = base
+            return found
+        raise BrokerUnavailable(
+            f"management API unreachable at {', '.join(reasons)}: is the rabbitmq_management "
+            "plugin enabled? (broker.management_url says where)"
+        )
+
+    async def _get_from(self, base: str, path: str) -> Any:
         assert self._session is not None, "use `async with Management(...)`"
-        url = self._base + "api/" + path
+        url = base + "api/" + path
         try:
             async with self._session.get(url) as response:
                 if response.status == 404:
                     return None
                 if response.status in (401, 403):
                     raise BrokerUnavailable(
-                        f"management API at {self._base} refused relay's credentials "
+                        f"management API at {base} refused relay's credentials "
                         f"(HTTP {response.status}): the user needs the management tag"
                     )
                 if response.status != 200:
                     raise BrokerUnavailable(
-                        f"management API at {self._base} answered HTTP {response.status}"
+                        f"management API at {base} answered HTTP {response.status}"
                     )
                 return await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BrokerUnavailable(
-                f"management API at {self._base} unreachable ({type(exc).__name__}): is the "
-                "rabbitmq_management plugin enabled? (broker.management_url says where)"
-            ) from None
+            raise _Unreachable(type(exc).__name__) from None
+
+
+class _Unreachable(Exception):
+    """A management API address did not answer."""
 
 
 def _q(name: str) -> str:

@@ -78,7 +78,7 @@ class Worker:
             for partition in self._partitions:
                 partition.deliveries.partitions.append(partition)
             await keep_connected(
-                self._settings.broker.url, self._session, what="worker", until=self._stopping
+                self._settings.broker.urls, self._session, what="worker", until=self._stopping
             )
 
     async def _session(self, connection: AbstractConnection, over: asyncio.Event) -> None:
