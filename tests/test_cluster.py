@@ -1,0 +1,88 @@
+"""relay given several nodes' addresses: it moves to the next when one is lost; and on a real
+three-node RabbitMQ cluster (deploy/cluster.sh) while a node dies, a short run of
+tests/cluster_run.py. That one needs about 1 GB of memory for the three nodes and two free
+minutes; deselect it with `-m "not cluster"` where they do not fit."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+from collections.abc import AsyncIterator
+from typing import cast
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from relay.broker import keep_connected
+from tests.support import ROOT, TcpProxy, eventually
+
+pytestmark = pytest.mark.rabbit
+
+RUN_SECONDS = 420  # the cluster's start and stop, a 10 s fault run and its waits
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[tuple[TcpProxy, TcpProxy]]:
+    """Two addresses of the broker, each a proxy a test can cut: two nodes, as relay sees them."""
+    proxies = (TcpProxy(), TcpProxy())
+    for proxy in proxies:
+        await proxy.start()
+    yield proxies
+    for proxy in proxies:
+        await proxy.cut()
+
+
+@pytest.mark.timeout(30)
+async def test_a_lost_node_is_replaced_by_the_next_at_once(
+    nodes: tuple[TcpProxy, TcpProxy],
+) -> None:
+    connected: list[int] = []  # the port of each connection, in turn
+
+    async def session(connection: AbstractConnection, over: asyncio.Event) -> None:
+        connected.append(cast(aio_pika.Connection, connection).url.port or 0)
+        await over.wait()
+
+    urls = [proxy.url() for proxy in nodes]
+    running = asyncio.create_task(keep_connected(urls, session, what="test"))
+    try:
+        await eventually(lambda: len(connected) == 1, timeout=10, what="connected")
+        first = next(p for p in nodes if p.port == connected[0])
+        other = next(p for p in nodes if p is not first)
+
+        await first.cut()  # the node is gone: its port refuses, its connections drop
+
+        await eventually(lambda: len(connected) == 2, timeout=10, what="connected again")
+        assert connected[1] == other.port
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.fault
+@pytest.mark.cluster
+@pytest.mark.timeout(RUN_SECONDS + 60)
+def test_a_killed_node_loses_and_reorders_nothing_and_its_queues_recover() -> None:
+    done = subprocess.run(
+        [str(ROOT / "deploy" / "cluster.sh"), "run", "--seconds", "10", "--warmup", "5",
+         "--fault", "kill"],
+        capture_output=True, text=True, timeout=RUN_SECONDS, check=False,
+    )  # fmt: skip
+    print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
+
+    assert done.returncode == 0
+    found = re.search(
+        r"accepted=(\d+) delivered=(\d+) lost=(\d+) reordered=(\d+) duplicates=(\d+) "
+        r"failover_seconds=([\d.]+) recovered_seconds=([\d.]+) accepted_after_fault=(\d+)",
+        done.stdout,
+    )
+    assert found is not None
+    accepted, delivered, lost, reordered, duplicates = (int(g) for g in found.groups()[:5])
+    assert accepted > 0
+    assert delivered == accepted
+    assert (lost, reordered) == (0, 0)
+    # a repeat at most of what was in flight (one webhook per invoice: 20) on each of the two
+    # workers' connections to the killed node
+    assert duplicates <= 2 * 20
+    assert int(found[8]) > 0  # webhooks were accepted while the node was down
