@@ -108,12 +108,37 @@ class Acceptor:
         return "accepted"
 
 
+class InFlight:
+    """The webhook requests being handled, for the drain to wait for: aiohttp's own shutdown
+    stops reading every connection first, so a body still arriving would never arrive."""
+
+    def __init__(self) -> None:
+        self.draining = False  # answers then close their connection
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self._count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._count -= 1
+        if not self._count:
+            self._idle.set()
+
+    async def finished(self) -> None:
+        """Once no request is in flight."""
+        await self._idle.wait()
+
+
 SETTINGS = web.AppKey("settings", Settings)
 SOURCE_NAMES = web.AppKey("source_names", dict[str, str])  # path -> source name
 MESSAGE_ID = web.RequestKey("message_id", str)  # of a request refused after it was parsed
 JSON_HEADERS = {"Content-Type": "application/json"}
 ACCEPTOR = web.AppKey("acceptor", Acceptor)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 def create_app(settings: Settings, publisher: EventPublisher | None = None) -> web.Application:
@@ -123,6 +148,7 @@ def create_app(settings: Settings, publisher: EventPublisher | None = None) -> w
     app[SETTINGS] = settings
     app[PUBLISHER] = publisher or Publisher(settings)
     app[SOURCE_NAMES] = {source.path: source.name for source in settings.sources}
+    app[IN_FLIGHT] = InFlight()
     app.cleanup_ctx.append(_broker)
     expect = _expect_handler(settings.ingress.max_body_bytes)
     for source in settings.sources:
@@ -166,16 +192,24 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
 
     async def receive(request: web.Request) -> web.Response:
         app = request.app
-        body = await _read_body(request, app[SETTINGS].ingress)
-        event = parse(Request(body, request.headers), source, time.time())
+        in_flight = app[IN_FLIGHT]
+        in_flight.enter()
         try:
-            status = await app[ACCEPTOR].accept(event)
-        except (BrokerUnavailable, Unroutable):
-            request[MESSAGE_ID] = event.message_id  # for the rejection's log line
-            raise
+            body = await _read_body(request, app[SETTINGS].ingress)
+            event = parse(Request(body, request.headers), source, time.time())
+            try:
+                status = await app[ACCEPTOR].accept(event)
+            except (BrokerUnavailable, Unroutable):
+                request[MESSAGE_ID] = event.message_id  # for the rejection's log line
+                raise
+        finally:
+            in_flight.leave()
         accepted.inc()
         answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
-        return web.Response(body=answer + b"}", headers=JSON_HEADERS)
+        response = web.Response(body=answer + b"}", headers=JSON_HEADERS)
+        if in_flight.draining:
+            response.force_close()
+        return response
 
     return receive
 
@@ -341,9 +375,26 @@ async def serve(settings: Settings, stopping: asyncio.Event, *, reuse_port: bool
         _warn_of_development_secrets(settings)
         await stopping.wait()
         log.info("ingress draining")
+        await _drain(app, runner, admin, ingress.drain_seconds)
     finally:
         await admin.cleanup()
-        await runner.cleanup()  # stops accepting, finishes in-flight requests, closes the broker
+        await runner.cleanup()  # closes every connection, then the broker's
+
+
+async def _drain(
+    app: web.Application, runner: web.AppRunner, admin: web.AppRunner, seconds: float
+) -> None:
+    """Stop listening (so /readyz is refused and a balancer moves on), then let the webhooks in
+    flight finish, bodies still arriving included, for up to `seconds`."""
+    await admin.cleanup()
+    for site in list(runner.sites):
+        await site.stop()
+    app[IN_FLIGHT].draining = True
+    try:
+        async with asyncio.timeout(seconds):
+            await app[IN_FLIGHT].finished()
+    except TimeoutError:
+        log.warning("ingress drain timed out", seconds=seconds)
 
 
 def runner_options(ingress: IngressSettings) -> dict[str, Any]:
