@@ -10,6 +10,10 @@ the outbox to aiormq's write queue, where `basic_publish` puts its own: the publ
 iteration leave in one write, in tag order. aiormq still does the rest: it reads the broker's
 acks, nacks and returns into the confirmation registered here, and fails every pending one when
 the channel closes.
+
+A nack is answered 503, and the channel that got it is replaced by a new one, at most once every
+RENEW_AFTER_NACK_SECONDS: a quorum queue that rejected a channel's publishes (`overflow:
+reject-publish`) may go on rejecting that channel after the limit is gone (docs/RABBITMQ.md).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from aiormq.abc import ChannelFrame
 from aiormq.exceptions import DeliveryError, PublishError
 
 from relay import amqp, topology, wire
-from relay.broker import BROKER_ERRORS, keep_connected
+from relay.broker import BROKER_ERRORS, keep_connected, until_set
 from relay.errors import BrokerUnavailable, Unroutable
 from relay.providers import Event
 from relay.settings import Settings
 
 log = structlog.get_logger()
+
+RENEW_AFTER_NACK_SECONDS = 5.0  # a channel nacked at least this long after it opened is replaced
 
 
 class Publisher:
@@ -45,6 +51,8 @@ class Publisher:
         self._outbox: list[bytes] = []  # frames of publishes with a tag, not yet queued
         self._wake = asyncio.Event()  # set when the outbox has something
         self._task: asyncio.Task[None] | None = None
+        self._renew = asyncio.Event()  # set: replace the channel
+        self._opened = 0.0  # loop time the channel opened
 
     @property
     def ready(self) -> bool:
@@ -62,22 +70,32 @@ class Publisher:
                 await self._task
 
     async def _session(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
+        while not lost.is_set():
+            await self._on_channel(connection, lost)
+
+    async def _on_channel(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
+        """Publish on one channel until the connection is lost, or the channel closes (then the
+        connection is given up too), or a nack asks for a new channel."""
+        renew = self._renew = asyncio.Event()
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        channel.close_callbacks.add(lambda *_: lost.set())
+        channel.close_callbacks.add(lambda *_: None if renew.is_set() else lost.set())
         await topology.declare(channel, topology.ingress(self._settings))
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         frame_max = underlay.max_content_size + amqp.FRAME_OVERHEAD
         self._frames = amqp.Publish(underlay.number, frame_max, self._settings.broker.exchange)
         self._outbox = []
         writer = asyncio.create_task(self._write(underlay, self._outbox))
-        self._channel = underlay
+        self._channel, self._opened = underlay, asyncio.get_running_loop().time()
         try:
-            await lost.wait()
+            await until_set(lost.wait(), renew)
         finally:
             self._channel = None  # what is still unconfirmed, aiormq fails with the channel
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            if renew.is_set() and not lost.is_set():
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.close()
 
     async def _write(self, channel: aiormq.Channel, outbox: list[bytes]) -> None:
         """Move the outbox to aiormq's write queue, in order, whenever it has something."""
@@ -115,6 +133,7 @@ class Publisher:
         except PublishError:
             raise Unroutable("returned by the broker: no queue is bound for it") from None
         except DeliveryError:
+            self._nacked(channel)
             raise BrokerUnavailable("broker refused the message (nack)") from None
         except TimeoutError:
             channel.confirmations.pop(tag, None)  # a late ack finds nothing to confirm
@@ -125,6 +144,14 @@ class Publisher:
             expiry.cancel()
             if channel.message_id_delivery_tag.get(message_id) == tag:
                 del channel.message_id_delivery_tag[message_id]
+
+    def _nacked(self, channel: aiormq.Channel) -> None:
+        """Replace the channel that got a nack, unless it is new: at most once per
+        RENEW_AFTER_NACK_SECONDS while nacks go on."""
+        age = asyncio.get_running_loop().time() - self._opened
+        if channel is self._channel and age >= RENEW_AFTER_NACK_SECONDS:
+            log.warning("publish channel renewed after a nack", component="publisher")
+            self._renew.set()
 
 
 def _expire(confirmation: asyncio.Future[object]) -> None:
