@@ -42,6 +42,7 @@ from tests.support import ROOT, activity, eventually, signed_body, toml
 STARTUP_SECONDS = 20.0
 EXIT_SECONDS = 20.0
 BROKER_START_SECONDS = 60.0
+RABBITMQCTL_SECONDS = 60.0  # for one rabbitmqctl command
 
 Deliveries = Iterable[tuple[str, str]]  # (ordering key, message id) in the order delivered
 
@@ -262,6 +263,10 @@ class Broker:
         self.url = url
         self.stopped = False
 
+    # What stop() and start() may take (their waits): for tests' timeouts.
+    STOP_SECONDS = RABBITMQCTL_SECONDS
+    START_SECONDS = RABBITMQCTL_SECONDS + BROKER_START_SECONDS
+
     async def stop(self) -> None:
         self.stopped = True  # from now on, restoring means starting it
         await self._rabbitmqctl("stop_app")
@@ -292,7 +297,7 @@ class Broker:
         process = await asyncio.create_subprocess_exec(
             "rabbitmqctl", command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
-        output, _ = await asyncio.wait_for(process.communicate(), 120)
+        output, _ = await asyncio.wait_for(process.communicate(), RABBITMQCTL_SECONDS)
         if process.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {command} exited {process.returncode}: {output!r}")
 
@@ -323,6 +328,9 @@ class Tally:
     lost: int  # accepted webhooks never delivered
     reordered: int  # keys whose first deliveries are not in acceptance order
     duplicates: int  # deliveries beyond the first of a webhook
+    # repeats that came after a later webhook of their key had been delivered: a handler that
+    # does not drop repeats by id would see its key go back in time
+    late_repeats: int = 0
     problems: tuple[str, ...] = ()  # the first few, for a failing assertion
 
     @property
@@ -332,7 +340,8 @@ class Tally:
     def line(self) -> str:
         return (
             f"accepted={self.accepted} delivered={self.delivered} lost={self.lost} "
-            f"reordered={self.reordered} duplicates={self.duplicates}"
+            f"reordered={self.reordered} duplicates={self.duplicates} "
+            f"late_repeats={self.late_repeats}"
         )
 
     def __str__(self) -> str:
@@ -346,6 +355,7 @@ class Tally:
             lost=self.lost + other.lost,
             reordered=self.reordered + other.reordered,
             duplicates=self.duplicates + other.duplicates,
+            late_repeats=self.late_repeats + other.late_repeats,
             problems=self.problems + other.problems,
         )
 
@@ -370,15 +380,22 @@ class Ledger:
 
         Every accepted id must be delivered at least once (else it is lost), and for each key the
         ids in order of their first delivery must be the accepted ids in acceptance order (else
-        the key is reordered). Deliveries beyond an id's first are duplicates. Deliveries of ids
-        never accepted are left out: the ingress may publish a webhook it answered 503 for.
+        the key is reordered). Deliveries beyond an id's first are duplicates; a duplicate that
+        comes after a later-accepted id of its key was delivered is also a late repeat. Deliveries
+        of ids never accepted are left out: the ingress may publish a webhook it answered 503 for.
         """
         times: Counter[str] = Counter()
         first: dict[str, list[str]] = {}
+        rank = {i: n for ids in self.accepted.values() for n, i in enumerate(ids)}
+        latest: dict[str, int] = {}  # per key, the highest rank delivered so far
+        late: list[str] = []
         for key, message_id in deliveries:
             if message_id in self._ids:
                 if not times[message_id]:
                     first.setdefault(key, []).append(message_id)
+                elif rank[message_id] < latest.get(key, -1):
+                    late.append(message_id)
+                latest[key] = max(latest.get(key, -1), rank[message_id])
                 times[message_id] += 1
         lost = [i for ids in self.accepted.values() for i in ids if not times[i]]
         problems = [f"lost: {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}"] if lost else []
@@ -393,12 +410,15 @@ class Ledger:
                     f"{key} reordered at #{at}: accepted {expected[at : at + 3]}, "
                     f"delivered {got[at : at + 3]}"
                 )
+        if late:
+            problems.append(f"late repeats: {', '.join(late[:5])}{' ...' if len(late) > 5 else ''}")
         return Tally(
             accepted=len(self._ids),
             delivered=len(times),
             lost=len(lost),
             reordered=reordered,
             duplicates=sum(times.values()) - len(times),
+            late_repeats=len(late),
             problems=tuple(problems[:6]),
         )
 

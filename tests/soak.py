@@ -6,17 +6,22 @@ many invoices, each invoice's in order, sending again later what is not accepted
 random intervals, one fault at a time: a worker is killed (-9) and restarted; the broker app is
 stopped for a few seconds (rabbitmqctl stop_app / start_app) while the handlers fail, so that a
 backlog waits across the restart; a handler fails for a few seconds (503, or hangs past its
-timeout). Then the faults stop, sending stops, everything drains
-(bounded), and ONE line is printed on stdout:
+timeout). Every kind of fault happens at least once, however short the run. Then the faults
+stop, sending stops, everything drains (bounded), and ONE line is printed on stdout:
 
-    accepted=N delivered=N lost=N reordered=N duplicates=N
+    accepted=N delivered=N lost=N reordered=N duplicates=N late_repeats=N max_duplicates=N
+    faults=kill:N,broker:N,handler:N faults_failed=N
 
 Every count is per (handler, webhook) pair, summed over both handlers, so accepted is twice the
 webhooks the ingress accepted. delivered: accepted pairs delivered at least once; lost: accepted
 pairs never delivered; reordered: (handler, invoice) sequences whose de-duplicated delivery order
 (first delivery of each webhook) differs from the acceptance order; duplicates: deliveries beyond
-the first. Progress goes to stderr, and a fault that could not be injected. Exit code 0 iff
-lost == 0 and reordered == 0.
+the first, late_repeats those of them that came after a later webhook of their invoice;
+max_duplicates: what the faults may cause (per worker kill or broker restart, one delivery in
+flight per invoice and handler; per webhook answered 503, one publish whose confirm was lost,
+per handler); faults: how many of each kind happened. Progress goes to stderr, and a fault
+that could not be injected. Exit code 0 iff nothing was lost or reordered, duplicates <=
+max_duplicates, every kind of fault happened and none failed.
 
 Talks only to 127.0.0.1; restores the broker on every exit, Ctrl-C included; deletes its queues
 and exchanges; keeps the processes' logs (their directory is printed) when something is wrong.
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import functools
 import operator
+import os
 import random
 import shutil
 import signal
@@ -51,12 +57,14 @@ from tests.processes import (
     in_background,
 )
 
-LOCAL_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+LOCAL_AMQP = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 HANDLER_OPTIONS = {"max_attempts": 5, "backoff_initial_ms": 50, "backoff_max_ms": 1000}
 TIMEOUT_SECONDS = 1.0  # a handler's timeout: a hanging handler is given up on after this
 FAULT_GAP_SECONDS = (2.0, 6.0)  # random wait between faults
 FAULT_SECONDS = (2.0, 5.0)  # how long the broker stays down, or a handler fails
-BACKLOG_SECONDS = 2.0  # handlers fail this long before and after a broker restart: a backlog
+BACKLOG_SECONDS = 2.0  # handlers fail this long after a broker restart
+BACKLOG_DEADLINE_SECONDS = 30.0  # for each handler to have refused a delivery before a restart
+KINDS = ("kill", "broker", "handler")
 SEND_STOP_SECONDS = 60.0  # for the webhooks in flight when sending stops to be accepted
 DRAIN_SECONDS = 180.0  # for everything accepted to be delivered after the faults
 
@@ -89,6 +97,8 @@ class Soak:
         self.random = random.Random(args.seed)
         self.started = time.monotonic()
         self.faults_failed = 0
+        self.faults: dict[str, int] = dict.fromkeys(KINDS, 0)  # faults that happened, by kind
+        self.refused = 0  # answers the provider got other than 200
         self.relay = Relay(directory, url=LOCAL_AMQP, quiet=True)
         self.handlers = {"billing": HttpHandler(), "audit": HttpHandler()}
         self.handlers["billing"].latency = 0.005  # so that a worker killed is likely mid-delivery
@@ -118,6 +128,7 @@ class Soak:
             self.say(f"faults over; {len(sender.ledger)} webhooks accepted so far; sending stops")
             await asyncio.wait_for(sending, SEND_STOP_SECONDS)
             self.say(f"ingress answers: {dict(sender.answers)}; draining")
+            self.refused = sender.refused
             # Then everything accepted is delivered, each invoice's in order
             return await self._drain(sender)
 
@@ -139,26 +150,36 @@ class Soak:
             **HANDLER_OPTIONS,
         }
 
+    @property
+    def max_duplicates(self) -> int:
+        """What the faults may repeat (see the module's docstring)."""
+        handlers, invoices = len(self.handlers), int(self.args.invoices)
+        cuts = self.faults["kill"] + self.faults["broker"]
+        return cuts * handlers * invoices + handlers * self.refused
+
     async def _inject_faults(self, config: Config, *, until: float) -> None:
-        """Every kind of fault in turn, in a random order each round, at random intervals."""
-        kinds: list[Callable[[], Awaitable[None]]] = [
-            functools.partial(self._kill_worker, config),
-            self._bounce_broker,
-            self._fail_handler,
-        ]
-        turn: list[Callable[[], Awaitable[None]]] = []
+        """Every kind of fault in turn, in a random order each round, at random intervals, until
+        `until` once the first round is complete."""
+        kinds: dict[str, Callable[[], Awaitable[None]]] = {
+            "kill": functools.partial(self._kill_worker, config),
+            "broker": self._bounce_broker,
+            "handler": self._fail_handler,
+        }
+        turn = self.random.sample(list(kinds), len(kinds))
         while True:
             await asyncio.sleep(self.random.uniform(*FAULT_GAP_SECONDS))
-            if time.monotonic() >= until:
+            if time.monotonic() >= until and all(self.faults.values()):
                 return
-            turn = turn or self.random.sample(kinds, len(kinds))
-            fault = turn.pop()
+            turn = turn or self.random.sample(list(kinds), len(kinds))
+            kind = turn.pop()
             try:
-                await fault()
+                await kinds[kind]()
             except Exception as exc:  # report it, count it, go on: the tally still matters
                 self.faults_failed += 1
                 self.say(f"FAULT FAILED: {type(exc).__name__}: {exc}")
                 await self._undo_faults()
+            else:
+                self.faults[kind] += 1
 
     async def _kill_worker(self, config: Config) -> None:
         index = self.random.randrange(len(self.workers))
@@ -173,8 +194,13 @@ class Soak:
         """stop_app for a few seconds, then start_app, while the handlers fail (503) from a little
         before until a little after: a backlog waits in every partition across the restart."""
         self.say("handlers: answer 503 (a backlog builds)")
+        refused_before = {name: self._refused(h) for name, h in self.handlers.items()}
         self._answer_all(503)
-        await asyncio.sleep(BACKLOG_SECONDS)
+        deadline = time.monotonic() + BACKLOG_DEADLINE_SECONDS
+        while any(self._refused(h) <= refused_before[n] for n, h in self.handlers.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the handlers were not tried while they answered 503")
+            await asyncio.sleep(0.1)  # a poll with a deadline: each handler has a backlog
         self.say("broker: stop_app")
         await self.broker.stop()
         await asyncio.sleep(self.random.uniform(*FAULT_SECONDS))
@@ -194,6 +220,10 @@ class Soak:
         await asyncio.sleep(self.random.uniform(*FAULT_SECONDS))
         self.handlers[name].default = 200
         self.say(f"handler {name}: answers 200")
+
+    @staticmethod
+    def _refused(handler: HttpHandler) -> int:
+        return sum(r.status == 503 for r in handler.requests)
 
     def _answer_all(self, answer: Answer) -> None:
         for handler in self.handlers.values():
@@ -223,13 +253,13 @@ class Soak:
         return functools.reduce(operator.add, tallies)
 
 
-async def soak(args: argparse.Namespace, broker: Broker, directory: Path) -> tuple[Tally, int]:
-    """The tally, and how many faults could not be injected or undone."""
+async def soak(args: argparse.Namespace, broker: Broker, directory: Path) -> tuple[Tally, Soak]:
+    """The tally, and the run (its faults)."""
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     run = Soak(args, broker, directory)
-    return await run.run(), run.faults_failed
+    return await run.run(), run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,19 +267,26 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="relay-soak-"))
     broker = Broker(LOCAL_AMQP)
     try:
-        tally, faults_failed = asyncio.run(soak(args, broker, directory))
+        tally, run = asyncio.run(soak(args, broker, directory))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"soak: interrupted; logs in {directory}", file=sys.stderr)
         return 130
     finally:
         broker.restore_now()  # asyncio.run's clean-up restored it already, unless it was cut short
-    print(tally.line(), flush=True)
-    if tally.ok and not faults_failed:
+    faults = ",".join(f"{kind}:{n}" for kind, n in run.faults.items())
+    print(f"{tally.line()} max_duplicates={run.max_duplicates} faults={faults} "
+          f"faults_failed={run.faults_failed}", flush=True)  # fmt: skip
+    passed = (
+        tally.ok
+        and tally.duplicates <= run.max_duplicates
+        and all(run.faults.values())
+        and not run.faults_failed
+    )
+    if passed:
         shutil.rmtree(directory, ignore_errors=True)
     else:
-        failed = f"{faults_failed} fault(s) failed; " if faults_failed else ""
-        print(f"soak: {tally}\n{failed}logs in {directory}", file=sys.stderr)
-    return 0 if tally.ok else 1
+        print(f"soak: FAILED: {tally}\nlogs in {directory}", file=sys.stderr)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
