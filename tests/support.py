@@ -27,9 +27,7 @@ from aiohttp.test_utils import TestServer
 from relay import topology
 from relay.ingress import PUBLISHER, create_app, runner_options
 from relay.providers import PROVIDERS, Event, Request
-from relay.providers.envoice import _signed_message
 from relay.settings import Settings, SourceSettings
-from relay.signatures import hex_signature
 from relay.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +97,17 @@ def signed_body(
     secret_index: int = 0,
     signature: str | None = None,
 ) -> bytes:
-    """A webhook body signed with the source's recipe; `act` may be raw Activity bytes."""
+    """A webhook body signed with the source's recipe (by `envoice_signature`, not relay's own
+    code); `act` may be raw Activity bytes."""
     timestamp = timestamp or now_timestamp()
     raw = act if isinstance(act, bytes) else orjson.dumps(act)
     if signature is None:
-        message = _signed_message(source.options.signature_template, timestamp, raw)
-        signature = hex_signature(
-            source.options.signature_algorithm, source.secrets[secret_index], message
+        signature = envoice_signature(
+            source.secrets[secret_index].value,
+            timestamp,
+            raw,
+            template=source.options.signature_template,
+            algorithm=source.options.signature_algorithm,
         )
     head = orjson.dumps({"Signature": signature, "Timestamp": timestamp})
     return head[:-1] + b',"Activity":' + raw + b"}"
@@ -274,6 +276,13 @@ def ids(events: list[Event]) -> list[str]:
 def of_key(events: list[Event], key: str) -> list[str]:
     """Ids of the events with this ordering key, in list order."""
     return [e.message_id for e in events if e.key == key]
+
+
+def of_invoice(events: list[Event], invoice: int) -> list[str]:
+    """Ids of the events on `invoice`, in list order, by the Activity's InvoiceId as the test sent
+    it: an expectation independent of relay's ordering keys (`of_key` is not, so comparing it
+    with deliveries filtered by relay's key would hide a message keyed wrongly)."""
+    return [e.message_id for e in events if e.data["InvoiceId"] == invoice]
 
 
 # --- broker -----------------------------------------------------------------------------------

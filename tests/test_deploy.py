@@ -407,8 +407,10 @@ def test_dashboard_queries_relay_metrics(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_every_runbook_url_has_its_runbook_section() -> None:
     anchors = github_anchors((DEPLOY / "RUNBOOK.md").read_text(encoding="utf-8"))
+    rules = alert_rules()
 
-    for rule in alert_rules():
+    assert rules  # else the loop below checks nothing
+    for rule in rules:
         url = rule["annotations"]["runbook_url"]
         page, _, anchor = url.partition("#")
         assert page.endswith("/deploy/RUNBOOK.md"), url

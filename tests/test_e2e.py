@@ -193,6 +193,7 @@ async def test_every_scheme_reaches_an_http_handler_routed_and_keyed(
     for source in SCHEME_SOURCES:
         name = source["name"]
         got = [r for r in requests if r.json["source"] == name]
+        assert len(got) == 12, name  # else `all` below holds for none
         assert all(r.id.startswith(f"{name}:") for r in got)
         keys = {SAMPLE_KEYS[name].format(i) for i in (1, 2, 3)}
         assert {r.json["key"] for r in got} == keys, name
