@@ -22,6 +22,7 @@ import prometheus_client
 import structlog
 
 from relay import __version__, config, ingress, processes, wire
+from relay.broker import connect
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, RelayError
 from relay.logging import configure
 from relay.ops import bench, deadletters, status, topology
@@ -52,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = config.load(args.config)
         args.log_level = args.log_level or args.default_log_level
         configure(args.log_level)
-        return _run(args.run(settings, args))
+        try:
+            return _run(args.run(settings, args))
+        except ConfigError as exc:  # found after loading: name the file, as loading does
+            if str(exc).startswith("--"):  # about a command-line option, not the file
+                raise
+            raise ConfigError(f"{Settings.path(args.config)}: {exc}") from None
     except RelayError as exc:
         code, prefix = next((c, p) for kind, c, p in EXIT_CODES if isinstance(exc, kind))
         print(f"relay: {prefix}{exc}", file=sys.stderr)
@@ -80,19 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)  # before or after the command
-    common.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="the TOML config (default: $RELAY_CONFIG, else config/relay.toml)",
-    )
-    common.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning"],
-        default=argparse.SUPPRESS,
-        help="what to log (default: info)",
-    )
-    parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default=None, help=argparse.SUPPRESS)
+    for options, default in ((parser, None), (common, argparse.SUPPRESS)):
+        options.add_argument(
+            "--config",
+            default=default,
+            help="the TOML config (default: $RELAY_CONFIG, else config/relay.toml)",
+        )
+        options.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning"],
+            default=default,
+            help="what to log (default: info; relay bench: warning)",
+        )
     parser.set_defaults(default_log_level="info")  # a command's own: `relay bench` logs less
 
     def command(
@@ -131,7 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     sender = command(
         "send", _send, "Sign and POST sample webhooks of a source's scheme to an ingress."
     )
-    sender.add_argument("--url", help="default: the config's ingress port and source path")
+    target = sender.add_mutually_exclusive_group()
+    target.add_argument("--url", help="default: the config's ingress port and source path")
+    target.add_argument(
+        "--port",
+        type=int,
+        help="the ingress's port on 127.0.0.1, as given to `relay run --port` or "
+        "`relay ingress --port` (default: ingress.port)",
+    )
     sender.add_argument("--source", help="source name (default: the first source)")
     sender.add_argument("--count", type=_positive, default=10, help="webhooks to send (10)")
     sender.add_argument(
@@ -164,11 +176,23 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="machine-readable output")
 
     dlq = command("dlq", _dlq, "List, replay or purge a handler's dead letters.")
-    dlq.add_argument("action", choices=["list", "replay", "purge"])
+    dlq.add_argument(
+        "action",
+        choices=["list", "replay", "purge"],
+        help="list: show them (id, key, event, attempts, age, reason), leaving them in place; "
+        "replay: move them back to the handler's partitions, in their order; purge: delete them",
+    )
     dlq.add_argument("--handler", required=True, help="handler name")
-    dlq.add_argument("--id", action="append", help="only this message id (repeatable)")
-    dlq.add_argument("--json", action="store_true", help="list: one JSON object per line")
-    dlq.add_argument("--limit", type=_positive, default=1000, help="list: at most this many")
+    dlq.add_argument(
+        "--id",
+        action="append",
+        help="only the dead letter with this message id (repeatable); an id not there is an "
+        "error, and replay and purge then change nothing",
+    )
+    dlq.add_argument(
+        "--json", action="store_true", help="list: one JSON object per line, age in seconds"
+    )
+    dlq.add_argument("--limit", type=_positive, default=1000, help="list: at most this many (1000)")
     dlq.add_argument("--yes", action="store_true", help="purge: do not ask for confirmation")
     return parser
 
@@ -247,7 +271,8 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
     if args.secret_env:
         secret = resolve_secret(f"env:{args.secret_env}", "--secret-env")
         source = replace(source, secrets=(secret,))
-    url = args.url or f"http://127.0.0.1:{settings.ingress.port}{source.path}"
+    port = args.port or settings.ingress.port
+    url = args.url or f"http://127.0.0.1:{port}{source.path}"
     report = await send(source, url, count=args.count, invoices=args.invoices)
     print(report.line())
     for error in report.errors[:5]:
@@ -268,7 +293,7 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     handler = settings.handler(args.handler)
     if args.action == "list":
-        letters = await deadletters.list_dead_letters(settings, handler, args.limit)
+        letters = await deadletters.list_dead_letters(settings, handler, args.limit, args.id)
         _print_dead_letters(letters, as_json=args.json)
         return EXIT_OK
     if args.action == "purge" and not args.yes and not _confirm(handler.name, args.id):
@@ -277,7 +302,7 @@ async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
     act = deadletters.replay if args.action == "replay" else deadletters.purge
     count = await act(settings, handler, args.id)
     print(f"{args.action}: {count} dead letter(s) of {handler.name}")
-    return EXIT_OK if count or not args.id else EXIT_FAILURE
+    return EXIT_OK
 
 
 def _confirm(handler: str, ids: list[str] | None) -> bool:
@@ -292,7 +317,7 @@ def _print_dead_letters(letters: list[wire.DeadLetter], *, as_json: bool) -> Non
     now = datetime.now(UTC)
     for letter in letters:
         if as_json:
-            print(letter.as_json().decode())
+            print(letter.as_json(now).decode())
             continue
         age = letter.age_seconds(now)
         age_text = f"{age:.0f}s" if age is not None else "?"
@@ -307,6 +332,10 @@ async def _topology(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(topology.export(settings), option=orjson.OPT_INDENT_2))
         sys.stdout.write("\n")
         return EXIT_OK
+    if args.dry_run:
+        # The plan is read through the management API only, which answers for a vhost that does
+        # not exist as for an empty one: connecting says whether it does.
+        await (await connect(settings.broker)).close()
     changes = await topology.converge(settings, dry_run=args.dry_run, prune=args.prune)
     verb = "would change" if args.dry_run else "changed"
     for line in changes:

@@ -8,7 +8,7 @@ letters and state records live nowhere else.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -193,8 +193,10 @@ class DeadLetter:
             last_attempt=str(headers.get(LAST_ATTEMPT_HEADER, "")),
         )
 
-    def as_json(self) -> bytes:
-        return orjson.dumps(self)
+    def as_json(self, now: datetime) -> bytes:
+        """Its fields and `age`, whole seconds since it was dead-lettered (null if unknown)."""
+        age = self.age_seconds(now)
+        return orjson.dumps({**asdict(self), "age": None if age is None else round(age)})
 
     def age_seconds(self, now: datetime) -> float | None:
         """Seconds since the message was dead-lettered."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -9,15 +10,18 @@ import socket
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
+from aiohttp.test_utils import TestServer
 
 import relay
-from relay import cli, wire
+from relay import cli, config, wire
+from relay.ingress import create_app, runner_options
 from tests.conftest import AMQP_URL, MakeSettings
-from tests.support import run_relay
+from tests.support import FakePublisher, relay_command, run_relay
 
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
 COMMANDS = ["ingress", "worker", "run", "send", "bench", "topology"]
@@ -67,6 +71,24 @@ def test_command_help(command: str) -> None:
     assert "--config" in result.stdout
 
 
+def test_every_option_and_argument_is_described() -> None:
+    def undescribed(parser: argparse.ArgumentParser, name: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    found += undescribed(sub, f"{name} {command}")
+                found += [f"{name} {c.dest}" for c in action._choices_actions if not c.help]
+            elif not action.help or action.help == argparse.SUPPRESS:
+                found.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+        return found
+
+    assert undescribed(cli._parser(), "relay") == []
+    usage = run_relay("--help")
+    assert "--config" in usage.stdout
+    assert "--log-level" in usage.stdout
+
+
 @pytest.mark.parametrize(
     ("argv", "level"),
     [
@@ -101,7 +123,9 @@ def test_version() -> None:
         ["send", "--invoices", "many"],
         ["ingress", "--port", "http"],
         ["worker", "--log-level", "loud"],
+        ["--log-level", "loud", "worker"],
         ["worker", "--no-such-flag"],
+        ["send", "--url", "http://127.0.0.1:1/webhooks/envoice", "--port", "1"],
     ],
     ids=" ".join,
 )
@@ -123,7 +147,7 @@ MANAGEMENT = "http://127.0.0.1:15672/api"
 async def test_topology_export_imports_into_a_fresh_vhost(tmp_path: Path) -> None:
     # Given a fresh vhost, and the export of a config whose broker.url names it
     vhost = f"relay-import-{uuid.uuid4().hex[:8]}"
-    url = AMQP_URL.rstrip("/") + "/" + vhost
+    url = urlsplit(AMQP_URL)._replace(path="/" + vhost).geturl()
     result = run_relay("topology", "export", "--config", write_config(tmp_path),
                        env={"RELAY_AMQP_URL": url})  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -190,7 +214,8 @@ def test_topology_export(tmp_path: Path) -> None:
     assert queues["relay.billing.dlq"]["arguments"] == {"x-queue-type": "quorum"}
     assert queues["relay.state"]["arguments"]["x-queue-type"] == "stream"
     for item in definitions["exchanges"] + definitions["queues"]:
-        assert (item["durable"], item["auto_delete"], item["vhost"]) == (True, False, "/")
+        assert (item["durable"], item["auto_delete"]) == (True, False)
+        assert item["vhost"] == (urlsplit(AMQP_URL).path[1:] or "/")  # the suite's
 
     bindings = {
         (b["source"], b["destination"], b["destination_type"], b["routing_key"])
@@ -309,6 +334,30 @@ def test_send_to_nothing_listening_exits_1(tmp_path: Path) -> None:
     assert all(line.strip().startswith("ClientConnectorError: ") for line in errors)
 
 
+async def test_send_port_targets_an_ingress_on_that_port(tmp_path: Path) -> None:
+    # Given an ingress on a port of its own (as `relay run --port P` serves), not the config's
+    path = write_config(tmp_path, extra='[ingress]\nhost = "127.0.0.1"\nport = 1\n')
+    settings = config.load(path)
+    publisher = FakePublisher()
+    server = TestServer(create_app(settings, publisher), host="127.0.0.1")
+    await server.start_server(**runner_options(settings.ingress))
+    try:
+        # When `relay send --port P` sends to it
+        sent = await relay_command("send", "--config", path, "--port", str(server.port),
+                                   "--count", "3")  # fmt: skip
+        # and without --port, to the config's ingress.port
+        default = await relay_command("send", "--config", path, "--count", "1")
+    finally:
+        await server.close()
+
+    # Then the ingress on that port accepted them all, and the config's port was not used
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.strip() == "sent 3: 3 accepted"
+    assert len(publisher.published) == 3
+    assert default.returncode == 1
+    assert "127.0.0.1:1 " in default.stderr
+
+
 def test_send_without_sources_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "empty.toml"
     path.write_text("[ingress]\nport = 8080\n")
@@ -316,15 +365,16 @@ def test_send_without_sources_is_a_config_error(tmp_path: Path) -> None:
     result = run_relay("send", "--config", str(path), "--url", "http://127.0.0.1:1/")
 
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["relay: config error: sources: none configured"]
+    assert result.stderr.splitlines() == [f"relay: config error: {path}: sources: none configured"]
 
 
 def test_send_to_a_source_not_in_the_config_is_a_usage_error(tmp_path: Path) -> None:
-    result = run_relay("send", "--config", write_config(tmp_path), "--source", "nope")
+    path = write_config(tmp_path)
+    result = run_relay("send", "--config", path, "--source", "nope")
 
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "relay: config error: no source named 'nope' in the config"
+        f"relay: config error: {path}: no source named 'nope' in the config"
     ]
 
 
@@ -355,6 +405,48 @@ def test_options_may_come_before_the_command(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["queues"]
 
 
+@pytest.mark.rabbit
+def test_status_takes_its_options_before_the_command(tmp_path: Path) -> None:
+    handler = f"status-{uuid.uuid4().hex[:8]}"  # only read: nothing is declared for it
+    path = write_config(tmp_path, handler=handler)
+
+    result = run_relay("--config", path, "--log-level", "warning", "status", "--json",
+                       env={"RELAY_AMQP_URL": AMQP_URL})  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert [h["name"] for h in json.loads(result.stdout)["handlers"]] == [handler]
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (["worker", "--handler", "nope"], "no handler named 'nope' in the config"),
+        (["dlq", "list", "--handler", "nope"], "no handler named 'nope' in the config"),
+        (["send", "--source", "nope"], "no source named 'nope' in the config"),
+    ],
+    ids=["worker", "dlq", "send"],
+)
+def test_a_config_error_found_after_loading_names_the_file(
+    tmp_path: Path, command: list[str], error: str
+) -> None:
+    path = write_config(tmp_path)
+
+    result = run_relay("--config", path, *command, env={"RELAY_AMQP_URL": CLOSED_BROKER})
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"relay: config error: {path}: {error}"]
+
+
+def test_a_command_line_option_error_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+    result = run_relay("send", "--config", write_config(tmp_path), "--secret-env", "RELAY_NO_SUCH",
+                       unset=("RELAY_NO_SUCH",))  # fmt: skip
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "relay: config error: --secret-env: environment variable RELAY_NO_SUCH is not set"
+    ]
+
+
 @pytest.mark.parametrize(
     ("url", "said"),
     [
@@ -377,6 +469,27 @@ def test_the_broker_refusing_a_command_is_exit_3_saying_why(
     assert line.startswith("relay: broker unreachable: ")
     assert said in line
     assert "wrong" not in line
+
+
+@pytest.mark.rabbit
+@pytest.mark.parametrize(
+    "command", [["status"], ["topology", "declare"], ["topology", "declare", "--dry-run"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_a_vhost_that_does_not_exist_is_exit_3_saying_so(
+    tmp_path: Path, command: list[str]
+) -> None:
+    vhost = f"relay-missing-{uuid.uuid4().hex[:8]}"
+    url = urlsplit(AMQP_URL)._replace(path="/" + vhost).geturl()
+
+    result = run_relay(*command, "--config", write_config(tmp_path), env={"RELAY_AMQP_URL": url})
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("relay: broker unreachable: ")
+    assert f"refused vhost {vhost!r}: it does not exist, or the user may not use it" in line
+    assert "InvalidFrameError" not in line
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("command", ["ingress", "run"])

@@ -3,22 +3,29 @@ an in-process worker and a real HTTP handler."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from relay import wire
 from relay.broker import queue_exists
 from relay.providers import Event
 from tests.conftest import MakeSettings, Publish, StartWorker
 from tests.handlers_for_tests import HttpHandler
 from tests.support import (
+    ROOT,
     Completed,
+    declare_topology,
     depth_is,
     events_per_invoice,
     eventually,
@@ -55,9 +62,9 @@ class DeadLetters:
             "dlq", action, "--handler", self.handler, "--config", self.config, *args, env=env
         )
 
-    async def listed(self) -> list[dict[str, Any]]:
-        """`relay dlq list --json`, one object per dead letter."""
-        result = await self.command("list", "--json")
+    async def listed(self, *args: str) -> list[dict[str, Any]]:
+        """`relay dlq list --json ARGS`, one object per dead letter."""
+        result = await self.command("list", "--json", *args)
         assert result.returncode == 0, result.stderr
         return [orjson.loads(line) for line in result.lines()]
 
@@ -96,6 +103,11 @@ async def rejected(
     return Rejected(events, dead, http_handler)
 
 
+def without_age(letters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Listed dead letters without their age, which grows between two listings."""
+    return [{k: v for k, v in letter.items() if k != "age"} for letter in letters]
+
+
 def per_key_order_kept(listed: list[str], events: list[Event]) -> bool:
     """Whether `listed` holds exactly the events, each key's in publish order."""
     keys = {e.key for e in events}
@@ -128,7 +140,7 @@ async def test_list_shows_each_dead_letter_and_leaves_them_in_place(
         assert (row["key"], row["event"], row["attempts"]) == (key_of[row["id"]], "paid", "1")
         assert row["reason"] == "HTTP 422"
         assert int(row["age"]) < 60
-    # as JSON, the same dead letters in the same order, with status and last attempt
+    # as JSON, the same dead letters in the same order, with status, last attempt and age
     as_json = await dead.listed()
     assert [letter["id"] for letter in as_json] == listed
     for letter in as_json:
@@ -136,10 +148,87 @@ async def test_list_shows_each_dead_letter_and_leaves_them_in_place(
         assert (letter["event"], letter["reason"], letter["status"]) == ("paid", "HTTP 422", 422)
         assert letter["attempts"] == 1
         assert datetime.fromisoformat(letter["last_attempt"]).tzinfo is not None
+        assert isinstance(letter["age"], int)
+        assert 0 <= letter["age"] < 60  # seconds
     # listing again gives the same; nothing was taken out of the queue
-    assert await dead.listed() == as_json
+    assert without_age(await dead.listed()) == without_age(as_json)
     assert await queue_depth(channel, dead.queue) == 5
     assert not rejected.downstream.accepted()
+
+
+async def test_list_of_ids_shows_only_those_in_queue_order(rejected: Rejected) -> None:
+    dead = rejected.dead
+    everything = await dead.listed_ids()
+    first, last = everything[0], everything[-1]
+
+    text = await dead.command("list", "--id", last, "--id", first)
+
+    assert text.returncode == 0, text.stderr
+    *lines, total = text.lines()
+    assert total == "2 dead letter(s)"
+    rows = [LISTED.fullmatch(line) for line in lines]
+    assert [row["id"] for row in rows if row] == [first, last]
+    assert [letter["id"] for letter in await dead.listed("--id", last)] == [last]
+    # the others are still there, in place
+    assert await dead.listed_ids() == everything
+
+
+async def test_list_of_an_unknown_id_fails_naming_it(rejected: Rejected) -> None:
+    dead = rejected.dead
+    known = rejected.events[0].message_id
+
+    result = await dead.command("list", "--id", known, "--id", "envoice:0")
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"relay: dead letter 'envoice:0' not found in {dead.queue}"
+    ]
+
+
+async def test_list_into_a_closed_pipe_exits_0_quietly(
+    make_settings: MakeSettings, channel: AbstractChannel
+) -> None:
+    # Given a handler with more dead letters than a pipe holds
+    settings = make_settings(handlers=[handler({"url": "http://127.0.0.1:1/"})])
+    await declare_topology(settings)
+    name, dlq = settings.handlers[0].name, settings.handlers[0].dead_letter_queue
+    count = 2000
+
+    def dead_letter(i: int) -> aio_pika.Message:
+        original = aio_pika.Message(
+            b"{}", message_id=f"envoice:{i}",
+            headers={wire.KEY_HEADER: "invoice:7", wire.EVENT_HEADER: "paid"},
+        )  # fmt: skip
+        reason = "HTTP 422 " + "x" * 100
+        return wire.dead_letter(b"{}", original, handler=name, reason=reason, status=422,
+                                attempts=1, first_attempt=datetime.now(UTC))  # fmt: skip
+
+    await asyncio.gather(*(channel.default_exchange.publish(dead_letter(i), dlq)
+                           for i in range(count)))  # fmt: skip
+    await eventually(lambda: depth_is(channel, dlq, count), what=f"{count} dead letters")
+    config = make_settings.config_file(settings)
+
+    # When `relay dlq list --handler NAME | head -1` reads one line and closes the pipe
+    def first_line_then_close() -> tuple[str, int, str]:
+        command = [sys.executable, "-m", "relay", "dlq", "list", "--handler", name,
+                   "--limit", str(count), "--config", config]  # fmt: skip
+        with subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as process:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            first = process.stdout.readline()
+            process.stdout.close()
+            stderr = process.stderr.read()
+            return first, process.wait(timeout=60), stderr
+
+    first, returncode, stderr = await asyncio.to_thread(first_line_then_close)
+
+    # Then it exits 0, saying nothing, and the dead letters stay in place
+    assert LISTED.fullmatch(first.rstrip("\n")), first
+    assert (returncode, stderr) == (0, "")
+    await eventually(lambda: depth_is(channel, dlq, count), what=f"{count} dead letters back")
 
 
 # --- replay -----------------------------------------------------------------------------------
@@ -179,15 +268,25 @@ async def test_replay_of_one_id_leaves_the_others_in_place_and_in_order(
     assert await dead.listed_ids() == [i for i in before if i != chosen]
 
 
-async def test_replay_of_an_unknown_id_fails_and_changes_nothing(rejected: Rejected) -> None:
+@pytest.mark.parametrize("action", [["replay"], ["purge", "--yes"]], ids=" ".join)
+async def test_an_unknown_id_fails_naming_it_and_changes_nothing(
+    action: list[str], rejected: Rejected
+) -> None:
     dead = rejected.dead
     before = await dead.listed()
+    known = rejected.events[0].message_id
 
-    result = await dead.command("replay", "--id", "envoice:0")
+    # an unknown id alone, or with a known one: which is left alone too
+    for given in (["envoice:0"], [known, "envoice:0"]):
+        result = await dead.command(*action, *(a for i in given for a in ("--id", i)))
 
-    assert result.returncode == 1
-    assert result.lines() == [f"replay: 0 dead letter(s) of {dead.handler}"]
-    assert await dead.listed() == before
+        assert result.returncode == 1, given
+        assert result.stdout == ""
+        assert result.stderr.splitlines() == [
+            f"relay: dead letter 'envoice:0' not found in {dead.queue}"
+        ]
+    assert without_age(await dead.listed()) == without_age(before)
+    assert not rejected.downstream.accepted()
 
 
 async def test_replayed_messages_go_only_to_their_handler_and_to_the_same_partition(
@@ -291,7 +390,7 @@ async def test_an_unknown_handler_exits_2(action: list[str], make_settings: Make
 
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "relay: config error: no handler named 'no-such-handler' in the config"
+        f"relay: config error: {dead.config}: no handler named 'no-such-handler' in the config"
     ]
 
 
@@ -308,6 +407,25 @@ async def test_an_unreachable_broker_exits_3(
     [line] = result.stderr.splitlines()
     assert line.startswith("relay: broker unreachable")
     assert "guest:guest" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=" ".join)
+async def test_a_dead_letter_queue_never_declared_is_named_not_the_broker(
+    action: list[str], make_settings: MakeSettings
+) -> None:
+    # Given a handler in the config that nothing has declared on the broker yet
+    settings = make_settings(handlers=[handler({"url": "http://127.0.0.1:1/"})])
+    name, dlq = settings.handlers[0].name, settings.handlers[0].dead_letter_queue
+    dead = DeadLetters(make_settings.config_file(settings), name, dlq)
+
+    result = await dead.command(*action)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"relay: {dlq} does not exist: run `relay topology declare`, or start a worker of "
+        f"handler {name!r}"
+    ]
 
 
 # --- a classic dead-letter queue of an older relay --------------------------------------------

@@ -228,11 +228,11 @@ def test_file_errors_are_prefixed_with_the_path_and_name_the_key(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("name", "env"),
-    [("relay.toml", {}), ("example.toml", {"BILLING_WEBHOOK_SECRET": "whsec_c2VjcmV0"})],
+    ("name", "env", "handlers"),
+    [("relay.toml", {}, 1), ("example.toml", {"BILLING_WEBHOOK_SECRET": "whsec_c2VjcmV0"}, 2)],
 )
 def test_shipped_configs_load(
-    monkeypatch: pytest.MonkeyPatch, name: str, env: dict[str, str]
+    monkeypatch: pytest.MonkeyPatch, name: str, env: dict[str, str], handlers: int
 ) -> None:
     monkeypatch.setenv("ENVOICE_API_SECRET", "from-env")
     for key, value in env.items():
@@ -241,6 +241,7 @@ def test_shipped_configs_load(
     settings = load_config(ROOT / "config" / name)
 
     assert settings.sources[0].secrets[0].value == "from-env"
+    assert len(settings.handlers) == handlers  # else `all` below holds for none
     assert all(h.bindings for h in settings.handlers)
 
 
@@ -691,5 +692,5 @@ def test_worker_with_unloadable_call_exits_2(tmp_path: Path, call: str, problem:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("relay: config error: handlers[0].call: ")
+    assert lines[0].startswith(f"relay: config error: {path}: handlers[0].call: ")
     assert problem in lines[0]

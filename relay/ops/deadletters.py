@@ -38,8 +38,8 @@ async def _held(
             queue = await channel.declare_queue(handler.dead_letter_queue, passive=True)
         except ChannelNotFoundEntity:
             raise NotFound(
-                f"{handler.dead_letter_queue} does not exist: no worker of handler "
-                f"{handler.name!r} has run yet"
+                f"{handler.dead_letter_queue} does not exist: run `relay topology declare`, or "
+                f"start a worker of handler {handler.name!r}"
             ) from None
         ready = queue.declaration_result.message_count or 0
         wanted = ready if limit is None else min(ready, limit)
@@ -59,10 +59,15 @@ async def _held(
 
 
 async def list_dead_letters(
-    settings: Settings, handler: HandlerSettings, limit: int
+    settings: Settings, handler: HandlerSettings, limit: int, ids: list[str] | None = None
 ) -> list[wire.DeadLetter]:
-    async with _held(settings, handler, limit) as (_, held):
-        return [wire.DeadLetter.of(m) for m in held]
+    """The first `limit` dead letters in queue order, or of those with the given ids (all read to
+    find them; NotFound if one is not there)."""
+    selected = _selector(ids)
+    async with _held(settings, handler, None if ids else limit) as (_, held):
+        chosen = [m for m in held if selected(m)]
+    _all_found(handler, ids, chosen)
+    return [wire.DeadLetter.of(m) for m in chosen[:limit]]
 
 
 def _selector(ids: list[str] | None) -> Callable[[AbstractIncomingMessage], bool]:
@@ -70,8 +75,21 @@ def _selector(ids: list[str] | None) -> Callable[[AbstractIncomingMessage], bool
     return lambda message: not wanted or message.message_id in wanted
 
 
+def _all_found(
+    handler: HandlerSettings, ids: list[str] | None, held: list[AbstractIncomingMessage]
+) -> None:
+    """NotFound naming the ids none of `held` has, so that a command acts on all or none."""
+    found = {m.message_id for m in held}
+    missing = [i for i in dict.fromkeys(ids or ()) if i not in found]
+    if missing:
+        letters = "dead letter" if len(missing) == 1 else "dead letters"
+        named = ", ".join(repr(i) for i in missing)
+        raise NotFound(f"{letters} {named} not found in {handler.dead_letter_queue}")
+
+
 async def replay(settings: Settings, handler: HandlerSettings, ids: list[str] | None) -> int:
-    """Publish dead letters back to the handler's partitions in queue order; return the count.
+    """Publish dead letters (all, or those with the given ids: NotFound, and none published, if
+    one is not there) back to the handler's partitions in queue order; return the count.
 
     Each goes through the handler's own exchange, so only this handler gets it again, and its
     key lands it in the same partition as before. Acked from the dead-letter queue only after
@@ -80,6 +98,7 @@ async def replay(settings: Settings, handler: HandlerSettings, ids: list[str] | 
     selected = _selector(ids)
     replayed = 0
     async with _held(settings, handler) as (channel, held):
+        _all_found(handler, ids, held)
         exchange = await channel.get_exchange(handler.exchange, ensure=True)
         for message in held:
             if not selected(message):
@@ -94,10 +113,12 @@ async def replay(settings: Settings, handler: HandlerSettings, ids: list[str] | 
 
 
 async def purge(settings: Settings, handler: HandlerSettings, ids: list[str] | None) -> int:
-    """Remove dead letters (all, or those with the given ids); return the count."""
+    """Remove dead letters (all, or those with the given ids: NotFound, and none removed, if one
+    is not there); return the count."""
     selected = _selector(ids)
     purged = 0
     async with _held(settings, handler) as (_, held):
+        _all_found(handler, ids, held)
         for message in held:
             if selected(message):
                 await message.ack()
