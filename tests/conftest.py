@@ -4,7 +4,6 @@ in-process workers, a publisher, HTTP and Python handlers, captured logs."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -23,7 +22,15 @@ from relay.publisher import Publisher
 from relay.settings import Settings
 from tests import handlers_for_tests
 from tests.handlers_for_tests import HttpHandler
-from tests.support import STOP_WITHIN, RunningWorker, declare_topology, eventually, toml
+from tests.support import AMQP_URL as AMQP_URL  # the suite's broker and vhost, for the tests
+from tests.support import (
+    STOP_WITHIN,
+    RunningWorker,
+    as_written,
+    declare_topology,
+    eventually,
+    toml,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,7 +46,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 SECRET = "test-secret"
 SHARED_QUEUES = {
     topology.UNROUTED,
@@ -103,7 +109,8 @@ class SettingsFactory:
 
     def __call__(self, **kwargs: Any) -> Settings:
         raw = settings_dict(uuid.uuid4().hex[:8], **kwargs)
-        settings = config_from_dict(raw)
+        with as_written():
+            settings = config_from_dict(raw)
         self._raw[settings.broker.exchange] = raw
         self.made.append(settings)
         return settings
@@ -111,7 +118,8 @@ class SettingsFactory:
     def config_file(self, settings: Settings) -> str:
         path = self._directory / f"{settings.broker.exchange}.toml"
         path.write_text(toml(self._raw[settings.broker.exchange]), encoding="utf-8")
-        assert load_config(path) == settings
+        with as_written():
+            assert load_config(path) == settings
         return str(path)
 
 

@@ -13,10 +13,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -31,6 +32,21 @@ from relay.settings import Settings, SourceSettings
 from relay.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
+AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+
+
+@contextlib.contextmanager
+def as_written() -> Iterator[None]:
+    """Config loaded as written: without $RELAY_AMQP_URL (the suite's broker), which would
+    override a test's own broker.url, a proxy's for instance."""
+    saved = os.environ.pop("RELAY_AMQP_URL", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["RELAY_AMQP_URL"] = saved
+
+
 STOP_WITHIN = 5.0  # seconds a worker may take to stop
 
 
@@ -189,7 +205,8 @@ class TcpProxy:
         self.stalled = asyncio.Event()
 
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        """Through the proxy, to the suite's vhost."""
+        return urlsplit(AMQP_URL)._replace(netloc=f"guest:guest@127.0.0.1:{self.port}").geturl()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)

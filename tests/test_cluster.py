@@ -74,7 +74,8 @@ def test_a_killed_node_loses_and_reorders_nothing_and_its_queues_recover() -> No
     assert done.returncode == 0
     found = re.search(
         r"accepted=(\d+) delivered=(\d+) lost=(\d+) reordered=(\d+) duplicates=(\d+) "
-        r"failover_seconds=([\d.]+) recovered_seconds=([\d.]+) accepted_after_fault=(\d+)",
+        r"late_repeats=\d+ failover_seconds=([\d.]+) recovered_seconds=([\d.]+) "
+        r"accepted_after_fault=(\d+)",
         done.stdout,
     )
     assert found is not None
