@@ -26,6 +26,7 @@ from tests.support import AMQP_URL as AMQP_URL  # the suite's broker and vhost, 
 from tests.support import (
     STOP_WITHIN,
     RunningWorker,
+    TcpProxy,
     as_written,
     declare_topology,
     eventually,
@@ -124,6 +125,15 @@ class SettingsFactory:
 
 
 MakeSettings = SettingsFactory
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    """A TCP proxy to the broker that the test can cut, stall and restore."""
+    proxy = TcpProxy()
+    await proxy.start()
+    yield proxy
+    await proxy.cut()
 
 
 @pytest.fixture

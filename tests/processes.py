@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import random
 import signal
@@ -447,6 +448,21 @@ def _first_difference(got: list[str], expected: list[str]) -> int:
     return next((n for n, (a, b) in pairs if a != b), min(len(got), len(expected)))
 
 
+def billing_handler(handler: HttpHandler, **options: Any) -> dict[str, Any]:
+    """A handler of every Envoice event posting to `handler`: 4 partitions, quick retries."""
+    return {
+        "name": "billing",
+        "events": ["envoice.#"],
+        "url": handler.url,
+        "partitions": 4,
+        "max_attempts": 5,
+        "backoff_initial_ms": 50,
+        "backoff_max_ms": 1000,
+        "timeout_seconds": 5.0,
+        **options,
+    }
+
+
 def http_deliveries(handler: HttpHandler) -> Deliveries:
     """What an HTTP handler took: the requests it answered 2xx."""
     return [(r.key, r.id) for r in handler.requests if r.accepted]
@@ -477,6 +493,8 @@ class EnvoiceSender:
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.ledger = Ledger()
         self.answers: Counter[str] = Counter()  # "200 accepted", "503", "ClientConnectorError"
+        self.timeline: list[tuple[float, str]] = []  # (time.monotonic(), answer) of each
+        self.in_flight = 0  # requests sent and not answered yet
 
     @classmethod
     def to(cls, config: Config, **options: float) -> EnvoiceSender:
@@ -486,7 +504,16 @@ class EnvoiceSender:
     @property
     def refused(self) -> int:
         """Answers other than 200: what a provider would retry."""
-        return sum(n for answer, n in self.answers.items() if not answer.startswith("200"))
+        return self.refused_in()
+
+    def count(self, since: float = 0.0, until: float = math.inf) -> Counter[str]:
+        """The answers that came between `since` and `until` (time.monotonic())."""
+        return Counter(answer for at, answer in self.timeline if since <= at < until)
+
+    def refused_in(self, since: float = 0.0, until: float = math.inf) -> int:
+        """Answers other than 200 between `since` and `until`."""
+        counts = self.count(since, until)
+        return sum(n for answer, n in counts.items() if not answer.startswith("200"))
 
     async def send(
         self, invoices: Iterable[int], each: int | None = None, *, stop: asyncio.Event | None = None
@@ -518,6 +545,7 @@ class EnvoiceSender:
             await asyncio.sleep(self.retry_seconds)
 
     async def _accepted(self, client: aiohttp.ClientSession, act: dict[str, Any]) -> bool:
+        self.in_flight += 1
         try:
             async with client.post(self.url, data=signed_body(self.source, act)) as response:
                 body = await response.json(content_type=None)
@@ -525,5 +553,8 @@ class EnvoiceSender:
                 answer = f"200 {status}" if status else str(response.status)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             answer = type(exc).__name__
+        finally:
+            self.in_flight -= 1
         self.answers[answer] += 1
+        self.timeline.append((time.monotonic(), answer))
         return answer in ("200 accepted", "200 duplicate")

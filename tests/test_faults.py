@@ -28,6 +28,7 @@ from tests.processes import (
     EnvoiceSender,
     Relay,
     RelayProcess,
+    billing_handler,
     http_deliveries,
     in_background,
     ingress_ready,
@@ -62,21 +63,6 @@ async def broker(relay: Relay) -> AsyncIterator[Broker]:
         await broker.restore()
 
 
-def http(handler: HttpHandler, **options: Any) -> dict[str, Any]:
-    """A handler of every Envoice event posting to `handler`: 4 partitions, quick retries."""
-    return {
-        "name": "billing",
-        "events": ["envoice.#"],
-        "url": handler.url,
-        "partitions": 4,
-        "max_attempts": 5,
-        "backoff_initial_ms": 50,
-        "backoff_max_ms": 1000,
-        "timeout_seconds": 5.0,
-        **options,
-    }
-
-
 def partitions_delivered_by(worker: RelayProcess) -> set[str]:
     return {entry["partition"] for entry in worker.events("delivered")}
 
@@ -98,7 +84,7 @@ async def test_a_worker_killed_mid_delivery_then_restarted_loses_and_reorders_no
 ) -> None:
     # Given relay's processes and a slow HTTP handler (30 ms a request) with 4 partitions
     http_handler.latency = 0.03
-    config = relay.config(http(http_handler))
+    config = relay.config(billing_handler(http_handler))
     _, worker = await relay.start(config)
     # and 300 webhooks accepted, 30 for each of 10 invoices
     sender = EnvoiceSender.to(config)
@@ -126,7 +112,7 @@ async def test_when_the_active_worker_is_killed_the_other_takes_over_its_partiti
 ) -> None:
     # Given two workers on a slow HTTP handler with 2 partitions
     http_handler.latency = 0.03
-    config = relay.config(http(http_handler, partitions=2))
+    config = relay.config(billing_handler(http_handler, partitions=2))
     _, *workers = await relay.start(config, workers=2)
     # and 200 webhooks accepted
     sender = EnvoiceSender.to(config)
@@ -158,7 +144,7 @@ async def test_worker_and_ingress_reconnect_by_themselves_after_a_broker_restart
 ) -> None:
     # Given relay's processes, a slow HTTP handler and 300 webhooks accepted
     http_handler.latency = 0.02
-    config = relay.config(http(http_handler))
+    config = relay.config(billing_handler(http_handler))
     ingress, worker = await relay.start(config)
     sender = EnvoiceSender.to(config)
     await sender.send(INVOICES, each=30)
@@ -193,7 +179,7 @@ async def test_webhooks_sent_through_a_broker_outage_are_refused_or_delivered_in
 ) -> None:
     # Given relay's processes, and a provider sending 60 webhooks for each of 10 invoices, about
     # 20 ms apart, sending again later what is not accepted
-    config = relay.config(http(http_handler))
+    config = relay.config(billing_handler(http_handler))
     ingress, _ = await relay.start(config)
     sender = EnvoiceSender.to(config, pause_seconds=0.02, retry_seconds=0.1)
     async with in_background(sender.send(INVOICES, each=60)) as sending:
@@ -226,7 +212,7 @@ async def test_a_handler_hanging_past_its_timeout_is_retried_while_its_partition
     relay: Relay, http_handler: HttpHandler
 ) -> None:
     # Given an HTTP handler with one partition and a 0.5 s timeout, that hangs for now
-    config = relay.config(http(http_handler, partitions=1, timeout_seconds=0.5))
+    config = relay.config(billing_handler(http_handler, partitions=1, timeout_seconds=0.5))
     await relay.start(config)
     http_handler.default = HANG
     # When 50 webhooks are accepted

@@ -114,14 +114,6 @@ def source(settings: Settings) -> SourceSettings:
     return settings.sources[0]
 
 
-@pytest.fixture
-async def proxy() -> AsyncIterator[TcpProxy]:
-    proxy = TcpProxy()
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
-
-
 # --- 200 accepted / duplicate --------------------------------------------------------------
 
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import re
 import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,10 @@ from tests.handlers_for_tests import HttpHandler
 from tests.processes import (
     STARTUP_SECONDS,
     Config,
-    Ledger,
+    EnvoiceSender,
     Relay,
     RelayProcess,
+    billing_handler,
     free_port,
     http_deliveries,
     in_background,
@@ -56,7 +56,9 @@ NGINX_STOP_SECONDS = 10.0
 DELIVERY_SECONDS = 45.0  # for everything accepted to be delivered
 TRAFFIC_SECONDS = 30.0  # for a few hundred webhooks to be accepted under load
 SENDERS = 20  # invoices sent concurrently under load, each one webhook at a time
-ACCEPTED = ("200 accepted", "200 duplicate")
+# Envoice through nginx: a webhook not answered 200 (nginx's 502, relay's 503, a connection
+# error) is sent again, the same id, soon; an answer may take nginx's proxy_read_timeout (15 s).
+PROVIDER = {"retry_seconds": 0.05, "timeout_seconds": 20.0}
 
 
 # --- nginx ------------------------------------------------------------------------------------
@@ -254,23 +256,9 @@ class Balanced:
         return self.nginx.access(self.source.path)
 
 
-def http(handler: HttpHandler) -> dict[str, Any]:
-    """A handler of every Envoice event posting to `handler`: 4 partitions, quick retries."""
-    return {
-        "name": "billing",
-        "events": ["envoice.#"],
-        "url": handler.url,
-        "partitions": 4,
-        "max_attempts": 5,
-        "backoff_initial_ms": 50,
-        "backoff_max_ms": 1000,
-        "timeout_seconds": 5.0,
-    }
-
-
 async def behind_nginx(relay: Relay, nginx: StartNginx, handler: HttpHandler) -> Balanced:
     """Two `relay ingress` of one config (its port and another), a worker, nginx in front."""
-    config = relay.config(http(handler))
+    config = relay.config(billing_handler(handler))
     ports = (config.settings.ingress.port, free_port())
     processes = [await relay.run("ingress", "--port", str(port), config=config) for port in ports]
     replicas = (Replica(processes[0], ports[0]), Replica(processes[1], ports[1]))
@@ -283,74 +271,6 @@ async def behind_nginx(relay: Relay, nginx: StartNginx, handler: HttpHandler) ->
 
     await eventually(both_ready, timeout=STARTUP_SECONDS, what="both ingresses ready")
     return Balanced(config, replicas, worker, await nginx(*ports))
-
-
-_activity_ids = itertools.count(time.time_ns() // 1000 + 7_000_000_000)
-
-
-class Provider:
-    """Envoice sending to `url` (nginx): each invoice's webhooks one after the other, invoices
-    concurrently. A webhook not answered 200 (nginx's 502, relay's 503, a connection error) is sent
-    again, the same id, `retry_seconds` later, until it is. Accepted ids go to `ledger`; every
-    answer, with the time it came, to `answers`."""
-
-    def __init__(self, url: str, source: SourceSettings, *, retry_seconds: float = 0.05) -> None:
-        self.url, self.source, self.retry_seconds = url, source, retry_seconds
-        self.ledger = Ledger()
-        self.answers: list[tuple[float, str]] = []  # (time.monotonic(), "200 accepted" | "502")
-        self.in_flight = 0  # requests sent and not answered yet
-
-    def count(self, since: float = 0.0, until: float = float("inf")) -> Counter[str]:
-        """The answers that came between `since` and `until` (time.monotonic())."""
-        return Counter(answer for at, answer in self.answers if since <= at < until)
-
-    def refused(self, since: float = 0.0, until: float = float("inf")) -> int:
-        """Answers other than 200 between `since` and `until`: what the provider sent again."""
-        counts = self.count(since, until)
-        return sum(n for answer, n in counts.items() if answer not in ACCEPTED)
-
-    async def send(
-        self, invoices: Iterable[int], each: int | None = None, *, stop: asyncio.Event | None = None
-    ) -> None:
-        """`each` webhooks for every invoice (no limit if None), fewer if `stop` is set first."""
-        stop = stop or asyncio.Event()
-        timeout = aiohttp.ClientTimeout(total=20)  # over nginx's proxy_read_timeout (15 s)
-        async with aiohttp.ClientSession(timeout=timeout) as client:
-            await asyncio.gather(*(self._invoice(client, n, each, stop) for n in invoices))
-
-    async def _invoice(
-        self, client: aiohttp.ClientSession, invoice: int, each: int | None, stop: asyncio.Event
-    ) -> None:
-        for _ in range(each) if each is not None else itertools.count():
-            if stop.is_set():
-                return
-            event_id = next(_activity_ids)
-            act = activity(Id=event_id, InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
-            await self._post_until_accepted(client, act)
-            self.ledger.accept(f"invoice:{invoice}", f"envoice:{event_id}")
-
-    async def _post_until_accepted(
-        self, client: aiohttp.ClientSession, act: dict[str, Any]
-    ) -> None:
-        while True:
-            if await self._accepted(client, act):
-                return
-            await asyncio.sleep(self.retry_seconds)
-
-    async def _accepted(self, client: aiohttp.ClientSession, act: dict[str, Any]) -> bool:
-        self.in_flight += 1
-        try:
-            async with client.post(self.url, data=signed_body(self.source, act)) as response:
-                body = await response.read()
-                answer = str(response.status)
-                if response.status == 200:
-                    answer += " " + str(orjson.loads(body)["status"])
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            answer = type(exc).__name__
-        finally:
-            self.in_flight -= 1
-        self.answers.append((time.monotonic(), answer))
-        return answer in ACCEPTED
 
 
 class HeldWebhook:
@@ -402,7 +322,7 @@ async def test_webhooks_through_nginx_reach_both_ingresses_and_are_delivered_onc
     balanced = await behind_nginx(relay, nginx, http_handler)
 
     # When 200 webhooks over 10 invoices are sent through nginx, each invoice's one at a time
-    provider = Provider(balanced.webhook_url, balanced.source)
+    provider = EnvoiceSender(balanced.webhook_url, balanced.source, **PROVIDER)
     await provider.send(range(1, 11), each=20)
 
     # Then every one is accepted at its first try
@@ -437,7 +357,7 @@ async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
     balanced = await behind_nginx(relay, nginx, http_handler)
     survivor, victim = balanced.replicas
     # and a provider sending 20 invoices' webhooks through nginx, each invoice's one at a time
-    provider = Provider(balanced.webhook_url, balanced.source)
+    provider = EnvoiceSender(balanced.webhook_url, balanced.source, **PROVIDER)
     stop = asyncio.Event()
     async with in_background(provider.send(range(1, SENDERS + 1), stop=stop)) as sending:
         # When both ingresses have accepted webhooks
@@ -462,9 +382,9 @@ async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
     # Then nothing was refused before the kill, and after it only as many requests as were in
     # flight then: nginx passes every new request on to the survivor when the other refuses
     answers = provider.count()
-    refused = provider.refused()
+    refused = provider.refused
     print(f"answers: {dict(answers)}; in flight at the kill: {in_flight}")
-    assert provider.refused(until=killed_at) == 0
+    assert provider.refused_in(until=killed_at) == 0
     assert 0 < in_flight <= SENDERS
     assert refused <= in_flight
     # and every webhook sent was accepted in the end (the refused ones sent again)
@@ -492,7 +412,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
     balanced = await behind_nginx(relay, nginx, http_handler)
     other, draining = balanced.replicas
     # and a provider sending 20 invoices' webhooks through nginx, each invoice's one at a time
-    provider = Provider(balanced.webhook_url, balanced.source)
+    provider = EnvoiceSender(balanced.webhook_url, balanced.source, **PROVIDER)
     stop = asyncio.Event()
     async with in_background(provider.send(range(1, SENDERS + 1), stop=stop)) as sending:
         await eventually(
@@ -501,7 +421,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
         assert min(await balanced.accepted()) > 0
         # and a webhook in flight at one ingress, sent to it directly: its handler is waiting
         # for the body
-        held_id = next(_activity_ids)
+        held_id = time.time_ns() // 1000 + 7_000_000_000  # no sender uses it
         held_act = activity(Id=held_id, InvoiceId=999, InvoiceNumber="INV-999")
         body = signed_body(balanced.source, held_act)
         held = await HeldWebhook.open(draining.port, balanced.source.path, body)
@@ -545,7 +465,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
     print(f"during the drain: {dict(provider.count(term_at, exited_at))}")
     passed_on = [line for line in balanced.access() if len(line.upstreams) > 1]
     print(f"requests nginx passed on to the other ingress: {len(passed_on)}")
-    assert provider.refused() == 0, dict(answers)
+    assert provider.refused == 0, dict(answers)
     assert all(line.upstreams[0] == f"127.0.0.1:{draining.port}" for line in passed_on)
     # and every accepted webhook is delivered, each invoice's in order, the held one too
     tally = await provider.ledger.delivered(

@@ -104,14 +104,6 @@ async def test_a_nack_is_503_and_a_new_channel_publishes_once_the_limit_is_gone(
 # --- a publish timeout, then the provider's retry ------------------------------------------
 
 
-@pytest.fixture
-async def proxy() -> AsyncIterator[TcpProxy]:
-    proxy = TcpProxy()
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
-
-
 @pytest.mark.rabbit
 @pytest.mark.timeout(60)
 async def test_a_retry_after_a_publish_timeout_is_accepted_and_queued_at_most_twice(

@@ -18,6 +18,20 @@ STARTUP_SECONDS = 30.0  # for a subprocess to answer
 STOP_SECONDS = 20.0  # after SIGTERM, before SIGKILL
 
 
+# A config of one Envoice source on loopback: format with exchange, port, path and secret.
+SOURCE_CONFIG = """[broker]
+exchange = "{exchange}"
+[ingress]
+host = "127.0.0.1"
+port = {port}
+[[sources]]
+name = "envoice"
+path = "{path}"
+scheme = "envoice"
+secrets = ["{secret}"]
+"""
+
+
 class BenchError(Exception):
     """The benchmark cannot go on: a process did not start, or died."""
 

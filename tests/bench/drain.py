@@ -49,6 +49,7 @@ from relay.providers import PROVIDERS
 from relay.settings import SourceSettings
 from tests.bench.common import (
     AMQP_URL,
+    SOURCE_CONFIG,
     STARTUP_SECONDS,
     BenchError,
     Child,
@@ -70,22 +71,15 @@ CLEANUP_SECONDS = 15.0
 BASELINE_PREFETCH = 50
 NAN = float("nan")
 
-CONFIG = """[broker]
-exchange = "{exchange}"
-[ingress]
-host = "127.0.0.1"
-port = {port}
-[[sources]]
-name = "envoice"
-path = "{path}"
-scheme = "envoice"
-secrets = ["{secret}"]
-[[handlers]]
+CONFIG = (
+    SOURCE_CONFIG
+    + """[[handlers]]
 name = "{handler}"
 events = ["envoice.#"]
 url = "{url}"
 partitions = {partitions}
 """
+)
 
 # argv: port, latency ms. Records [time, id, key] per POST /hook as it arrives.
 ENDPOINT = """

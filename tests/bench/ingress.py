@@ -53,7 +53,16 @@ import orjson
 
 from relay.config import load as load_config
 from relay.providers import PROVIDERS
-from tests.bench.common import AMQP_URL, ROOT, BenchError, Child, free_port, memory_kb, wait_ok
+from tests.bench.common import (
+    AMQP_URL,
+    ROOT,
+    SOURCE_CONFIG,
+    BenchError,
+    Child,
+    free_port,
+    memory_kb,
+    wait_ok,
+)
 from tests.processes import Broker
 
 SECRET = "bench-secret"
@@ -65,18 +74,6 @@ OUTAGE_RATE = 500
 OUTAGE_AFTER_SECONDS = 10.0  # of held load before the broker stops, and after it is back
 OUTAGE_MARGIN_SECONDS = 20.0  # for rabbitmqctl stop_app and start_app themselves
 START, END = "<!-- tests/bench/ingress.py writes from here -->", "<!-- to here -->"
-
-CONFIG = """[broker]
-exchange = "{exchange}"
-[ingress]
-host = "127.0.0.1"
-port = {port}
-[[sources]]
-name = "envoice"
-path = "{path}"
-scheme = "envoice"
-secrets = ["{secret}"]
-"""
 
 # wrk: POST the bodies file's lines in turn, count answers that say "accepted".
 POST_LUA = """
@@ -300,7 +297,7 @@ async def held_rate(
 async def run(args: argparse.Namespace, directory: Path) -> str:
     port, exchange = free_port(), f"relay.benchmark-{uuid.uuid4().hex[:8]}"
     config = directory / "bench.toml"
-    config.write_text(CONFIG.format(exchange=exchange, port=port, path=PATH, secret=SECRET))
+    config.write_text(SOURCE_CONFIG.format(exchange=exchange, port=port, path=PATH, secret=SECRET))
     lua, bodies = directory / "post.lua", directory / "bodies"
     lua.write_text(POST_LUA)
     write_bodies(config, bodies, int(MAX_RATE * args.seconds))
