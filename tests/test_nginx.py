@@ -35,6 +35,7 @@ import pytest
 from relay.settings import SourceSettings
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import (
+    EXIT_SECONDS,
     STARTUP_SECONDS,
     Config,
     EnvoiceSender,
@@ -55,6 +56,11 @@ NGINX_START_SECONDS = 10.0
 NGINX_STOP_SECONDS = 10.0
 DELIVERY_SECONDS = 45.0  # for everything accepted to be delivered
 TRAFFIC_SECONDS = 30.0  # for a few hundred webhooks to be accepted under load
+# Each test's timeout is the sum of its waits: the worker consuming and both ingresses ready,
+# nginx answering, then the test's own; MARGIN for the rest (sending, fixtures).
+SETUP = 2 * STARTUP_SECONDS + NGINX_START_SECONDS
+POLL = 10.0  # eventually()'s default deadline
+MARGIN = 20.0
 SENDERS = 20  # invoices sent concurrently under load, each one webhook at a time
 # Envoice through nginx: a webhook not answered 200 (nginx's 502, relay's 503, a connection
 # error) is sent again, the same id, soon; an answer may take nginx's proxy_read_timeout (15 s).
@@ -314,7 +320,7 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
 # --- tests ------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(SETUP + POLL + DELIVERY_SECONDS + MARGIN)
 async def test_webhooks_through_nginx_reach_both_ingresses_and_are_delivered_once_in_order(
     relay: Relay, nginx: StartNginx, http_handler: HttpHandler
 ) -> None:
@@ -349,7 +355,7 @@ async def test_webhooks_through_nginx_reach_both_ingresses_and_are_delivered_onc
     assert len(http_handler.requests) == 200
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(SETUP + 3 * TRAFFIC_SECONDS + DELIVERY_SECONDS + MARGIN)
 async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
     relay: Relay, nginx: StartNginx, http_handler: HttpHandler
 ) -> None:
@@ -404,7 +410,9 @@ async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
     print(f"requests nginx passed on to the other ingress: {passed_on}")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(
+    SETUP + 3 * TRAFFIC_SECONDS + 5 + 10 + EXIT_SECONDS + DELIVERY_SECONDS + MARGIN
+)  # 5: /readyz failing, 10: the held webhook's answer
 async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_the_rest_on(
     relay: Relay, nginx: StartNginx, http_handler: HttpHandler
 ) -> None:

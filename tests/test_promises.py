@@ -19,7 +19,14 @@ from relay.config import from_dict as config_from_dict
 from relay.settings import Settings
 from tests.conftest import AMQP_URL, SECRET, MakeSettings, settings_dict
 from tests.handlers_for_tests import HttpHandler
-from tests.processes import EnvoiceSender, Relay, http_deliveries, in_background
+from tests.processes import (
+    EXIT_SECONDS,
+    STARTUP_SECONDS,
+    EnvoiceSender,
+    Relay,
+    http_deliveries,
+    in_background,
+)
 from tests.support import (
     FakePublisher,
     TcpProxy,
@@ -69,7 +76,7 @@ async def full_queues(make_settings: MakeSettings) -> AsyncIterator[tuple[Settin
 
 
 @pytest.mark.rabbit
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(20 + 10 + 2 * 60 + 20)  # accepted again, ready, rabbitmqctl twice, margin
 async def test_a_nack_is_503_and_a_new_channel_publishes_once_the_limit_is_gone(
     full_queues: tuple[Settings, str], channel: AbstractChannel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,7 +167,7 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
 
 
 @pytest.mark.rabbit
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(4 * STARTUP_SECONDS + EXIT_SECONDS + DELIVERY_SECONDS + 20)
 async def test_a_worker_sigtermed_mid_delivery_exits_0_and_the_next_delivers_in_order(
     relay: Relay, http_handler: HttpHandler
 ) -> None:
@@ -189,7 +196,7 @@ async def test_a_worker_sigtermed_mid_delivery_exits_0_and_the_next_delivers_in_
 
 
 @pytest.mark.rabbit
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(3 * STARTUP_SECONDS + EXIT_SECONDS + DELIVERY_SECONDS + 20)
 async def test_an_ingress_sigtermed_with_publishes_in_flight_loses_none_it_accepted(
     relay: Relay, http_handler: HttpHandler
 ) -> None:
