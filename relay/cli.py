@@ -22,8 +22,7 @@ import prometheus_client
 import structlog
 
 from relay import __version__, config, ingress, processes, wire
-from relay.broker import connect
-from relay.errors import BrokerUnavailable, CannotListen, ConfigError, RelayError
+from relay.errors import BrokerUnavailable, CannotListen, ConfigError, OptionError, RelayError
 from relay.logging import configure
 from relay.ops import bench, deadletters, status, topology
 from relay.ops.send import send
@@ -55,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         configure(args.log_level)
         try:
             return _run(args.run(settings, args))
+        except OptionError:
+            raise
         except ConfigError as exc:  # found after loading: name the file, as loading does
-            if str(exc).startswith("--"):  # about a command-line option, not the file
-                raise
             raise ConfigError(f"{Settings.path(args.config)}: {exc}") from None
     except RelayError as exc:
         code, prefix = next((c, p) for kind, c, p in EXIT_CODES if isinstance(exc, kind))
@@ -269,7 +268,10 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("sources: none configured")
     source = settings.source(args.source) if args.source else settings.sources[0]
     if args.secret_env:
-        secret = resolve_secret(f"env:{args.secret_env}", "--secret-env")
+        try:
+            secret = resolve_secret(f"env:{args.secret_env}", "--secret-env")
+        except ConfigError as exc:
+            raise OptionError(str(exc)) from None
         source = replace(source, secrets=(secret,))
     port = args.port or settings.ingress.port
     url = args.url or f"http://127.0.0.1:{port}{source.path}"
@@ -332,10 +334,6 @@ async def _topology(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(topology.export(settings), option=orjson.OPT_INDENT_2))
         sys.stdout.write("\n")
         return EXIT_OK
-    if args.dry_run:
-        # The plan is read through the management API only, which answers for a vhost that does
-        # not exist as for an empty one: connecting says whether it does.
-        await (await connect(settings.broker)).close()
     changes = await topology.converge(settings, dry_run=args.dry_run, prune=args.prune)
     verb = "would change" if args.dry_run else "changed"
     for line in changes:

@@ -11,6 +11,10 @@ class ConfigError(RelayError):
     """The configuration is invalid; the message names the key."""
 
 
+class OptionError(ConfigError):
+    """A command-line option is invalid (exit 2 as for the config, but the file is not named)."""
+
+
 class BrokerUnavailable(RelayError):
     """RabbitMQ is unreachable, refused relay, or did not confirm in time."""
 

@@ -386,8 +386,7 @@ async def _drain(
 ) -> None:
     """Stop listening (so /readyz is refused and a balancer moves on), then let the webhooks in
     flight finish, bodies still arriving included, for up to `seconds`."""
-    await admin.cleanup()
-    for site in list(runner.sites):
+    for site in [*admin.sites, *runner.sites]:
         await site.stop()
     app[IN_FLIGHT].draining = True
     try:

@@ -311,6 +311,13 @@ class HeldWebhook:
         return status, answer
 
 
+async def accepted(provider: EnvoiceSender, count: int) -> None:
+    """Until the provider has had `count` webhooks accepted in all, under load."""
+    await eventually(
+        lambda: len(provider.ledger) >= count, timeout=TRAFFIC_SECONDS, what=f"{count} accepted"
+    )
+
+
 @pytest.fixture
 async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
     async with Relay(tmp_path) as relay:
@@ -367,9 +374,7 @@ async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
     stop = asyncio.Event()
     async with in_background(provider.send(range(1, SENDERS + 1), stop=stop)) as sending:
         # When both ingresses have accepted webhooks
-        await eventually(
-            lambda: len(provider.ledger) >= 300, timeout=TRAFFIC_SECONDS, what="300 accepted"
-        )
+        await accepted(provider, 300)
         assert min(await balanced.accepted()) > 0
         # and one of them is killed (-9) with requests in flight
         in_flight = provider.in_flight
@@ -377,11 +382,7 @@ async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
         await victim.process.kill()
         accepted_at_kill = len(provider.ledger)
         # and 300 more webhooks are sent
-        await eventually(
-            lambda: len(provider.ledger) >= accepted_at_kill + 300,
-            timeout=TRAFFIC_SECONDS,
-            what="300 more accepted",
-        )
+        await accepted(provider, accepted_at_kill + 300)
         stop.set()
         await asyncio.wait_for(sending, TRAFFIC_SECONDS)  # the last of each invoice, accepted
 
@@ -423,9 +424,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
     provider = EnvoiceSender(balanced.webhook_url, balanced.source, **PROVIDER)
     stop = asyncio.Event()
     async with in_background(provider.send(range(1, SENDERS + 1), stop=stop)) as sending:
-        await eventually(
-            lambda: len(provider.ledger) >= 300, timeout=TRAFFIC_SECONDS, what="300 accepted"
-        )
+        await accepted(provider, 300)
         assert min(await balanced.accepted()) > 0
         # and a webhook in flight at one ingress, sent to it directly: its handler is waiting
         # for the body
@@ -457,11 +456,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
         # and nginx sends the next 300 webhooks to the other ingress
         other_before = await other.accepted()
         accepted_at_exit = len(provider.ledger)
-        await eventually(
-            lambda: len(provider.ledger) >= accepted_at_exit + 300,
-            timeout=TRAFFIC_SECONDS,
-            what="300 more accepted",
-        )
+        await accepted(provider, accepted_at_exit + 300)
         stop.set()
         await asyncio.wait_for(sending, TRAFFIC_SECONDS)
     assert await other.accepted() - other_before >= 300

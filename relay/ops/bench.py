@@ -43,7 +43,7 @@ from aiohttp import web
 
 from relay import topology
 from relay.broker import connect
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, OptionError, RelayError
 from relay.providers import PROVIDERS, Request
 from relay.settings import HandlerSettings, Settings, SourceSettings
 from relay.worker import Worker
@@ -186,7 +186,7 @@ class Target:
     def from_url(cls, url: str) -> Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--url: expected an http:// or https:// URL, got {url!r}")
+            raise OptionError(f"--url: expected an http:// or https:// URL, got {url!r}")
         tls = ssl.create_default_context() if parts.scheme == "https" else None
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         port = parts.port or (443 if tls else 80)

@@ -25,6 +25,7 @@ class Management:
     def __init__(self, broker: BrokerSettings) -> None:
         self._bases = broker.management_bases  # a cluster's nodes: the first that answers
         self._base = self._bases[0]
+        self._vhost_name = broker.vhost
         self._vhost = quote(broker.vhost, safe="")
         user, password = broker.credentials
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -35,6 +36,13 @@ class Management:
         self._session = aiohttp.ClientSession(
             headers=self._headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
         )
+        # The API lists nothing for a vhost that does not exist, as for an empty one: ask first.
+        if await self._get(f"vhosts/{self._vhost}") is None:
+            await self._session.close()
+            raise BrokerUnavailable(
+                f"{self._base} refused vhost {self._vhost_name!r}: it does not exist, "
+                "or the user may not use it"
+            )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

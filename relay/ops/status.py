@@ -88,14 +88,9 @@ class Status:
 
 
 async def status(settings: Settings) -> Status:
-    # Connected first: the management API answers for a vhost that does not exist as for an
-    # empty one, while AMQP refuses it (BrokerUnavailable, saying so).
-    connection = await connect(settings.broker)
-    async with connection:
-        async with Management(settings.broker) as api:
-            queues = {q["name"]: q for q in await api.queues() if q["name"].startswith("relay.")}
-        found = topology.STATE_STREAM in queues
-        states = await latest_states(await connection.channel()) if found else {}
+    async with Management(settings.broker) as api:
+        queues = {q["name"]: q for q in await api.queues() if q["name"].startswith("relay.")}
+    states = await _states(settings) if topology.STATE_STREAM in queues else {}
     handlers = []
     for handler in settings.handlers:
         pattern = re.compile(rf"^{re.escape(handler.exchange)}\.(\d+)$")
@@ -129,6 +124,12 @@ def _figures(name: str, queue: dict[str, Any] | None) -> dict[str, Any]:
         "unacked": int(queue.get("messages_unacknowledged") or 0),
         "consumers": int(queue.get("consumers") or 0),
     }
+
+
+async def _states(settings: Settings) -> dict[str, dict[str, Any]]:
+    connection = await connect(settings.broker)
+    async with connection:
+        return await latest_states(await connection.channel())
 
 
 async def latest_states(
