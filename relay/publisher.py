@@ -70,6 +70,13 @@ class Publisher:
                 await self._task
 
     async def _session(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
+        """Create what is missing of the topology (the configured handlers' among it) before
+        the first publish: the ingress is ready only then. Then publish until the connection
+        is lost."""
+        async with connection.channel(publisher_confirms=True, on_return_raises=True) as channel:
+            await topology.create_missing(
+                connection, channel, self._settings, self._settings.handlers, by="ingress"
+            )
         while not lost.is_set():
             await self._on_channel(connection, lost)
 
@@ -79,7 +86,6 @@ class Publisher:
         renew = self._renew = asyncio.Event()
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         channel.close_callbacks.add(lambda *_: None if renew.is_set() else lost.set())
-        await topology.declare(channel, topology.ingress(self._settings))
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         frame_max = underlay.max_content_size + amqp.FRAME_OVERHEAD
         self._frames = amqp.Publish(underlay.number, frame_max, self._settings.broker.exchange)

@@ -16,13 +16,19 @@ restart and may move keys: rabbitmq-server #3386).
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractChannel
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relay import wire
+from relay.broker import exchange_exists, queue_exists
 from relay.settings import HandlerSettings, Settings
+
+log = structlog.get_logger()
 
 UNROUTED = "relay.unrouted"
 STATE_STREAM = "relay.state"
@@ -92,13 +98,15 @@ def bucket_binding(handler: HandlerSettings, bucket: int, partitions: int) -> Bi
 
 def handler(settings: Settings, handler: HandlerSettings) -> Topology:
     """A handler's exchange, bound to the main exchange by its patterns; its partitions, each
-    bound to the buckets it owns; its dead-letter queue."""
+    bound to the buckets it owns; its dead-letter queue. The bindings are listed bottom-up
+    (every bucket's, then the patterns): declared in this order, a webhook that matches a
+    pattern always finds its partition, so a declaration never refuses traffic."""
     return Topology(
         [Exchange(handler.exchange, "headers")],
         [Queue(q, PARTITION) for q in handler.queues] + [Queue(handler.dead_letter_queue, QUORUM)],
-        [Binding(settings.broker.exchange, handler.exchange, "exchange", pattern)
-         for pattern in handler.bindings]
-        + [bucket_binding(handler, b, handler.partitions) for b in range(wire.BUCKETS)],
+        [bucket_binding(handler, b, handler.partitions) for b in range(wire.BUCKETS)]
+        + [Binding(settings.broker.exchange, handler.exchange, "exchange", pattern)
+           for pattern in handler.bindings],
     )  # fmt: skip
 
 
@@ -111,17 +119,54 @@ def describe(settings: Settings) -> Topology:
 
 
 async def declare(channel: AbstractChannel, topology: Topology) -> None:
-    """Declare idempotently; an object that exists with other arguments raises."""
-    for ex in topology.exchanges:
-        await channel.declare_exchange(ex.name, ex.type, durable=True, arguments=ex.arguments)
+    """Declare idempotently, queues first and bindings last in their order; an object that
+    exists with other arguments raises."""
     for q in topology.queues:
         await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+    for ex in topology.exchanges:
+        await channel.declare_exchange(ex.name, ex.type, durable=True, arguments=ex.arguments)
     raw = await channel.get_underlay_channel()
     for b in topology.bindings:
         if b.destination_type == "queue":
             await raw.queue_bind(b.destination, b.source, b.routing_key, arguments=b.arguments)
         else:
             await raw.exchange_bind(b.destination, b.source, b.routing_key, arguments=b.arguments)
+
+
+async def create_missing(
+    connection: AbstractConnection,
+    channel: AbstractChannel,
+    settings: Settings,
+    handlers: Iterable[HandlerSettings],
+    *,
+    by: str,
+) -> list[HandlerSettings]:
+    """Create what is missing, never changing what exists: the main exchange, relay.unrouted
+    and relay.state, then the topology of each of `handlers` whose exchange does not exist yet
+    (with a layout record, which workers follow). The ingress and the workers both do this at
+    start, so a configured handler's webhooks reach its partitions before any worker has run.
+    An existing handler is left as it is: only `relay topology declare` changes one, so a
+    process of an older config restarting during a rolling change never undoes it.
+
+    A handler's exchange is declared after its queues, and its patterns are bound last: it
+    exists only once its partitions do. `channel` must be in confirm mode. Returns the handlers
+    whose topology was created."""
+    await declare(channel, ingress(settings) + state())
+    created = []
+    for h in handlers:
+        if await exchange_exists(connection, h.exchange):
+            if not await queue_exists(connection, h.dead_letter_queue):
+                # One of an older relay is classic: `relay topology declare` converts it.
+                await declare(channel, Topology(queues=[Queue(h.dead_letter_queue, QUORUM)]))
+            continue
+        await declare(channel, handler(settings, h))
+        layout = wire.layout_record(
+            handler=h.name, partitions=h.partitions, change=uuid.uuid4().hex[:12]
+        )
+        await channel.default_exchange.publish(layout, STATE_STREAM, mandatory=True)
+        log.info("handler topology declared", handler=h.name, partitions=h.partitions, by=by)
+        created.append(h)
+    return created
 
 
 async def unbind(channel: AbstractChannel, binding: Binding) -> None:

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 
@@ -31,9 +32,10 @@ from tests.processes import (
     RelayProcess,
     free_port,
     http_deliveries,
+    ingress_ready,
     write_config,
 )
-from tests.support import eventually, run_relay, toml
+from tests.support import eventually, queue_depth, run_relay, toml
 
 # --- the plan, without a broker -----------------------------------------------------------------
 
@@ -240,6 +242,120 @@ async def test_an_ingress_without_the_handler_feeds_a_handler_added_later(
     assert tally.accepted == 10
     assert tally.ok, tally
     assert tally.duplicates == 0
+
+
+async def unrouted_depth(config: Config) -> int:
+    connection = await aio_pika.connect(config.settings.broker.url)
+    async with connection:
+        return await queue_depth(await connection.channel(), topology.UNROUTED)
+
+
+async def partitions_depth(config: Config) -> int:
+    connection = await aio_pika.connect(config.settings.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        return sum([await queue_depth(channel, q) for q in config.settings.handlers[0].queues])
+
+
+def test_a_handlers_bindings_are_declared_bottom_up() -> None:
+    settings = settings_with(partitions=4)
+
+    bindings = topology.handler(settings, settings.handlers[0]).bindings
+
+    # every bucket finds its partition before the first pattern routes anything to them
+    patterns = [n for n, b in enumerate(bindings) if b.destination_type == "exchange"]
+    buckets = [n for n, b in enumerate(bindings) if wire.BUCKET_HEADER in b.arguments]
+    assert len(buckets) == wire.BUCKETS
+    assert patterns
+    assert max(buckets) < min(patterns)
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(180)
+async def test_webhooks_accepted_before_the_first_worker_reach_it_in_order(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given an ingress with the handler in its config, and no worker ever started
+        config = relay.config(handler_config(http_handler.url, partitions=4))
+        unrouted = await unrouted_depth(config)
+        ingress = await relay.run("ingress", config=config)
+        await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
+
+        # When it accepts 600 webhooks over 60 invoices
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send(range(1, 61), each=10), 90)
+        # Then they wait in the handler's partitions, none in relay.unrouted
+        assert sender.refused == 0
+
+        async def all_in_partitions() -> bool:
+            return await partitions_depth(config) == 600
+
+        await eventually(all_in_partitions, timeout=10, what="600 in the partitions")
+        assert await unrouted_depth(config) == unrouted
+
+        # and a worker started afterwards delivers all 600, each invoice in order
+        await relay.worker(config)
+        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=60)
+    assert tally.accepted == 600
+    assert tally.ok, tally
+    assert tally.duplicates == 0
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(180)
+async def test_webhooks_accepted_while_the_worker_crash_loops_are_delivered_once_it_runs(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given an ingress with the handler, and workers whose config has a bad URL scheme
+        config = relay.config(handler_config(http_handler.url, partitions=4))
+        broken = Config(tmp_path / "broken.toml", config.settings)  # what the worker is given
+        broken.path.write_text(config.path.read_text().replace(http_handler.url, "ftp://x/"))
+        await relay.run("ingress", config=config)
+        sender = EnvoiceSender.to(config)
+        sending = asyncio.create_task(sender.send(range(1, 61), each=10))
+        # When the worker crash-loops meanwhile (it exits 2 at start, and is started again)
+        for _ in range(3):
+            crashed = await relay.run("worker", config=broken)
+            assert await crashed.exit_code() == 2
+        await asyncio.wait_for(sending, 90)
+        # and is then restarted with its URL fixed
+        await relay.worker(config)
+
+        # Then all 600 webhooks reach the handler, each invoice in order, none via relay.unrouted
+        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=60)
+    assert tally.accepted == 600
+    assert tally.ok, tally
+    assert tally.duplicates == 0
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_a_worker_declaring_a_new_handler_under_traffic_refuses_nothing(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given an ingress without the handler, taking a steady stream of webhooks
+        ingress_config = relay.config()
+        exchange = ingress_config.settings.broker.exchange
+        ingress = await relay.run("ingress", config=ingress_config)
+        await eventually(lambda: ingress_ready(ingress, ingress_config), timeout=30, what="ready")
+        sender = EnvoiceSender.to(ingress_config)
+        stop = asyncio.Event()
+        sending = asyncio.create_task(sender.send(range(1, 21), stop=stop))
+        # When a worker declares a new handler of those webhooks meanwhile
+        worker_config = shared_exchange(
+            relay, handler_config(http_handler.url, partitions=8), exchange=exchange
+        )
+        await relay.worker(worker_config)
+        await eventually(lambda: len(list(http_deliveries(http_handler))) >= 100, timeout=30,
+                         what="deliveries after the declaration")  # fmt: skip
+        stop.set()
+        await asyncio.wait_for(sending, 30)
+
+    # Then every webhook was accepted: no answer said "no queue is bound for it"
+    assert sender.refused == 0, sender.answers
 
 
 @pytest.mark.rabbit

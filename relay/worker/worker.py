@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import aio_pika
 import aiohttp
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from relay import metrics, topology, wire
-from relay.broker import BROKER_ERRORS, exchange_exists, keep_connected, queue_exists, until_set
+from relay.broker import BROKER_ERRORS, keep_connected, queue_exists, until_set
 from relay.settings import Settings
 from relay.worker.delivery import CallTarget, HttpTarget, Target
 from relay.worker.handler import HandlerDeliveries
@@ -92,7 +91,9 @@ class Worker:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 await publisher.default_exchange.publish(message, queue, mandatory=True)
 
-        await self._declare(connection, publisher, publish)
+        await topology.create_missing(
+            connection, publisher, self._settings, self._handlers, by="worker"
+        )
         for deliveries in self._deliveries.values():
             deliveries.start(publish)
         consuming: dict[str, asyncio.Future[None]] = {}
@@ -168,32 +169,6 @@ class Worker:
         deliveries.partitions.append(partition)
         self._partitions.append(partition)
         return partition
-
-    async def _declare(
-        self,
-        connection: AbstractConnection,
-        channel: AbstractChannel,
-        publish: Callable[[aio_pika.Message, str], Awaitable[None]],
-    ) -> None:
-        """Declare the exchange and the state stream, and the topology of each handler that has
-        none yet. An existing handler's bindings and partitions are left as they are: only
-        `relay topology declare` changes them, so workers of an older config restarting
-        during a rolling change never undo it."""
-        await topology.declare(channel, topology.ingress(self._settings) + topology.state())
-        for handler in self._handlers:
-            if await exchange_exists(connection, handler.exchange):
-                if not await queue_exists(connection, handler.dead_letter_queue):
-                    # One of an older relay is classic: `relay topology declare` converts it.
-                    dead_letters = topology.Queue(handler.dead_letter_queue, topology.QUORUM)
-                    await topology.declare(channel, topology.Topology(queues=[dead_letters]))
-                continue
-            await topology.declare(channel, topology.handler(self._settings, handler))
-            layout = wire.layout_record(
-                handler=handler.name, partitions=handler.partitions, change=uuid.uuid4().hex[:12]
-            )
-            await publish(layout, topology.STATE_STREAM)
-            log.info("handler topology declared", handler=handler.name,
-                     partitions=handler.partitions)  # fmt: skip
 
     async def _watch_depths(self, connection: AbstractConnection, over: asyncio.Event) -> None:
         """Keeps the queue depth gauge current for this worker's queues (best effort)."""
