@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from relay import topology, wire
+from relay.broker import exchange_exists
 from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
 from relay.ops.management import Management
@@ -424,6 +425,30 @@ async def test_topology_declare_dry_run_prints_the_plan_and_changes_nothing(
         assert again.stdout.strip().endswith("is as the config says")  # nothing was touched
     finally:
         await delete_topology(load_config(four))
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_topology_declare_runs_take_turns(tmp_path: Path) -> None:
+    async with Relay(tmp_path) as relay:
+        config = relay.config(handler_config("http://127.0.0.1:9/", partitions=2))
+        handler = config.settings.handlers[0]
+        turn = f"relay.declaring.{config.settings.broker.exchange}"
+        connection = await aio_pika.connect(config.settings.broker.url)
+        async with connection:
+            # Given another run holding the turn (as `relay topology declare` holds it)
+            channel = await connection.channel()
+            await channel.declare_queue(turn, exclusive=True, auto_delete=True)
+            # When a second run starts
+            second = await relay.run("topology", "declare", config=config)
+            await eventually(lambda: "waiting for another" in second.output(), timeout=30,
+                             what="the second run waiting")  # fmt: skip
+            # Then it changes nothing until the first is over
+            assert not await exchange_exists(connection, handler.exchange)
+        assert await second.exit_code() == 0, second.output()
+        connection = await aio_pika.connect(config.settings.broker.url)
+        async with connection:
+            assert await exchange_exists(connection, handler.exchange)
 
 
 @pytest.mark.rabbit

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aio_pika
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.exceptions import ChannelPreconditionFailed
+from aiormq.exceptions import ChannelLockedResource, ChannelPreconditionFailed
 
 from relay import topology, wire
 from relay.broker import connect
@@ -31,6 +32,8 @@ from relay.errors import RelayError
 from relay.ops.management import Management
 from relay.settings import Settings
 from relay.topology import Binding, Topology
+
+log = structlog.get_logger()
 
 LEGACY_HEADER = re.compile(r"^relay-p\d+$")  # partition headers of relay before buckets
 # Between removing a bucket's old binding and putting FENCE into its old partition: a message
@@ -393,29 +396,65 @@ async def _publish(channel: AbstractChannel, message: aio_pika.Message, queue: s
 
 
 async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[str]:
-    """Plan, print-ready, and (unless `dry_run`) apply; the lines describing the changes."""
+    """Plan, print-ready, and (unless `dry_run`) apply; the lines describing the changes.
+
+    Runs that apply take turns (`_turn`): two at once (a rollout's init containers) would each
+    move the same buckets with markers of their own."""
     desired = topology.describe(settings)
+    if dry_run:
+        return describe(await _plan(settings, desired), prune=prune)
+    connection = await connect(settings.broker)
+    async with connection:
+        await _turn(connection, settings.broker.exchange)
+        changes = await _plan(settings, desired)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            # The management API's consumer counts lag by seconds: count them on the channel.
+            checked = [
+                replace(c, busy=await _consumers(channel, c.partitions)) for c in changes.convert
+            ]
+            changes = replace(changes, convert=checked)
+            await apply(channel, desired, changes, prune=prune)
+            for conversion in changes.convert:
+                if not conversion.busy:
+                    await convert(connection, conversion)
+        except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
+            raise RelayError(f"the broker refused a change: {exc}") from None
+    return describe(changes, prune=prune)
+
+
+async def _plan(settings: Settings, desired: Topology) -> Plan:
     async with Management(settings.broker) as api:
         broker = await read(api, desired, settings.broker.exchange)
-    changes = plan(desired, broker, settings.broker.exchange, uuid.uuid4().hex[:12])
-    if not dry_run:
-        connection = await connect(settings.broker)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            try:
-                # The management API's consumer counts lag by seconds: count them on the channel.
-                checked = [
-                    replace(c, busy=await _consumers(channel, c.partitions))
-                    for c in changes.convert
-                ]
-                changes = replace(changes, convert=checked)
-                await apply(channel, desired, changes, prune=prune)
-                for conversion in changes.convert:
-                    if not conversion.busy:
-                        await convert(connection, conversion)
-            except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
-                raise RelayError(f"the broker refused a change: {exc}") from None
-    return describe(changes, prune=prune)
+    return plan(desired, broker, settings.broker.exchange, uuid.uuid4().hex[:12])
+
+
+TURN_SECONDS = 120.0  # how long a run waits for another to finish
+TURN_POLL_SECONDS = 0.5
+
+
+async def _turn(connection: AbstractConnection, exchange: str) -> None:
+    """Wait until no other run applies changes to this deployment, then hold the turn while
+    `connection` lasts: an exclusive queue, which one connection at a time can have (the broker
+    deletes it when the connection closes, or its node goes)."""
+    name = f"relay.declaring.{exchange}"
+    deadline = asyncio.get_running_loop().time() + TURN_SECONDS
+    waiting = False
+    while True:
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(name, exclusive=True, auto_delete=True)
+            return
+        except ChannelLockedResource:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RelayError(
+                    f"another `relay topology declare` has held {name} for over "
+                    f"{TURN_SECONDS:.0f} s"
+                ) from None
+            if not waiting:
+                log.info("waiting for another `relay topology declare` to finish", lock=name)
+                waiting = True
+            await asyncio.sleep(TURN_POLL_SECONDS)
 
 
 def export(settings: Settings) -> dict[str, Any]:
