@@ -2,9 +2,10 @@
 
 Compose resolves deploy/compose.yaml; kubernetes-validate checks deploy/k8s against the
 Kubernetes schemas (and kubectl's kustomize renders the whole set, where kubectl is installed);
-the production relay.toml loads with relay's own loader and agrees with the manifests; promtool
-checks the alerting rules and shows that each alert fires on the series it is meant for; every
-dashboard panel queries series relay exports; every alert's runbook_url has its section in
+the production relay.toml loads with relay's own loader and agrees with the manifests; in both,
+`relay topology declare` completes before any ingress or worker starts; promtool checks the
+alerting rules and shows that each alert fires on the series it is meant for; every dashboard
+panel queries series relay exports; every alert's runbook_url has its section in
 deploy/RUNBOOK.md; nginx accepts deploy/nginx.conf; the Dockerfile's sources are in the build
 context. Tools: the apt packages docker-compose, prometheus (promtool) and nginx, the pip package
 kubernetes-validate (deploy/README.md, "Validating these files").
@@ -81,6 +82,10 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return dict(only)
 
 
+def init_containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(deployment["spec"]["template"]["spec"].get("initContainers", []))
+
+
 def compose_command() -> list[str]:
     docker = shutil.which("docker")
     if docker and run([docker, "compose", "version"]).returncode == 0:
@@ -92,6 +97,15 @@ def compose_command() -> list[str]:
         f"neither `docker compose` nor `docker-compose` is installed: {APT} docker-compose "
         "(Debian's; --no-install-recommends keeps the Docker engine out), or Docker's plugin"
     )
+
+
+def compose_services() -> dict[str, Any]:
+    """deploy/compose.yaml as compose resolves it: the services, anchors and merges applied."""
+    compose = [*compose_command(), "-p", "relay", "--env-file", "deploy/rabbitmq.env"]
+    done = run([*compose, "-f", "deploy/compose.yaml", "config"])
+    assert done.returncode == 0, done.stderr
+    [resolved] = parse_yaml(done.stdout)
+    return dict(resolved["services"])
 
 
 def kubernetes_validate(*arguments: str, stdin: str | None = None) -> str:
@@ -163,20 +177,44 @@ def promtool_check(rules: dict[str, Any], tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_compose_file_resolves() -> None:
-    compose = [*compose_command(), "-p", "relay", "--env-file", "deploy/rabbitmq.env"]
+    services = compose_services()
 
-    done = run([*compose, "-f", "deploy/compose.yaml", "config"])
-
-    assert done.returncode == 0, done.stderr
-    [resolved] = parse_yaml(done.stdout)
-    services = resolved["services"]
-    assert set(services) == {"rabbitmq", "ingress-1", "ingress-2", "worker", "nginx"}
+    assert set(services) == {"rabbitmq", "topology", "ingress-1", "ingress-2", "worker", "nginx"}
     for name in ("ingress-1", "ingress-2"):
         assert services[name]["command"] == ["ingress", "--host", ANY_ADDRESS]
         assert services[name]["environment"]["RELAY_AMQP_URL"].endswith("@rabbitmq:5672/")
         assert "ENVOICE_API_SECRET" in services[name]["environment"]
     assert services["worker"]["command"] == ["worker"]
     assert services["worker"]["deploy"]["replicas"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_compose_declares_topology_before_ingress_and_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A one-shot service runs `relay topology declare` as the relay services are configured,
+    after RabbitMQ is healthy; the ingress and the workers wait for it to exit 0."""
+    services = compose_services()
+    declaring = [n for n, s in services.items() if s.get("command") == ["topology", "declare"]]
+
+    assert declaring == ["topology"]
+    topology = services["topology"]
+    for name in ("ingress-1", "ingress-2", "worker"):
+        assert services[name]["depends_on"] == {
+            "rabbitmq": {"condition": "service_healthy"},
+            "topology": {"condition": "service_completed_successfully"},
+        }, name
+        for key in ("image", "environment", "volumes"):
+            assert topology.get(key) == services[name].get(key), (name, key)
+    assert topology["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    assert re.fullmatch(r"on-failure(:\d+)?", topology["restart"])  # not restarted once done
+    # The management API it reads (its mounted config, its AMQP URL): rabbitmq's port 15672.
+    [config_mount] = topology["volumes"]
+    assert config_mount == f"{ROOT / 'config'}:/etc/relay:ro"
+    assert topology["environment"]["RELAY_CONFIG"] == "/etc/relay/relay.toml"
+    monkeypatch.setenv("RELAY_AMQP_URL", topology["environment"]["RELAY_AMQP_URL"])
+    settings = load(ROOT / "config" / "relay.toml")
+    assert settings.broker.management_bases == ("http://rabbitmq:15672/",)
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -218,6 +256,10 @@ def test_kustomize_build_validates() -> None:
     assert "passed for resource configmap/relay-config-" in report
     objects = [d for d in parse_yaml(done.stdout) if d["kind"] != "Namespace"]
     assert {d["metadata"].get("namespace") for d in objects} == {"relay"}
+    deployments = [d for d in objects if d["kind"] == "Deployment"]
+    images = {c["image"] for d in deployments for c in [*init_containers(d), container(d)]}
+    assert len(deployments) == 2
+    assert images == {"registry.example.com/relay:0.1.0"}  # init containers' images too
 
 
 @pytest.mark.timeout(120)
@@ -255,6 +297,42 @@ def test_kubernetes_config_loads_and_matches_the_manifests(
     assert worker_grace >= max(h.timeout_seconds for h in settings.handlers) + 15
     assert objects["PodDisruptionBudget/relay-ingress"]["spec"]["minAvailable"] == 2
     assert objects["RabbitmqCluster/relay-rabbitmq"]["spec"]["replicas"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_kubernetes_pods_declare_topology_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ingress and worker pod runs `relay topology declare` to completion first, in an
+    init container with the main container's image, environment and config."""
+    objects = manifests()
+    relay_pods = {
+        key: deployment
+        for key, deployment in objects.items()
+        if key.startswith("Deployment/")
+        and container(deployment)["args"][0] in {"ingress", "worker"}
+    }
+    monkeypatch.delenv("RELAY_AMQP_URL", raising=False)  # relay.toml's host, as amqp-url's
+    for name in set(re.findall(r'"env:([A-Z_]+)"', (K8S / "relay.toml").read_text("utf-8"))):
+        monkeypatch.setenv(name, "whsec_dGVzdC1zZWNyZXQ=")
+    [kustomization] = read_yaml(K8S / "kustomization.yaml")
+
+    settings = load(K8S / "relay.toml")
+
+    assert set(relay_pods) == {"Deployment/relay-ingress", "Deployment/relay-worker"}
+    for key, deployment in relay_pods.items():
+        main = container(deployment)
+        [init] = init_containers(deployment)
+        assert init["args"] == ["topology", "declare"], key
+        assert "command" not in init, key  # the image's entrypoint, relay, as in main
+        assert "command" not in main, key
+        assert "restartPolicy" not in init, key  # a sidecar would never complete
+        for field in ("image", "env", "envFrom", "volumeMounts", "securityContext"):
+            assert init.get(field) == main.get(field), (key, field)
+        assert {"name": "RELAY_CONFIG", "value": "/etc/relay/relay.toml"} in init["env"], key
+    # The management API the init containers read: port 15672 of the AMQP host, which is the
+    # operator's Service for the RabbitmqCluster (AMQP 5672, management 15672, Prometheus 15692).
+    [cluster] = [key for key in objects if key.startswith("RabbitmqCluster/")]
+    service = f"{cluster.partition('/')[2]}.{kustomization['namespace']}.svc"
+    assert settings.broker.management_bases == (f"http://{service}:15672/",)
 
 
 # --- Prometheus and Grafana -------------------------------------------------------------------
