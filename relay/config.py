@@ -74,7 +74,7 @@ def _bindings(
             raise ConfigError(f"{key}[{i}]: {pattern!r} names no configured source")
         open_events = source is not None and not PROVIDERS[source.scheme].event_names(source)
         plain = all(w in ("*", "#") or ("*" not in w and "#" not in w) for w in words)
-        matches = [event for event in known if topic_matches(pattern, event)]
+        matches = [event for event in known if event_matches(pattern, event)]
         if plain:
             unknown_type = len(words) == 2 and re.fullmatch(r"type_\d+", words[1])
             if not (matches or unknown_type or open_events):
@@ -87,8 +87,9 @@ def _bindings(
     return tuple(dict.fromkeys(bindings))
 
 
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """RabbitMQ topic matching, with `*` also allowed inside a word (as a glob)."""
+def event_matches(pattern: str, routing_key: str) -> bool:
+    """Whether a handler's event pattern covers an event's routing key: topic matching (relay/
+    wire.py), with `*` also allowed inside a word, as a glob (expanded into bindings at start)."""
     return _words_match(pattern.split("."), routing_key.split("."))
 
 

@@ -8,6 +8,7 @@ letters and state records live nowhere else.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -41,7 +42,8 @@ EVENT_HEADER = "x-relay-event"
 KEY_HEADER = "x-relay-key"
 # The key's bucket. Not `x-...`: a headers exchange ignores binding arguments that start with x-.
 BUCKET_HEADER = "relay-bucket"
-REPLAYED_HEADER = "x-relay-replayed"  # set on a dead letter sent back by `relay dlq replay`
+REPLAYED_HEADER = "x-relay-replayed"  # on a message sent again: `relay dlq replay` (true), or a
+# replay or backfill from the archive (its id)
 
 # The HTTP header of a delivery to a handler: 1 on the first try.
 ATTEMPT_HTTP_HEADER = "x-relay-attempt"
@@ -105,6 +107,15 @@ def webhook_headers(event: Event) -> dict[str, str]:
     }
 
 
+def received_at(body: bytes, message: Properties) -> datetime:
+    """When relay accepted a webhook message: its envelope's received_at, else its timestamp."""
+    try:
+        return datetime.fromisoformat(orjson.loads(body)["received_at"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        stamped = message.timestamp or datetime.fromtimestamp(0, UTC)
+        return stamped if stamped.tzinfo else stamped.replace(tzinfo=UTC)
+
+
 def key_of(message: Properties) -> str:
     """The ordering key of a webhook message; its id if it has none (a message relay did not
     build, which then waits for no other)."""
@@ -146,6 +157,14 @@ def replayed(body: bytes, message: Properties) -> aio_pika.Message:
     headers.pop("x-delivery-count", None)  # the broker's, of the dead-letter queue (each list)
     headers.setdefault(BUCKET_HEADER, str(bucket(key_of(message))))
     return _copy(body, message, {**headers, REPLAYED_HEADER: True})
+
+
+def replayed_from_archive(body: bytes, message: Properties, replay: str) -> aio_pika.Message:
+    """An archived message as a replay sends it to one handler again: unchanged (its body, id
+    and timestamp keep the original acceptance time) but for REPLAYED_HEADER, the replay's id."""
+    headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-stream")}
+    headers.setdefault(BUCKET_HEADER, str(bucket(key_of(message))))
+    return _copy(body, message, {**headers, REPLAYED_HEADER: replay})
 
 
 def moved(body: bytes, message: Properties) -> aio_pika.Message:
@@ -247,6 +266,44 @@ def release_record(
     )  # fmt: skip
 
 
+def replay_record(
+    *,
+    handler: str,
+    replay: str,
+    since: str,
+    until: str | None,
+    keys: list[str],
+    events: list[str],
+    before: str,
+    fill: str,
+    after: str,
+) -> aio_pika.Message:
+    """A replay (or backfill) of archived messages to one handler begins (relay/replays.py).
+
+    Its changes: `before` is released once each partition has done the messages it held when
+    the replay's marker reached it; `fill` once the replay queue holds every archived message
+    of the replay (only then, and after `before`, does it deliver them); `after` once the replay
+    queue is done: the partitions then deliver what arrived after their marker."""
+    return _record(
+        {"kind": "replay", "handler": handler, "replay": replay, "since": since, "until": until,
+         "keys": keys, "events": events, "before": before, "fill": fill, "after": after}
+    )  # fmt: skip
+
+
+def marked_record(*, handler: str, replay: str) -> aio_pika.Message:
+    """The replay's markers are in every partition of its handler (its `at` counts)."""
+    return _record({"kind": "marked", "handler": handler, "replay": replay})
+
+
+def attempt_record(*, handler: str, replay: str, attempt: int, queue: str) -> aio_pika.Message:
+    """A filling of the replay's queue begins: workers consume `queue`, and no longer the
+    queues of earlier attempts (deleted: their messages were never delivered)."""
+    return _record(
+        {"kind": "attempt", "handler": handler, "replay": replay, "attempt": attempt,
+         "queue": queue}
+    )  # fmt: skip
+
+
 def _record(body: dict[str, Any]) -> aio_pika.Message:
     return aio_pika.Message(
         orjson.dumps({**body, "at": datetime.now(UTC).isoformat()}),
@@ -277,20 +334,36 @@ def read_record(body: bytes) -> dict[str, Any] | None:
 # their messages), FENCE_START and then FENCE into a partition losing buckets, around the
 # switch of bindings (when the FENCE has passed, the buckets are released).
 
+#
+# A replay from the archive (relay/replays.py) puts REPLAY into each of the handler's
+# partitions: a FENCE of its `before` change and a HOLD of its `after` change at one point of the
+# queue. Its replay queue starts with a HOLD of its `fill` change and ends with a FENCE of
+# `after` that lists the ids (`ids`) it delivered that may also be held in the partitions. CUT
+# goes into the archive: where a replay stops reading.
+
 MARKER_HEADER = "x-relay-marker"
-HOLD, FENCE_START, FENCE = "hold", "fence-start", "fence"
+HOLD, FENCE_START, FENCE, REPLAY, CUT = "hold", "fence-start", "fence", "replay", "cut"
 
 
 @dataclass(frozen=True, slots=True)
 class Marker:
-    kind: str  # HOLD | FENCE_START | FENCE
-    change: str
+    kind: str  # HOLD | FENCE_START | FENCE | REPLAY
+    change: str  # REPLAY: the change that holds what arrives after it
     buckets: frozenset[int]
+    before: str = ""  # REPLAY: the change fenced by what arrived before it
+    ids: frozenset[str] = frozenset()  # FENCE: messages delivered before it, held elsewhere
 
 
-def marker(kind: str, change: str, buckets: list[int]) -> aio_pika.Message:
+def marker(
+    kind: str, change: str, buckets: list[int], *, before: str = "", ids: Iterable[str] = ()
+) -> aio_pika.Message:
+    fields: dict[str, Any] = {"change": change, "buckets": sorted(buckets)}
+    if before:
+        fields["before"] = before
+    if ids:
+        fields["ids"] = sorted(ids)
     return aio_pika.Message(
-        orjson.dumps({"change": change, "buckets": sorted(buckets)}),
+        orjson.dumps(fields),
         headers={MARKER_HEADER: kind},
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -299,12 +372,52 @@ def marker(kind: str, change: str, buckets: list[int]) -> aio_pika.Message:
 
 
 def read_marker(headers: dict[str, Any], body: bytes) -> Marker | None:
-    """The marker a message is, or None if it is not one."""
+    """The marker a message is, or None if it is not one (nor a partition's: CUT)."""
     kind = headers.get(MARKER_HEADER)
-    if kind not in (HOLD, FENCE_START, FENCE):
+    if kind not in (HOLD, FENCE_START, FENCE, REPLAY):
         return None
     fields = orjson.loads(body)
-    return Marker(kind, str(fields["change"]), frozenset(int(b) for b in fields["buckets"]))
+    return Marker(
+        kind,
+        str(fields["change"]),
+        frozenset(int(b) for b in fields["buckets"]),
+        str(fields.get("before", "")),
+        frozenset(str(i) for i in fields.get("ids", ())),
+    )
+
+
+def cut(replay: str) -> aio_pika.Message:
+    """The end of what a replay reads of the archive."""
+    return aio_pika.Message(
+        b"{}",
+        headers={MARKER_HEADER: CUT},
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=f"cut:{replay}",
+    )
+
+
+def is_marker(message: Properties) -> bool:
+    return MARKER_HEADER in (message.headers or {})
+
+
+# --- routing ----------------------------------------------------------------------------------
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """Whether a topic binding `pattern` matches `routing_key`, as RabbitMQ decides: both split
+    into words on '.' (an empty string has none; an empty word is a word), `*` matches exactly
+    one word, `#` zero or more, any other word only itself."""
+    words = routing_key.split(".") if routing_key else []
+    ends = {0}  # how many words of the key the pattern's words so far can match
+    for word in pattern.split(".") if pattern else []:
+        if word == "#":
+            ends = set(range(min(ends), len(words) + 1))
+        else:
+            ends = {i + 1 for i in ends if i < len(words) and word in ("*", words[i])}
+        if not ends:
+            return False
+    return len(words) in ends
 
 
 def bucket_of(headers: dict[str, Any], key: str) -> int:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from relay.config import event_matches
 from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
-from relay.config import topic_matches
 from relay.errors import ConfigError
 from relay.secrets import Secret
 from relay.settings import BrokerSettings, Settings
@@ -608,8 +608,8 @@ def test_types_extension_adds_events_to_expansion() -> None:
         ("a?.c", "ab.c", False),
     ],
 )
-def test_topic_matches(pattern: str, routing_key: str, expected: bool) -> None:
-    assert topic_matches(pattern, routing_key) is expected
+def test_event_matches(pattern: str, routing_key: str, expected: bool) -> None:
+    assert event_matches(pattern, routing_key) is expected
 
 
 # --- the command line fails on a bad config ---------------------------------------------------
