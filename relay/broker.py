@@ -18,12 +18,13 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import (
     AMQPError,
+    ChannelLockedResource,
     ChannelNotFoundEntity,
     InvalidFrameError,
     ProbableAuthenticationError,
 )
 
-from relay.errors import BrokerUnavailable
+from relay.errors import BrokerUnavailable, RelayError
 from relay.settings import BrokerSettings, masked
 
 log = structlog.get_logger()
@@ -146,6 +147,45 @@ async def queue_exists(connection: AbstractConnection, name: str) -> bool:
         if not channel.is_closed:
             await channel.close()
     return True
+
+
+async def take_turn(connection: AbstractConnection, name: str) -> bool:
+    """Whether `connection` now holds the turn `name`: an exclusive queue, which one connection
+    at a time can have (the broker deletes it when that connection closes, or its node goes).
+    Only for turns: exclusive queues are classic queues, never replicated."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(name, exclusive=True, auto_delete=True)
+    except ChannelLockedResource:
+        return False
+    return True
+
+
+TURN_POLL_SECONDS = 0.5
+
+
+async def wait_for_turn(
+    connection: AbstractConnection, name: str, *, give_up_after: float, what: str
+) -> None:
+    """Take the turn `name`, waiting while another connection holds it (saying so once, as
+    `what`); RelayError after `give_up_after` seconds."""
+    deadline = asyncio.get_running_loop().time() + give_up_after
+    said = False
+    while not await take_turn(connection, name):
+        if asyncio.get_running_loop().time() > deadline:
+            raise RelayError(f"{what} has held {name} for over {give_up_after:.0f} s")
+        if not said:
+            log.info(f"waiting for {what} to finish", turn=name)
+            said = True
+        await asyncio.sleep(TURN_POLL_SECONDS)
+
+
+async def give_turn(connection: AbstractConnection, name: str) -> None:
+    """Let the turn `name` go before `connection` closes."""
+    with contextlib.suppress(*BROKER_ERRORS):
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.queue_delete(name)
+        await channel.close()
 
 
 async def _close(connection: AbstractConnection) -> None:

@@ -24,8 +24,9 @@ import structlog
 from relay import __version__, config, ingress, processes, wire
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, OptionError, RelayError
 from relay.logging import configure
-from relay.ops import bench, deadletters, status, topology
+from relay.ops import bench, deadletters, replay, status, topology
 from relay.ops.send import send
+from relay.replays import Replay
 from relay.secrets import resolve_secret
 from relay.settings import Settings, development_secrets_on_loopback_only
 from relay.worker import Worker
@@ -171,6 +172,24 @@ def _parser() -> argparse.ArgumentParser:
         "--prune", action="store_true", help="declare: also delete queues no longer used, if empty"
     )
 
+    again = command("replay", _replay, "Send a handler archived webhooks again, in key order.")
+    again.add_argument("--handler", required=True, help="handler name: no other handler sees them")
+    again.add_argument(
+        "--since",
+        required=True,
+        help="accepted at or after: RFC 3339, or back from now (90m, 2h, 7d)",
+    )
+    again.add_argument("--until", help="accepted at or before (as --since); default: now")
+    again.add_argument("--key", action="append", help="only this ordering key (repeatable)")
+    again.add_argument(
+        "--event",
+        action="append",
+        help="only routing keys matching this topic pattern (repeatable)",
+    )
+    again.add_argument(
+        "--dry-run", action="store_true", help="count what it would send, per event; change nothing"
+    )
+
     stat = command("status", _status, "Per handler: partitions, depth, consumers, state.")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -284,6 +303,27 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     return await bench.run(settings, args)
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    handler = settings.handler(args.handler)
+    now = datetime.now(UTC)
+    wanted = Replay.new(
+        handler.name,
+        replay.parse_time(args.since, now),
+        until=replay.parse_time(args.until, now) if args.until else None,
+        keys=tuple(args.key or ()),
+        events=tuple(args.event or ()),
+    )
+    done = await replay.replay(settings, handler, wanted, dry_run=args.dry_run)
+    for routing_key, count in sorted(done.queued.items()):
+        print(f"{count:>8}  {routing_key}")
+    total = done.queued.total()
+    if args.dry_run:
+        print(f"would replay {total} message(s) to {handler.name}")
+    else:
+        print(f"replay {done.replay}: queued {total} message(s) for {handler.name}")
+    return EXIT_OK
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:

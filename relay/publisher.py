@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractConnection
 from aiormq.abc import ChannelFrame
 from aiormq.exceptions import DeliveryError, PublishError
 
-from relay import amqp, topology, wire
+from relay import amqp, provision, wire
 from relay.broker import BROKER_ERRORS, keep_connected, until_set
 from relay.errors import BrokerUnavailable, Unroutable
 from relay.providers import Event
@@ -74,7 +74,7 @@ class Publisher:
         the first publish: the ingress is ready only then. Then publish until the connection
         is lost."""
         async with connection.channel(publisher_confirms=True, on_return_raises=True) as channel:
-            await topology.create_missing(
+            await provision.create_missing(
                 connection, channel, self._settings, self._settings.handlers, by="ingress"
             )
         while not lost.is_set():

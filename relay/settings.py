@@ -109,6 +109,9 @@ class HandlerSettings:
     backoff_initial_ms: int = 500
     backoff_max_ms: int = 60_000
     timeout_seconds: float = 10.0
+    # A new handler first receives what the archive holds of its events from this long before
+    # its topology was declared (relay/replays.py): "30d", "12h", "90m"
+    backfill: str | None = None
 
     def queue(self, partition: int) -> str:
         return f"relay.{self.name}.{partition}"
@@ -379,6 +382,7 @@ def _handler(t: _Table) -> HandlerSettings:
     t.only(
         "name", "events", "url", "call", "signing_secret", "partitions", "concurrency", "window",
         "max_rate", "max_attempts", "backoff_initial_ms", "backoff_max_ms", "timeout_seconds",
+        "backfill",
     )  # fmt: skip
     events = t.get("events", list)
     if not events or not all(isinstance(e, str) for e in events):
@@ -398,6 +402,9 @@ def _handler(t: _Table) -> HandlerSettings:
         except ConfigError as exc:
             raise ConfigError(f"{t.key('signing_secret')}: {exc}") from None
     initial = t.number("backoff_initial_ms", 500, minimum=1)
+    backfill = t.get("backfill", str, "")
+    if backfill and duration_seconds(backfill) is None:
+        raise ConfigError(f'{t.key("backfill")}: expected a duration such as "30d", "12h", "90m"')
     return HandlerSettings(
         name=t.name(),
         events=tuple(events),
@@ -412,7 +419,18 @@ def _handler(t: _Table) -> HandlerSettings:
         backoff_initial_ms=initial,
         backoff_max_ms=t.number("backoff_max_ms", max(60_000, initial), minimum=initial),
         timeout_seconds=t.number("timeout_seconds", 10.0, minimum=0.001, integer=False),
+        backfill=backfill or None,
     )
+
+
+DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def duration_seconds(text: str) -> int | None:
+    """Seconds in a duration such as "90m", "2h" or "7d" (s, m, h, d); None if it is not one."""
+    match = DURATION_RE.match(text.strip())
+    return int(match[1]) * DURATION_UNITS[match[2]] if match else None
 
 
 def _unique(items: tuple[Any, ...], attr: str, key: str) -> None:

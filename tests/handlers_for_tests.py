@@ -16,7 +16,7 @@ import asyncio
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +88,12 @@ class Request:
         parsed: dict[str, Any] = orjson.loads(self.body)
         return parsed
 
-    @property
-    def id(self) -> str:
-        return str(self.json["id"])
+    id: str = field(init=False)  # the envelope's, read once: tests poll these many times
+    key: str = field(init=False)
 
-    @property
-    def key(self) -> str:
-        return str(self.json["key"])
+    def __post_init__(self) -> None:
+        envelope = orjson.loads(self.body)
+        self.id, self.key = str(envelope["id"]), str(envelope["key"])
 
     @property
     def attempt(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.wire import FENCE, FENCE_START, HOLD, Marker
+from relay.wire import FENCE, FENCE_START, HOLD, REPLAY, Marker
 from relay.worker.changes import Changes
 
 
@@ -69,3 +69,54 @@ def test_a_fence_with_nothing_before_it_passes_at_once() -> None:
 
     assert passed is not None
     assert (passed.buckets, passed.duplicates, passed.tags) == (frozenset({5}), set(), [4])
+
+
+# --- replays ---------------------------------------------------------------------------------
+
+
+def replay_marker(*buckets: int) -> Marker:
+    return Marker(REPLAY, "r.after", frozenset(buckets), before="r.before")
+
+
+def test_a_replay_marker_fences_what_came_before_and_holds_what_comes_after() -> None:
+    changes: Changes[Item] = Changes()
+    waiting, elsewhere = Item(1, "a"), Item(2, "b")
+
+    acks, passed = changes.marker(replay_marker(1), 9, [waiting, elsewhere], never)
+
+    # the fence waits for the earlier message of its bucket, and acks no marker itself
+    assert (acks, passed) == ([], None)
+    [fence] = changes.done(waiting)
+    assert (fence.change, fence.buckets, fence.tags) == ("r.before", frozenset({1}), [])
+    # what arrives after it is held by the replay's `after` change
+    assert (changes.holder(1), changes.holder(2)) == ("r.after", None)
+    # and the marker is acked once, when `after` is released
+    assert changes.released("r.after", lambda c, b: c == "r.after") == [9]
+
+
+def test_a_replay_marker_with_nothing_before_it_fences_at_once() -> None:
+    changes: Changes[Item] = Changes()
+
+    acks, passed = changes.marker(replay_marker(3, 4), 9, [Item(5, "x")], never)
+
+    assert acks == []
+    assert passed is not None
+    assert (passed.change, passed.buckets) == ("r.before", frozenset({3, 4}))
+
+
+def test_a_replayed_marker_whose_replay_is_over_is_acked_at_once() -> None:
+    changes: Changes[Item] = Changes()
+
+    acks, _ = changes.marker(replay_marker(1), 9, [], lambda c, b: True)
+
+    assert acks == [9]
+
+
+def test_a_fence_names_the_ids_its_marker_lists_as_delivered_elsewhere() -> None:
+    changes: Changes[Item] = Changes()
+    fence_marker = Marker(FENCE, "r.after", frozenset({1}), ids=frozenset({"x", "y"}))
+
+    _, passed = changes.marker(fence_marker, 4, [], never)
+
+    assert passed is not None
+    assert passed.duplicates == {"x", "y"}

@@ -24,10 +24,10 @@ from typing import Any
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.exceptions import ChannelLockedResource, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from relay import topology, wire
-from relay.broker import connect
+from relay.broker import connect, wait_for_turn
 from relay.errors import RelayError
 from relay.ops.management import Management
 from relay.settings import Settings
@@ -39,6 +39,7 @@ LEGACY_HEADER = re.compile(r"^relay-p\d+$")  # partition headers of relay before
 # Between removing a bucket's old binding and putting FENCE into its old partition: a message
 # the broker routed just before the removal may still be on its way to that queue.
 ROUTING_SETTLE_SECONDS = 1.0
+TURN_SECONDS = 120.0  # how long a run waits for another to finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +406,11 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
         return describe(await _plan(settings, desired), prune=prune)
     connection = await connect(settings.broker)
     async with connection:
-        await _turn(connection, settings.broker.exchange)
+        turn, what = (
+            f"relay.declaring.{settings.broker.exchange}",
+            "another `relay topology declare`",
+        )
+        await wait_for_turn(connection, turn, give_up_after=TURN_SECONDS, what=what)
         changes = await _plan(settings, desired)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
@@ -427,34 +432,6 @@ async def _plan(settings: Settings, desired: Topology) -> Plan:
     async with Management(settings.broker) as api:
         broker = await read(api, desired, settings.broker.exchange)
     return plan(desired, broker, settings.broker.exchange, uuid.uuid4().hex[:12])
-
-
-TURN_SECONDS = 120.0  # how long a run waits for another to finish
-TURN_POLL_SECONDS = 0.5
-
-
-async def _turn(connection: AbstractConnection, exchange: str) -> None:
-    """Wait until no other run applies changes to this deployment, then hold the turn while
-    `connection` lasts: an exclusive queue, which one connection at a time can have (the broker
-    deletes it when the connection closes, or its node goes)."""
-    name = f"relay.declaring.{exchange}"
-    deadline = asyncio.get_running_loop().time() + TURN_SECONDS
-    waiting = False
-    while True:
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            await channel.declare_queue(name, exclusive=True, auto_delete=True)
-            return
-        except ChannelLockedResource:
-            if asyncio.get_running_loop().time() > deadline:
-                raise RelayError(
-                    f"another `relay topology declare` has held {name} for over "
-                    f"{TURN_SECONDS:.0f} s"
-                ) from None
-            if not waiting:
-                log.info("waiting for another `relay topology declare` to finish", lock=name)
-                waiting = True
-            await asyncio.sleep(TURN_POLL_SECONDS)
 
 
 def export(settings: Settings) -> dict[str, Any]:

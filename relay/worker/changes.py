@@ -7,6 +7,10 @@ of bindings and FENCE after it. A FENCE passes once every earlier message of its
 its final outcome: then the old partition releases the buckets (a record in relay.state), and
 the new one delivers what it held, skipping the messages that were routed to both partitions
 while the bindings were switched (those seen between FENCE_START and FENCE: the duplicates).
+
+A replay from the archive uses the same two halves at one point of a partition: REPLAY fences
+what came before it (change `before`) and holds what comes after it (change `after`); the
+replay queue's closing FENCE names the ids it delivered that the partitions may also hold.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from relay.wire import FENCE, FENCE_START, HOLD, Marker
+from relay.wire import FENCE, FENCE_START, HOLD, REPLAY, Marker
 
 
 class InWindow(Protocol):
@@ -74,25 +78,42 @@ class Changes(Generic[T]):
     ) -> tuple[list[int], Fence[T] | None]:
         """Take in a marker: the marker tags to ack now, and a fence that passed at once."""
         if marker.kind == HOLD:
-            for bucket in marker.buckets:
-                self._holds[bucket] = marker.change
-            if all(released(marker.change, b) for b in marker.buckets):
-                return [tag], None
-            self._hold_markers.append((marker, tag))
-        elif marker.kind == FENCE_START:
+            return self._hold(marker, tag, released), None
+        if marker.kind == FENCE_START:
             self._collecting[marker.change] = (marker.buckets, set(), tag)
-        elif marker.kind == FENCE:
-            buckets, seen, start = self._collecting.pop(
-                marker.change, (marker.buckets, set(), None)
-            )
-            waiting = {item for item in window if item.bucket in buckets}
-            fence = Fence(marker.change, buckets, waiting, seen, [tag])
-            if start is not None:
-                fence.tags.insert(0, start)
-            if not waiting:
-                return [], fence
-            self._fences.append(fence)
+            return [], None
+        if marker.kind == FENCE:
+            return [], self._fence(marker.change, marker.buckets, marker.ids, window, tag)
+        if marker.kind == REPLAY:  # its tag is acked once, with its hold
+            passed = self._fence(marker.before, marker.buckets, frozenset(), window, None)
+            return self._hold(marker, tag, released), passed
         return [], None
+
+    def _hold(self, marker: Marker, tag: int, released: Callable[[str, int], bool]) -> list[int]:
+        for bucket in marker.buckets:
+            self._holds[bucket] = marker.change
+        if all(released(marker.change, b) for b in marker.buckets):
+            return [tag]
+        self._hold_markers.append((marker, tag))
+        return []
+
+    def _fence(
+        self,
+        change: str,
+        buckets: frozenset[int],
+        ids: frozenset[str],
+        window: Iterable[T],
+        tag: int | None,
+    ) -> Fence[T] | None:
+        """A fence of what came before it: returned if it passes at once, else kept."""
+        buckets, seen, start = self._collecting.pop(change, (buckets, set(), None))
+        waiting = {item for item in window if item.bucket in buckets}
+        tags = [t for t in (start, tag) if t is not None]
+        fence = Fence(change, buckets, waiting, seen | ids, tags)
+        if not waiting:
+            return fence
+        self._fences.append(fence)
+        return None
 
     def done(self, item: T) -> list[Fence[T]]:
         """`item` has its final outcome: the fences that pass now."""

@@ -52,6 +52,7 @@ class HandlerDeliveries:
         self._halted = False
         # Partition changes released so far: change -> (buckets, duplicates), from relay.state.
         self._releases: dict[str, tuple[set[int], set[str]]] = {}
+        self._requires: dict[str, str] = {}  # a replay's fill -> its before: released together
         self._publish: Publish | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._log = log.bind(handler=handler.name)
@@ -91,22 +92,31 @@ class HandlerDeliveries:
             self.policy.retrying(-1)
 
     def released(self, change: str, bucket: int) -> frozenset[str] | None:
-        """If `change` released `bucket`: the ids it delivered from the old partition."""
+        """If `change` released `bucket`: the ids it delivered from elsewhere."""
         release = self._releases.get(change)
         if release is None or bucket not in release[0]:
+            return None
+        required = self._requires.get(change)
+        if required is not None and self.released(required, bucket) is None:
             return None
         return frozenset(release[1])
 
     def is_released(self, change: str, bucket: int) -> bool:
         return self.released(change, bucket) is not None
 
+    def require(self, change: str, required: str) -> None:
+        """`change` counts as released for a bucket only once `required` has released it too."""
+        self._requires[change] = required
+
     async def release(self, change: str, buckets: list[int], duplicates: list[str]) -> None:
         """A release record: `change` released `buckets` (in relay.state, from any worker)."""
         known, ids = self._releases.setdefault(change, (set(), set()))
         known.update(buckets)
         ids.update(duplicates)
-        for partition in self.partitions:
-            await partition.released(change, frozenset(buckets))
+        waiting = [change, *(c for c, required in self._requires.items() if required == change)]
+        for partition in list(self.partitions):
+            for each in waiting:
+                await partition.released(each, frozenset(buckets))
 
     async def record(self, message: aio_pika.Message) -> None:
         """Append a record to relay.state, confirmed."""

@@ -76,6 +76,8 @@ class Partition:
     handler: HandlerSettings
     index: int
     deliveries: HandlerDeliveries
+    replay_queue: str = ""  # set: a replay's queue (relay/replays.py), not partition `index`
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: consumed no more
     generation: int = 0
     active: bool = False  # has had deliveries on its current channel
     in_flight: int = 0
@@ -88,7 +90,7 @@ class Partition:
 
     @property
     def queue(self) -> str:
-        return self.handler.queue(self.index)
+        return self.replay_queue or self.handler.queue(self.index)
 
     async def consume(self, connection: AbstractConnection, over: asyncio.Event) -> None:
         """Deliver until `over` is set or the broker closes the channel; what is unacked then
@@ -107,7 +109,7 @@ class Partition:
         try:
             await self._channel.basic_qos(prefetch_count=self.handler.window)
             await self._channel.basic_consume(self.queue, self._receive)
-            await until_set(closed.wait(), over)
+            await until_set(closed.wait(), over, self.ended)
             if not closed.is_set():  # stopping: nothing new starts, what is in flight finishes
                 # The consumer stays: cancelling it would hand the queue (single active
                 # consumer) to a standby while this channel still holds unacked messages, and
@@ -119,7 +121,7 @@ class Partition:
             self._forget_window()
             await self._drained()  # a delivery of the old channel must not overlap its copy
             await _close(channel)
-        if closed.is_set() and not over.is_set():
+        if closed.is_set() and not over.is_set() and not self.ended.is_set():
             raise ConnectionError(f"channel closed by the broker: {why[0]!r}")
 
     async def _receive(self, message: DeliveredMessage) -> None:
@@ -153,15 +155,15 @@ class Partition:
 
     async def _next_of_key(self, delivery: Delivery) -> None:
         """`delivery` is its key's head: deliver it, unless a partition change holds it (or
-        made it a duplicate, delivered from its old partition)."""
+        made it a duplicate: delivered from its old partition, or by a replay)."""
         if delivery.held_by is not None:
             duplicates = self.deliveries.released(delivery.held_by, delivery.bucket)
             if duplicates is None:
                 self._blocked.append(delivery)
                 return
             if delivery.message_id in duplicates:
-                log.info("delivered from its old partition during a partition change",
-                         partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+                log.debug("delivered elsewhere during a change", change=delivery.held_by,
+                          partition=self.queue, message_id=delivery.message_id)  # fmt: skip
                 await self._finish(delivery)
                 return
         self.deliveries.ready(delivery)

@@ -18,12 +18,13 @@ import structlog
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from relay import metrics, topology, wire
+from relay import metrics, provision, topology, wire
 from relay.broker import BROKER_ERRORS, keep_connected, queue_exists, until_set
 from relay.settings import Settings
 from relay.worker.delivery import CallTarget, HttpTarget, Target
 from relay.worker.handler import HandlerDeliveries
 from relay.worker.partition import Partition
+from relay.worker.replaying import Replays
 
 log = structlog.get_logger()
 
@@ -91,7 +92,7 @@ class Worker:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 await publisher.default_exchange.publish(message, queue, mandatory=True)
 
-        await topology.create_missing(
+        await provision.create_missing(
             connection, publisher, self._settings, self._handlers, by="worker"
         )
         for deliveries in self._deliveries.values():
@@ -108,9 +109,10 @@ class Worker:
             consume(partition)
         self.ready.set()
         log.info("worker consuming", partitions=[p.queue for p in self._partitions])
+        replaying = Replays(self._settings.broker.exchange, self._deliveries, self._partitions)
         background = [
             asyncio.ensure_future(self._watch_depths(connection, over)),
-            asyncio.ensure_future(self._follow_records(connection, over, consume)),
+            asyncio.ensure_future(self._follow_records(connection, over, consume, replaying)),
         ]
         try:
             await over.wait()
@@ -120,6 +122,7 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            replaying.close()
             for deliveries in self._deliveries.values():
                 await deliveries.stop()
 
@@ -128,9 +131,10 @@ class Worker:
         connection: AbstractConnection,
         over: asyncio.Event,
         consume: Callable[[Partition], None],
+        replaying: Replays,
     ) -> None:
-        """Follows relay.state from its start: releases of partition changes, and layouts whose
-        partitions may still hold messages (consumed while they exist)."""
+        """Follows relay.state from its start: releases of partition changes, layouts whose
+        partitions may still hold messages (consumed while they exist), and replays."""
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
         stream = await channel.get_queue(topology.STATE_STREAM, ensure=False)
@@ -155,6 +159,7 @@ class Worker:
                     partition = await self._partition(connection, deliveries, index)
                     if partition is not None:
                         consume(partition)
+            await replaying.take(record, connection, over, consume)
 
     async def _partition(
         self, connection: AbstractConnection, deliveries: HandlerDeliveries, index: int
@@ -186,10 +191,12 @@ class Worker:
         self, partition: Partition, connection: AbstractConnection, over: asyncio.Event
     ) -> None:
         """Consume a partition, reopening its channel if the broker closes it (consumer_timeout)."""
-        while not over.is_set():
+        while not over.is_set() and not partition.ended.is_set():
             try:
                 await partition.consume(connection, over)
             except ChannelNotFoundEntity:
+                if partition.replay_queue:
+                    return  # a replay's queue, deleted once done
                 log.warning("partition queue missing: run `relay topology declare`",
                             partition=partition.queue, retry_in=MISSING_RETRY_SECONDS)  # fmt: skip
                 await until_set(asyncio.sleep(MISSING_RETRY_SECONDS), over)

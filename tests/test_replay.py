@@ -1,0 +1,220 @@
+"""Replays from the archive (relay/replays.py, `relay replay`) and the backfill of a new handler:
+each key in acceptance order, never ahead of older messages still waiting, only to the handler
+asked for, no gap and no repeat at the switch to live traffic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from relay import topology, wire
+from relay.errors import OptionError
+from relay.ops.replay import parse_time
+from relay.replays import Replay
+from relay.settings import duration_seconds
+from tests.handlers_for_tests import HttpHandler
+from tests.processes import (
+    EnvoiceSender,
+    Ledger,
+    Relay,
+    billing_handler,
+    http_deliveries,
+    write_config,
+)
+from tests.support import AMQP_URL, eventually
+
+# --- without a broker -------------------------------------------------------------------------
+
+
+def test_times_are_rfc_3339_or_durations_back_from_now() -> None:
+    now = datetime(2026, 12, 7, 14, 0, tzinfo=UTC)
+
+    assert parse_time("90m", now) == now - timedelta(minutes=90)
+    assert parse_time("2h", now) == now - timedelta(hours=2)
+    assert parse_time("7d", now) == now - timedelta(days=7)
+    assert parse_time("2026-12-07T13:00:00Z", now) == now - timedelta(hours=1)
+    assert parse_time("2026-12-07T15:00:00+02:00", now) == now - timedelta(hours=1)
+    with pytest.raises(OptionError, match="no time zone"):
+        parse_time("2026-12-07T13:00:00", now)
+    with pytest.raises(OptionError, match="neither an RFC 3339 time"):
+        parse_time("yesterday", now)
+    assert duration_seconds("3w") is None
+
+
+def test_a_replay_survives_its_record() -> None:
+    since = datetime(2026, 12, 7, 14, 0, tzinfo=UTC)
+    replay = Replay.new(
+        "billing", since, until=since + timedelta(hours=1), keys=("invoice:1",), events=("a.*",)
+    )
+
+    record = wire.read_record(replay.record().body)
+
+    assert record is not None
+    assert Replay.of(record) == replay
+    assert {replay.before, replay.fill, replay.after} == {
+        record["before"],
+        record["fill"],
+        record["after"],
+    }
+
+
+# --- against the broker -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def archive() -> AsyncIterator[Any]:
+    """The archive stream, bound to each exchange `bind` names (as relay binds its own)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        stream = await channel.declare_queue(
+            topology.ARCHIVE, durable=True, arguments={"x-queue-type": "stream", "x-max-age": "7D"}
+        )
+
+        async def bind(exchange: str) -> None:
+            await stream.bind(exchange, "#")
+
+        yield bind
+
+
+def deliveries_per_id(handler: HttpHandler) -> Counter[str]:
+    return Counter(r.id for r in handler.requests if r.accepted)
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(240)
+async def test_a_replay_since_t_delivers_the_archive_again_in_key_order_while_traffic_flows(
+    tmp_path: Path, http_handler: HttpHandler, archive: Any
+) -> None:
+    async with HttpHandler() as other, Relay(tmp_path) as relay:
+        # Given billing and another handler that answered 200 to 500 webhooks over 20 invoices,
+        # T being the time between the first 240 and the last 260
+        config = relay.config(
+            billing_handler(http_handler),
+            {**billing_handler(other), "name": "other", "partitions": 2},
+        )
+        await relay.start(config)
+        await archive(config.settings.broker.exchange)
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send(range(1, 21), each=12), 60)
+        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        since = datetime.now(UTC)
+        first_half = set(deliveries_per_id(http_handler))
+        await asyncio.wait_for(sender.send(range(1, 21), each=13), 60)
+        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        second_half = set(deliveries_per_id(http_handler)) - first_half
+        assert (len(first_half), len(second_half)) == (240, 260)
+
+        # When billing is replayed since T while new webhooks keep flowing
+        live = EnvoiceSender.to(config, pause_seconds=0.05)
+        stop = asyncio.Event()
+        flowing = asyncio.create_task(live.send(range(1, 21), stop=stop))
+        replay = await relay.run("replay", "--handler", config.settings.handlers[0].name,
+                                 "--since", since.isoformat(), config=config)  # fmt: skip
+        assert await asyncio.wait_for(replay.process.wait(), 120) == 0, replay.output()
+        # (polled slowly: the handler's server shares this process)
+        await eventually(lambda: all(deliveries_per_id(http_handler)[i] == 2 for i in second_half),
+                         timeout=60, interval=0.5, what="the replay delivered")  # fmt: skip
+        await eventually(lambda: len(live.ledger) >= 100, timeout=30, what="live traffic")
+        stop.set()
+        await asyncio.wait_for(flowing, 30)
+        await live.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        await live.ledger.delivered(lambda: http_deliveries(other), timeout=30)
+
+    # Then billing got each archived message since T once more, and the live ones
+    times = deliveries_per_id(http_handler)
+    assert {i: times[i] for i in first_half} == dict.fromkeys(first_half, 1)
+    assert {i: times[i] for i in second_half} == dict.fromkeys(second_half, 2)
+    live_ids = {i for ids in live.ledger.accepted.values() for i in ids}
+    assert all(times[i] in (1, 2) for i in live_ids), Counter(times[i] for i in live_ids)
+    queued = int(replay.output().split("queued ")[-1].split()[0])
+    assert queued >= sum(n - 1 for n in times.values())  # a replayed id held live goes once
+    # each key in order: first deliveries, replays, and replays before newer live ones
+    accepted = merged(sender.ledger, live.ledger)
+    check_replay_order(http_handler, accepted, times)
+    # and the other handler got nothing extra
+    assert deliveries_per_id(other) == Counter(
+        dict.fromkeys(first_half | second_half | live_ids, 1)
+    )
+
+
+def merged(*ledgers: Ledger) -> dict[str, list[str]]:
+    """Per key, the ids the ledgers accepted, in acceptance order (one ledger after another)."""
+    keys: dict[str, list[str]] = defaultdict(list)
+    for ledger in ledgers:
+        for key, ids in ledger.accepted.items():
+            keys[key] += ids
+    return keys
+
+
+def check_replay_order(
+    handler: HttpHandler, accepted: dict[str, list[str]], times: Counter[str]
+) -> None:
+    rank = {i: n for ids in accepted.values() for n, i in enumerate(ids)}
+    firsts: dict[str, list[str]] = defaultdict(list)
+    seconds: dict[str, list[str]] = defaultdict(list)
+    order: dict[str, list[tuple[str, bool]]] = defaultdict(list)  # (id, is the replay's)
+    seen: set[str] = set()
+    for request in (r for r in handler.requests if r.accepted):
+        again = request.id in seen
+        seen.add(request.id)
+        (seconds if again else firsts)[request.key].append(request.id)
+        order[request.key].append((request.id, again))
+    for key, ids in accepted.items():
+        assert firsts[key] == [i for i in ids if times[i]], f"{key}: first deliveries reordered"
+        assert seconds[key] == sorted(seconds[key], key=rank.__getitem__), f"{key}: replay order"
+        replayed = [n for n, (_, again) in enumerate(order[key]) if again]
+        if not replayed:
+            continue
+        newest = max(rank[i] for i in seconds[key])
+        newer_live = [n for n, (i, again) in enumerate(order[key]) if rank[i] > newest]
+        assert all(n > replayed[-1] for n in newer_live), f"{key}: live before its replay"
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(300)
+async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_key_order(
+    tmp_path: Path, http_handler: HttpHandler, archive: Any
+) -> None:
+    async with Relay(tmp_path) as relay, HttpHandler() as first:
+        # Given relay running with one handler, webhooks flowing all along
+        config = relay.config(billing_handler(first))
+        await relay.start(config)
+        exchange = config.settings.broker.exchange
+        await archive(exchange)
+        sender = EnvoiceSender.to(config, pause_seconds=0.1)
+        stop = asyncio.Event()
+        flowing = asyncio.create_task(sender.send(range(1, 31), stop=stop))
+        await eventually(lambda: len(sender.ledger) >= 200, timeout=60, what="200 accepted")
+
+        # When a handler is added with a backfill of 5 minutes (all of them), its worker started
+        added = write_config(
+            tmp_path / "added.toml",
+            {**billing_handler(http_handler), "name": "added", "backfill": "5m"},
+            broker={"exchange": exchange},
+        )
+        relay.configs.append(added)
+        before = len(sender.ledger)
+        await relay.worker(added)
+
+        def backfilled_and_live() -> bool:
+            return len(list(http_deliveries(http_handler))) >= before + 100
+
+        await eventually(
+            backfilled_and_live, timeout=120, interval=0.5, what="the backfill and live traffic"
+        )
+        stop.set()
+        await asyncio.wait_for(flowing, 30)
+
+        # Then it gets every webhook accepted since, each exactly once, each key in order
+        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=60)
+    assert tally.accepted >= 300
+    assert tally.ok, tally
+    assert tally.duplicates == 0, tally
