@@ -21,6 +21,7 @@ from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webho
 DEFAULT_CONFIG = "config/relay.toml"
 MAX_PARTITIONS = 64  # relay.wire.BUCKETS: each partition owns at least one bucket
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+MAX_AGE_RE = re.compile(r"^[1-9][0-9]*[YMDhms]$")  # RabbitMQ's x-max-age: 7D, 12h, 90m, 30s
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +85,20 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ArchiveSettings:
+    """The archive stream (every accepted webhook) and the handlers' outcome logs: retention."""
+
+    enabled: bool = True
+    max_age: str = "7D"  # RabbitMQ x-max-age: digits and one of Y M D h m s
+    max_bytes: int = 0  # x-max-length-bytes; 0: no size limit
+    # x-stream-max-segment-size-bytes: retention drops whole segments, so a smaller segment
+    # makes it finer
+    segment_bytes: int = 100_000_000
+    outcomes_max_age: str = "30D"
+    outcomes_max_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SourceSettings:
     name: str
     path: str
@@ -126,12 +141,18 @@ class HandlerSettings:
     def dead_letter_queue(self) -> str:
         return f"relay.{self.name}.dlq"
 
+    @property
+    def outcome_log(self) -> str:
+        """The stream of the handler's final delivery outcomes."""
+        return f"relay.{self.name}.outcomes"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     ingress: IngressSettings = field(default_factory=IngressSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     sources: tuple[SourceSettings, ...] = ()
     handlers: tuple[HandlerSettings, ...] = ()
 
@@ -158,10 +179,11 @@ class Settings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
         t = _Table(raw, "")
-        t.only("broker", "ingress", "worker", "sources", "handlers")
+        t.only("broker", "ingress", "worker", "archive", "sources", "handlers")
         broker = _broker(t.table("broker"))
         ingress = _ingress(t.table("ingress"))
         worker = _worker(t.table("worker"))
+        archive = _archive(t.table("archive"))
         sources = tuple(_source(s) for s in t.tables("sources"))
         development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
@@ -174,7 +196,12 @@ class Settings:
                     f"handlers[{i}].name: {handler.name!r} clashes with exchange {handler.exchange}"
                 )
         return cls(
-            broker=broker, ingress=ingress, worker=worker, sources=sources, handlers=handlers
+            broker=broker,
+            ingress=ingress,
+            worker=worker,
+            archive=archive,
+            sources=sources,
+            handlers=handlers,
         )
 
     def source(self, name: str) -> SourceSettings:
@@ -336,6 +363,31 @@ def _worker(t: _Table) -> WorkerSettings:
         metrics_host=t.get("metrics_host", str, "127.0.0.1"),
         metrics_port=t.optional_port("metrics_port"),
     )
+
+
+def _archive(t: _Table) -> ArchiveSettings:
+    t.only(
+        "enabled", "max_age", "max_bytes", "segment_bytes", "outcomes_max_age",
+        "outcomes_max_bytes",
+    )  # fmt: skip
+    return ArchiveSettings(
+        enabled=t.get("enabled", bool, True),
+        max_age=_max_age(t, "max_age", "7D"),
+        max_bytes=t.number("max_bytes", 0, minimum=0),
+        segment_bytes=t.number("segment_bytes", 100_000_000, minimum=1),
+        outcomes_max_age=_max_age(t, "outcomes_max_age", "30D"),
+        outcomes_max_bytes=t.number("outcomes_max_bytes", 0, minimum=0),
+    )
+
+
+def _max_age(t: _Table, name: str, default: str) -> str:
+    value: str = t.get(name, str, default)
+    if not MAX_AGE_RE.match(value):
+        raise ConfigError(
+            f"{t.key(name)}: {value!r} is not a RabbitMQ max age: a positive whole number and "
+            "one unit of Y, M, D, h, m, s (7D, 12h)"
+        )
+    return value
 
 
 def development_secrets_on_loopback_only(
