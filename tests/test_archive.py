@@ -6,22 +6,58 @@ retention, create-only declaration, and `relay topology declare`'s report."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import base64
+import contextlib
+import re
+import tomllib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ConnectionInternalError
 from pamqp.commands import Basic
 
-from relay import wire
+from relay import topology, wire
+from relay.broker import queue_exists
 from relay.config import from_dict as config_from_dict
+from relay.config import load as load_config
 from relay.settings import HandlerSettings
 from relay.worker.delivery import Outcome, Verdict
 from relay.worker.handler import HandlerDeliveries
 from relay.worker.outcomes import OutcomeLog
 from relay.worker.partition import Delivery, Partition
-from tests.conftest import settings_dict
+from tests.conftest import AMQP_URL, MakeSettings, Publish, StartWorker, settings_dict
+from tests.handlers_for_tests import HttpHandler
+from tests.processes import (
+    Config,
+    EnvoiceSender,
+    Relay,
+    billing_handler,
+    http_deliveries,
+    ingress_ready,
+)
+from tests.support import (
+    activity,
+    depth_is,
+    events_per_invoice,
+    eventually,
+    handler,
+    relay_command,
+    running_ingress,
+    signed_body,
+    toml,
+)
+
+PATH = "/webhooks/envoice"
+FIRST_TRIES = 5
 
 RECEIVED_AT = "2026-12-07T10:00:00.123456Z"
 DELIVERED = Outcome(Verdict.SUCCESS, "HTTP 200", 200)
@@ -313,3 +349,349 @@ async def test_a_message_whose_record_failed_is_not_acked_and_its_key_waits(
     assert warning["message_id"] == "envoice:1"
     assert warning["log_level"] == "warning"
     await deliveries.stop()
+
+
+# --- on the real broker -----------------------------------------------------------------------
+
+
+def management(url: str) -> aiohttp.ClientSession:
+    """The management API of the broker at AMQP `url`, as its user."""
+    parts = urlsplit(url)
+    login = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
+    return aiohttp.ClientSession(
+        base_url=f"http://{parts.hostname}:15672",
+        headers={"Authorization": "Basic " + base64.b64encode(login.encode()).decode()},
+        timeout=aiohttp.ClientTimeout(10),
+    )
+
+
+@pytest.fixture
+async def vhost() -> AsyncIterator[str]:
+    """A vhost of the test's own, so that relay.archive there is the test's (the suite's vhost
+    shares one between its tests): its AMQP URL. Deleted after the test, with all it holds."""
+    suite = urlsplit(AMQP_URL)
+    name = f"relay-test-archive-{uuid.uuid4().hex[:8]}"
+    async with management(AMQP_URL) as api:
+        async with api.put(f"/api/vhosts/{name}") as created:
+            created.raise_for_status()
+        grant = {"configure": ".*", "write": ".*", "read": ".*"}
+        async with api.put(
+            f"/api/permissions/{name}/{suite.username or 'guest'}", json=grant
+        ) as granted:
+            granted.raise_for_status()
+        try:
+            yield suite._replace(path=f"/{name}").geturl()
+        finally:
+            async with api.delete(f"/api/vhosts/{name}") as deleted:
+                deleted.raise_for_status()
+
+
+async def set_policy(url: str, name: str, pattern: str, definition: dict[str, Any]) -> None:
+    vhost = quote(urlsplit(url).path[1:], safe="")
+    policy = {"pattern": pattern, "definition": definition, "apply-to": "queues"}
+    async with (
+        management(url) as api,
+        api.put(f"/api/policies/{vhost}/{name}", json=policy) as put,
+    ):
+        put.raise_for_status()
+
+
+async def read_stream(
+    url: str,
+    queue: str,
+    enough: Callable[[list[AbstractIncomingMessage]], bool],
+    *,
+    offset: Any = "first",
+    timeout: float = 20.0,
+) -> list[AbstractIncomingMessage]:
+    """A stream's messages from `offset` on, read until `enough` of them came (or fail at the
+    deadline)."""
+    got: list[AbstractIncomingMessage] = []
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+        stream = await channel.get_queue(queue, ensure=False)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            got.append(message)
+            await message.ack()  # grants credit only: a stream keeps what is read
+
+        tag = await stream.consume(on_message, arguments={"x-stream-offset": offset})
+        try:
+            await eventually(lambda: enough(got), timeout=timeout, what=f"enough from {queue}")
+        finally:
+            await stream.cancel(tag)
+    return got
+
+
+def stream_offset(message: AbstractIncomingMessage) -> int:
+    return int(str((message.headers or {})["x-stream-offset"]))
+
+
+async def first_in_stream(url: str, queue: str) -> AbstractIncomingMessage:
+    """The first message a stream holds. A consumer from `first` started while retention
+    deletes segments may be refused (RabbitMQ 3.10.8 closes the connection with INTERNAL_ERROR,
+    `retries_exhausted` in its log: docs/RABBITMQ.md): then it is asked again, a few times."""
+    for _ in range(FIRST_TRIES - 1):
+        with contextlib.suppress(ConnectionInternalError):
+            return (await read_stream(url, queue, lambda got: len(got) > 0, timeout=10))[0]
+    return (await read_stream(url, queue, lambda got: len(got) > 0, timeout=10))[0]
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_every_accepted_webhook_lands_in_the_archive_in_acceptance_order(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    async with Relay(tmp_path) as relay:
+        # Given a relay ingress with the archive on (the default)
+        config = relay.config(billing_handler(http_handler))
+        await relay.run("ingress", config=config)
+        ingress = relay.processes[-1]
+        await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
+        # When it accepts 300 webhooks over 15 invoices, each invoice's one after another
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send(range(1, 16), each=20), 60)
+    accepted = {i for ids in sender.ledger.accepted.values() for i in ids}
+    assert len(accepted) == 300
+
+    # Then the archive holds each of them once, each invoice's in the order they were accepted
+    def ours(messages: list[AbstractIncomingMessage]) -> list[AbstractIncomingMessage]:
+        return [m for m in messages if m.message_id in accepted]
+
+    messages = ours(
+        await read_stream(
+            AMQP_URL, topology.ARCHIVE, lambda got: len(ours(got)) >= 300, offset=since
+        )
+    )
+    assert len(messages) == 300
+    archived: dict[str, list[str]] = {}
+    for message in messages:
+        archived.setdefault(str((message.headers or {})["x-relay-key"]), []).append(
+            str(message.message_id)
+        )
+    assert archived == sender.ledger.accepted
+    # as the broker confirmed them: the envelope and the headers of the wire contract
+    sample = messages[0]
+    envelope = orjson.loads(sample.body)
+    assert envelope["id"] == sample.message_id
+    assert sample.routing_key == "envoice.paid"
+    assert sample.exchange == config.settings.broker.exchange
+    assert {"x-relay-source", "x-relay-event", "x-relay-key", "relay-bucket"} <= set(
+        sample.headers or {}
+    )
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(90)
+async def test_an_archive_with_a_short_max_age_drops_its_old_segments(
+    make_settings: MakeSettings, vhost: str
+) -> None:
+    # Given an archive keeping 2 s, in segments of 3000 bytes (a few webhooks each)
+    archive = {"max_age": "2s", "segment_bytes": 3000}
+    settings = make_settings(url=vhost, archive=archive)
+    source = settings.sources[0]
+    async with running_ingress(settings) as ingress:
+        # When 10 webhooks are accepted
+        old = []
+        for _ in range(10):
+            status, answer, _ = await ingress.post(PATH, signed_body(source, activity()))
+            assert (status, answer["status"]) == (200, "accepted")
+            old.append(answer["id"])
+        first = await first_in_stream(vhost, topology.ARCHIVE)
+        assert first.message_id == old[0]
+
+        # and more keep coming (retention is applied as segments fill)
+        newer: list[str] = []
+
+        async def old_ones_dropped() -> bool:
+            status, answer, _ = await ingress.post(PATH, signed_body(source, activity()))
+            assert status == 200
+            newer.append(answer["id"])
+            return (await first_in_stream(vhost, topology.ARCHIVE)).message_id in newer
+
+        # Then the archive drops the old segments: it begins with a later webhook
+        await eventually(old_ones_dropped, timeout=60, interval=0.5, what="old segments dropped")
+    assert stream_offset(await first_in_stream(vhost, topology.ARCHIVE)) > 0
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(60)
+async def test_with_the_archive_off_none_is_declared_and_relay_unrouted_takes_what_nobody_binds(
+    tmp_path: Path, vhost: str
+) -> None:
+    async with Relay(tmp_path, url=vhost) as relay:
+        # Given an ingress with the archive off, and no handler
+        config = relay.config(archive={"enabled": False})
+        ingress = await relay.run("ingress", config=config)
+        await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
+        # When it accepts a webhook
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send([1], each=1), 20)
+        assert sender.answers == {"200 accepted": 1}
+
+        # Then there is no archive, and the webhook waits in relay.unrouted
+        connection = await aio_pika.connect(vhost)
+        async with connection:
+            assert not await queue_exists(connection, topology.ARCHIVE)
+            channel = await connection.channel()
+            await eventually(lambda: depth_is(channel, topology.UNROUTED, 1), what="unrouted")
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(150)
+async def test_streams_of_other_retention_than_the_config_stop_nothing_and_are_reported(
+    tmp_path: Path, http_handler: HttpHandler, vhost: str
+) -> None:
+    async with Relay(tmp_path, url=vhost) as relay:
+        # Given the archive and a handler's outcome log declared with the default retention
+        first = relay.config(billing_handler(http_handler))
+        declared = await relay_command(
+            "topology", "declare", "--config", str(first.path), env={"RELAY_AMQP_URL": vhost}
+        )
+        assert declared.returncode == 0, declared.stderr
+        # When an operator changes both retentions in the config
+        raw = tomllib.loads(first.path.read_text())
+        raw["archive"] = {"max_age": "14D", "outcomes_max_age": "90D"}
+        changed = relay.directory / "changed.toml"
+        changed.write_text(toml(raw))
+        config = Config(changed, load_config(changed))
+
+        # Then an ingress and a worker of the changed config start, and webhooks flow
+        ingress = await relay.run("ingress", config=config)
+        await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
+        await relay.worker(config)
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send([1], each=3), 20)
+        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=20)
+        # and `relay topology declare` says how to apply the new retention, changing nothing
+        report = await relay_command(
+            "topology", "declare", "--config", str(changed), env={"RELAY_AMQP_URL": vhost}
+        )
+        # and with the archive turned off, it says the archive stays, still bound
+        off = relay.directory / "off.toml"
+        off.write_text(toml({**raw, "archive": {"enabled": False}}))
+        turned_off = await relay_command(
+            "topology", "declare", "--config", str(off), env={"RELAY_AMQP_URL": vhost}
+        )
+    assert report.returncode == 0, report.stderr
+    name = urlsplit(vhost).path[1:]
+    outcomes = config.settings.handlers[0].outcome_log
+    assert report.lines()[:2] == [
+        "= stream relay.archive keeps its retention (x-max-age 7D, x-stream-max-segment-size-bytes "
+        "100000000; the config says x-max-age 14D, x-stream-max-segment-size-bytes 100000000): "
+        "the broker refuses to change a stream's arguments. A policy overrides them: rabbitmqctl "
+        f"set_policy -p {name} relay-archive '^relay\\.archive$' '{{\"max-age\":\"14D\"}}' "
+        "--apply-to queues",
+        f"= stream {outcomes} keeps its retention (x-max-age 30D, x-stream-max-segment-size-bytes "
+        "100000000; the config says x-max-age 90D, x-stream-max-segment-size-bytes 100000000): "
+        "the broker refuses to change a stream's arguments. A policy overrides them: rabbitmqctl "
+        f"set_policy -p {name} {outcomes.replace('.', '-')} "
+        f"'^{re.escape(outcomes)}$' '{{\"max-age\":\"90D\"}}' --apply-to queues",
+    ]
+    assert turned_off.returncode == 0, turned_off.stderr
+    assert (
+        "= stream relay.archive is kept though the config turns the archive off: it is still "
+        "bound to the exchange, so it goes on receiving every webhook and relay.unrouted stays "
+        f"empty; `rabbitmqctl delete_queue -p {name} relay.archive` removes it, with every "
+        "message it holds"
+    ) in turned_off.lines()
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(60)
+async def test_a_policy_max_age_overrides_a_streams_argument_longer_or_shorter(
+    vhost: str,
+) -> None:
+    # Given two streams of 3000-byte segments: one keeping 1 h with a policy of 2 s, the other
+    # keeping 2 s with a policy of 1 h
+    connection = await aio_pika.connect(vhost)
+    async with connection:
+        channel = await connection.channel()
+        for name, age in (("shortened", "1h"), ("lengthened", "2s")):
+            arguments = topology.stream(age, 0, 3000)
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        await set_policy(vhost, "shortened", "^shortened$", {"max-age": "2s"})
+        await set_policy(vhost, "lengthened", "^lengthened$", {"max-age": "1h"})
+        published = 0
+
+        async def publish_some() -> None:
+            nonlocal published
+            for _ in range(10):
+                for name in ("shortened", "lengthened"):
+                    message = aio_pika.Message(b"x" * 500, message_id=str(published))
+                    await channel.default_exchange.publish(message, name)
+                published += 1
+
+        # When messages keep coming for longer than 2 s
+        async def dropped() -> bool:
+            await publish_some()
+            first = await first_in_stream(vhost, "shortened")
+            return stream_offset(first) > 0
+
+        # Then the policy's 2 s drops the old segments of the stream that argued 1 h
+        await eventually(dropped, timeout=40, interval=0.5, what="the shortened stream dropped")
+        # and the policy's 1 h keeps those of the stream that argued 2 s
+        assert published > 20  # its first messages are older than 2 s too
+        assert stream_offset(await first_in_stream(vhost, "lengthened")) == 0
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_every_delivered_and_dead_lettered_message_has_one_outcome_record(
+    make_settings: MakeSettings,
+    publish: Publish,
+    start_worker: StartWorker,
+    http_handler: HttpHandler,
+) -> None:
+    # Given a handler that rejects some messages (422), fails one once (503), takes the rest
+    settings = make_settings(handlers=[handler({"url": http_handler.url}, partitions=2)])
+    events = [e for each in events_per_invoice(settings, 10, 10).values() for e in each]
+    rejected = {e.message_id for e in events[3::17]}
+    for message_id in rejected:
+        http_handler.plan(message_id, [422])
+    retried = events[5].message_id
+    http_handler.plan(retried, [503, 200])
+    # When 100 webhooks are published and delivered
+    await publish(settings, *events)
+    await start_worker(settings)
+    await eventually(lambda: len({r.id for r in http_handler.requests}) == 100, timeout=60,
+                     what="every message tried")  # fmt: skip
+
+    # Then the outcome log holds one record per message: delivered or dead-lettered
+    outcome_log = settings.handlers[0].outcome_log
+    records = await read_outcome_records(outcome_log, 100)
+    by_id = {r["id"]: r for r in records}
+    assert len(records) == 100
+    assert by_id.keys() == {e.message_id for e in events}
+    delivered = {r["id"] for r in records if r["outcome"] == "delivered"}
+    assert delivered == set(http_handler.accepted())
+    for message_id in rejected:
+        assert by_id[message_id]["outcome"] == "dead-lettered"
+        assert (by_id[message_id]["status"], by_id[message_id]["reason"]) == (422, "HTTP 422")
+        assert by_id[message_id]["attempts"] == 1
+    assert (by_id[retried]["outcome"], by_id[retried]["attempts"]) == ("delivered", 2)
+    # with the message's key, bucket, partition and acceptance time
+    for event in events:
+        record = by_id[event.message_id]
+        assert record["handler"] == settings.handlers[0].name
+        assert record["key"] == event.key
+        assert record["bucket"] == wire.bucket(event.key)
+        assert record["partition"] == settings.handlers[0].queue(wire.bucket(event.key) % 2)
+        [request, *_] = http_handler.of(event.message_id)
+        assert record["received_at"] == request.json["received_at"]
+        assert record["replayed"] is False
+        if event.message_id not in rejected:
+            assert (record["status"], record["reason"]) == (200, None)
+        assert datetime.fromisoformat(record["at"]) >= datetime.fromisoformat(record["received_at"])
+
+
+async def read_outcome_records(queue: str, count: int) -> list[dict[str, Any]]:
+    def records(messages: list[AbstractIncomingMessage]) -> list[dict[str, Any]]:
+        return [r for m in messages for r in wire.read_outcomes(m.body)]
+
+    messages = await read_stream(AMQP_URL, queue, lambda got: len(records(got)) >= count)
+    assert all((m.headers or {})["x-relay-handler"] == records([m])[0]["handler"] for m in messages)
+    return records(messages)
