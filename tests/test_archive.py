@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import ConnectionInternalError
+from aiormq.exceptions import ChannelPreconditionFailed, ConnectionInternalError
 from pamqp.commands import Basic
 
 from relay import topology, wire
@@ -538,6 +538,59 @@ async def test_with_the_archive_off_none_is_declared_and_relay_unrouted_takes_wh
             assert not await queue_exists(connection, topology.ARCHIVE)
             channel = await connection.channel()
             await eventually(lambda: depth_is(channel, topology.UNROUTED, 1), what="unrouted")
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(60)
+async def test_with_the_archive_on_what_no_queue_of_a_handler_takes_is_kept_in_the_archive_only(
+    make_settings: MakeSettings, vhost: str
+) -> None:
+    # Given the archive on, a handler of envoice.paid only, and a handler whose partitions are gone
+    settings = make_settings(
+        url=vhost,
+        handlers=[
+            handler({"url": "http://127.0.0.1:9/"}, name="paid", events=["envoice.paid"]),
+            handler({"url": "http://127.0.0.1:9/"}, name="gone", events=["envoice.created"]),
+        ],
+    )
+    source = settings.sources[0]
+    connection = await aio_pika.connect(vhost)
+    async with connection, running_ingress(settings) as ingress:
+        channel = await connection.channel()
+        await channel.queue_delete(settings.handlers[1].queue(0))
+        # When an event nobody binds and one bound to the handler without partitions come
+        nobody = activity(Type=7)  # envoice.opened
+        unqueued = activity(Type=0)  # envoice.created
+        answers = [await ingress.post(PATH, signed_body(source, a)) for a in (nobody, unqueued)]
+
+        # Then both are accepted (the archive took them: nothing comes back to the ingress)
+        assert [(status, answer["status"]) for status, answer, _ in answers] == [
+            (200, "accepted"),
+            (200, "accepted"),
+        ]
+        # and they are in the archive, while the alternate exchange never fired
+        ids = {answer["id"] for _, answer, _ in answers}
+        archived = await read_stream(
+            vhost, topology.ARCHIVE, lambda got: {m.message_id for m in got} >= ids
+        )
+        assert [m.message_id for m in archived] == [answer["id"] for _, answer, _ in answers]
+        assert await depth_is(channel, topology.UNROUTED, 0)
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(30)
+async def test_the_broker_refuses_to_declare_a_stream_again_with_other_arguments(
+    vhost: str,
+) -> None:
+    connection = await aio_pika.connect(vhost)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue("s", durable=True, arguments=topology.stream("7D", 0, 1000))
+
+        with pytest.raises(ChannelPreconditionFailed, match="x-max-age"):
+            await channel.declare_queue(
+                "s", durable=True, arguments=topology.stream("14D", 0, 1000)
+            )
 
 
 @pytest.mark.rabbit
