@@ -22,6 +22,7 @@ DEFAULT_CONFIG = "config/relay.toml"
 MAX_PARTITIONS = 64  # relay.wire.BUCKETS: each partition owns at least one bucket
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 MAX_AGE_RE = re.compile(r"^[1-9][0-9]*[YMDhms]$")  # RabbitMQ's x-max-age: 7D, 12h, 90m, 30s
+MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES = 1000, 3_000_000_000  # a stream's segment file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -370,14 +371,32 @@ def _archive(t: _Table) -> ArchiveSettings:
         "enabled", "max_age", "max_bytes", "segment_bytes", "outcomes_max_age",
         "outcomes_max_bytes",
     )  # fmt: skip
+    # The broker takes 0 to 3e9, but a segment of 8 bytes or less (its header) makes the
+    # stream's writer open new segments for ever, confirming nothing (docs/RABBITMQ.md).
+    segment_bytes = t.number(
+        "segment_bytes", 100_000_000, minimum=MIN_SEGMENT_BYTES, maximum=MAX_SEGMENT_BYTES
+    )
     return ArchiveSettings(
         enabled=t.get("enabled", bool, True),
         max_age=_max_age(t, "max_age", "7D"),
-        max_bytes=t.number("max_bytes", 0, minimum=0),
-        segment_bytes=t.number("segment_bytes", 100_000_000, minimum=1),
+        max_bytes=_max_bytes(t, "max_bytes", segment_bytes),
+        segment_bytes=segment_bytes,
         outcomes_max_age=_max_age(t, "outcomes_max_age", "30D"),
-        outcomes_max_bytes=t.number("outcomes_max_bytes", 0, minimum=0),
+        outcomes_max_bytes=_max_bytes(t, "outcomes_max_bytes", segment_bytes),
     )
+
+
+def _max_bytes(t: _Table, name: str, segment_bytes: int) -> int:
+    """0 (no size limit), or at least two segments: retention by size deletes whole segments
+    and keeps the newest, which may hold next to nothing, so a limit of about one segment can
+    leave a stream empty (docs/RABBITMQ.md)."""
+    value: int = t.number(name, 0, minimum=0)
+    if 0 < value < 2 * segment_bytes:
+        raise ConfigError(
+            f"{t.key(name)}: {value} is less than two segments (segment_bytes {segment_bytes}): "
+            "set 0 (no size limit) or at least twice segment_bytes"
+        )
+    return value
 
 
 def _max_age(t: _Table, name: str, default: str) -> str:

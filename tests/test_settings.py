@@ -467,6 +467,13 @@ def test_wrongly_typed_secret_is_not_echoed(
         ({"archive": {"max_age": 7}}, "archive.max_age"),
         ({"archive": {"max_bytes": -1}}, "archive.max_bytes"),
         ({"archive": {"segment_bytes": 0}}, "archive.segment_bytes"),
+        ({"archive": {"segment_bytes": 8}}, "archive.segment_bytes"),
+        ({"archive": {"segment_bytes": 3_000_000_001}}, "archive.segment_bytes"),
+        ({"archive": {"max_bytes": 150_000_000}}, "archive.max_bytes"),
+        (
+            {"archive": {"segment_bytes": 1000, "outcomes_max_bytes": 1999}},
+            "archive.outcomes_max_bytes",
+        ),
         ({"archive": {"outcomes_max_age": "30"}}, "archive.outcomes_max_age"),
         ({"archive": {"outcomes_max_bytes": 1.5}}, "archive.outcomes_max_bytes"),
     ],
