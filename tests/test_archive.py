@@ -29,7 +29,11 @@ from relay import topology, wire
 from relay.broker import queue_exists
 from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
+from relay.ops import topology as ops_topology
+from relay.ops.topology import Broker as TopologyBroker
+from relay.ops.topology import Leftover
 from relay.settings import HandlerSettings
+from relay.topology import Binding
 from relay.worker.delivery import Outcome, Verdict
 from relay.worker.handler import HandlerDeliveries
 from relay.worker.outcomes import OutcomeLog
@@ -349,6 +353,81 @@ async def test_a_message_whose_record_failed_is_not_acked_and_its_key_waits(
     assert warning["message_id"] == "envoice:1"
     assert warning["log_level"] == "warning"
     await deliveries.stop()
+
+
+# --- what `relay topology declare` says about streams -------------------------------------------
+
+
+def broker_with(*queues: Leftover, bound: bool = True) -> TopologyBroker:
+    bindings = [Binding("relay.activities", "relay.archive", "queue", "#")] if bound else []
+    return TopologyBroker({}, {q.name: q for q in queues}, bindings)
+
+
+def test_a_stream_with_other_retention_is_reported_with_the_policy_and_not_declared() -> None:
+    settings = config_from_dict({"archive": {"max_age": "14D", "max_bytes": 500_000_000}})
+    have = {"x-queue-type": "stream", "x-max-age": "7D",
+            "x-stream-max-segment-size-bytes": 100_000_000}  # fmt: skip
+    broker = broker_with(Leftover("relay.archive", 10, 0, "stream", have))
+
+    plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
+
+    assert "relay.archive" not in {q.name for q in plan.declare.queues}
+    [line] = [
+        line for line in ops_topology.describe(plan, prune=False, vhost="prod") if "archive" in line
+    ]
+    assert line == (
+        "= stream relay.archive keeps its retention (x-max-age 7D, x-stream-max-segment-size-bytes "
+        "100000000; the config says x-max-age 14D, x-max-length-bytes 500000000, "
+        "x-stream-max-segment-size-bytes 100000000): the broker refuses to change a stream's "
+        "arguments. A policy overrides them: rabbitmqctl set_policy -p prod relay-archive "
+        '\'^relay\\.archive$\' \'{"max-age":"14D","max-length-bytes":500000000}\' --apply-to queues'
+    )
+
+
+def test_a_size_limit_the_config_dropped_is_said_to_stay() -> None:
+    settings = config_from_dict({})
+    have = {"x-queue-type": "stream", "x-max-age": "7D", "x-max-length-bytes": 10**9,
+            "x-stream-max-segment-size-bytes": 100_000_000}  # fmt: skip
+    broker = broker_with(Leftover("relay.archive", 10, 0, "stream", have))
+
+    plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
+    [line] = [line for line in ops_topology.describe(plan, prune=False) if "archive" in line]
+
+    assert line.endswith(
+        "the broker refuses to change a stream's arguments (x-max-length-bytes stays: a policy "
+        "can set another value, not remove it)"
+    )
+
+
+def test_a_stream_with_the_configs_retention_is_neither_declared_nor_reported() -> None:
+    settings = config_from_dict({})
+    archive = topology.archive_queue(settings.archive)
+    broker = broker_with(Leftover("relay.archive", 10, 0, "stream", archive.arguments))
+
+    plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
+
+    assert plan.retention == []
+    assert ops_topology.describe(plan, prune=False) == [
+        "+ exchange relay.activities (topic)",
+        "+ exchange relay.unrouted (fanout)",
+        "+ queue relay.unrouted",
+        "+ queue relay.state",
+        "+ bind relay.unrouted -> relay.unrouted {}",
+    ]
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_an_archive_the_config_turned_off_is_left_and_reported(bound: bool) -> None:
+    settings = config_from_dict({"archive": {"enabled": False}})
+    broker = broker_with(Leftover("relay.archive", 10, 0, "stream"), bound=bound)
+
+    plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
+    lines = ops_topology.describe(plan, prune=True)
+
+    assert plan.unbind == []
+    [line] = [line for line in lines if "relay.archive" in line]
+    assert line.startswith("= stream relay.archive is kept though the config turns the archive off")
+    assert ("still bound to the exchange" in line) is bound
 
 
 # --- on the real broker -----------------------------------------------------------------------
