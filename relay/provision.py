@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from relay import replays, topology, wire
 from relay.broker import exchange_exists, queue_exists
 from relay.settings import HandlerSettings, Settings, duration_seconds
-from relay.topology import QUORUM, Queue, Topology
+from relay.topology import QUORUM, Queue, Topology, outcome_log_queue
 
 log = structlog.get_logger()
 
@@ -27,27 +27,33 @@ async def create_missing(
     *,
     by: str,
 ) -> list[HandlerSettings]:
-    """Create what is missing, never changing what exists: the main exchange, relay.unrouted
-    and relay.state, then the topology of each of `handlers` whose exchange does not exist yet
-    (with a layout record, which workers follow). The ingress and the workers both do this at
-    start, so a configured handler's webhooks reach its partitions before any worker has run.
-    An existing handler is left as it is: only `relay topology declare` changes one, so a
-    process of an older config restarting during a rolling change never undoes it.
+    """Create what is missing, never changing what exists: the main exchange, relay.unrouted,
+    the archive (bound to the exchange) and relay.state, then the topology of each of
+    `handlers` whose exchange does not exist yet (with a layout record, which workers follow);
+    an existing handler only gets its dead-letter queue and outcome log if it lacks them. The
+    ingress and the workers both do this at start, so a configured handler's webhooks reach its
+    partitions before any worker has run. An existing handler is otherwise left as it is: only
+    `relay topology declare` changes one, so a process of an older config restarting during a
+    rolling change never undoes it.
 
     A handler's exchange is declared after its queues, and its patterns are bound last: it
     exists only once its partitions do. `channel` must be in confirm mode. Returns the handlers
     whose topology was created."""
-    await topology.declare(channel, topology.ingress(settings) + topology.state())
+    common = topology.ingress(settings) + topology.state()
+    await topology.declare(channel, await topology.without_existing_streams(connection, common))
     created = []
     for h in handlers:
         if await exchange_exists(connection, h.exchange):
-            if not await queue_exists(connection, h.dead_letter_queue):
-                # One of an older relay is classic: `relay topology declare` converts it.
-                await topology.declare(
-                    channel, Topology(queues=[Queue(h.dead_letter_queue, QUORUM)])
-                )
+            # A handler of an older relay may lack them (its classic dead-letter queue is left:
+            # `relay topology declare` converts it).
+            wanted = [Queue(h.dead_letter_queue, QUORUM), outcome_log_queue(settings.archive, h)]
+            missing = [q for q in wanted if not await queue_exists(connection, q.name)]
+            if missing:
+                await topology.declare(channel, Topology(queues=missing))
             continue
-        described = topology.handler(settings, h)
+        described = await topology.without_existing_streams(
+            connection, topology.handler(settings, h)
+        )
         patterns = [b for b in described.bindings if b.destination_type == "exchange"]
         await topology.declare(
             channel, replace(described, bindings=described.bindings[: -len(patterns)])

@@ -27,7 +27,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aio_pika
@@ -49,6 +49,7 @@ IN_FLIGHT = 500  # copies awaiting their confirm at once
 READ_PREFETCH = 1000
 IDLE_SECONDS = 1.0  # a dry run reads until the archive has been quiet this long
 ALL_BUCKETS = list(range(wire.BUCKETS))
+EPOCH = datetime.fromtimestamp(0, UTC)  # accepted at an unknown time
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,7 @@ class Archived:
 
     @property
     def received_at(self) -> datetime:
-        return wire.received_at(self.body, self.properties)
+        return wire.received_at(self.body, self.properties) or EPOCH
 
 
 async def read_archive(
@@ -246,12 +247,27 @@ async def read_archive(
                 yield Archived(deliver.routing_key or "", properties, message.body)
 
 
-async def archive_start(connection: AbstractConnection, exchange: str) -> datetime | None:
-    """When the oldest webhook of `exchange` the archive still holds was accepted; None if it
-    holds none."""
-    async for message in read_archive(connection, exchange, None):
-        return message.received_at
-    return None
+async def archive_reach(connection: AbstractConnection) -> datetime | None:
+    """When the oldest message the archive still holds was accepted, if its retention has
+    dropped older ones; None if it holds everything it ever took (its first offset is 0)."""
+    channel = await connection.channel(publisher_confirms=False)
+    async with channel:
+        raw = await channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=1)
+        first: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+
+        async def take(message: DeliveredMessage) -> None:
+            if not first.done():
+                first.set_result(message)
+
+        await raw.basic_consume(topology.ARCHIVE, take, arguments={"x-stream-offset": "first"})
+        try:
+            message = await asyncio.wait_for(first, IDLE_SECONDS)
+        except TimeoutError:
+            return None  # empty
+    if (message.header.properties.headers or {}).get("x-stream-offset") == 0:
+        return None
+    return wire.received_at(message.body, message.header.properties) or EPOCH
 
 
 class _Copies:

@@ -21,6 +21,8 @@ from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webho
 DEFAULT_CONFIG = "config/relay.toml"
 MAX_PARTITIONS = 64  # relay.wire.BUCKETS: each partition owns at least one bucket
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+MAX_AGE_RE = re.compile(r"^[1-9][0-9]*[YMDhms]$")  # RabbitMQ's x-max-age: 7D, 12h, 90m, 30s
+MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES = 1000, 3_000_000_000  # a stream's segment file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +86,20 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ArchiveSettings:
+    """The archive stream (every accepted webhook) and the handlers' outcome logs: retention."""
+
+    enabled: bool = True
+    max_age: str = "7D"  # RabbitMQ x-max-age: digits and one of Y M D h m s
+    max_bytes: int = 0  # x-max-length-bytes; 0: no size limit
+    # x-stream-max-segment-size-bytes: retention drops whole segments, so a smaller segment
+    # makes it finer
+    segment_bytes: int = 100_000_000
+    outcomes_max_age: str = "30D"
+    outcomes_max_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SourceSettings:
     name: str
     path: str
@@ -129,12 +145,18 @@ class HandlerSettings:
     def dead_letter_queue(self) -> str:
         return f"relay.{self.name}.dlq"
 
+    @property
+    def outcome_log(self) -> str:
+        """The stream of the handler's final delivery outcomes."""
+        return f"relay.{self.name}.outcomes"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     ingress: IngressSettings = field(default_factory=IngressSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     sources: tuple[SourceSettings, ...] = ()
     handlers: tuple[HandlerSettings, ...] = ()
 
@@ -161,10 +183,11 @@ class Settings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
         t = _Table(raw, "")
-        t.only("broker", "ingress", "worker", "sources", "handlers")
+        t.only("broker", "ingress", "worker", "archive", "sources", "handlers")
         broker = _broker(t.table("broker"))
         ingress = _ingress(t.table("ingress"))
         worker = _worker(t.table("worker"))
+        archive = _archive(t.table("archive"))
         sources = tuple(_source(s) for s in t.tables("sources"))
         development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
@@ -176,8 +199,17 @@ class Settings:
                 raise ConfigError(
                     f"handlers[{i}].name: {handler.name!r} clashes with exchange {handler.exchange}"
                 )
+            if handler.backfill and not archive.enabled:
+                raise ConfigError(
+                    f"handlers[{i}].backfill: a backfill reads the archive, and [archive] is off"
+                )
         return cls(
-            broker=broker, ingress=ingress, worker=worker, sources=sources, handlers=handlers
+            broker=broker,
+            ingress=ingress,
+            worker=worker,
+            archive=archive,
+            sources=sources,
+            handlers=handlers,
         )
 
     def source(self, name: str) -> SourceSettings:
@@ -339,6 +371,49 @@ def _worker(t: _Table) -> WorkerSettings:
         metrics_host=t.get("metrics_host", str, "127.0.0.1"),
         metrics_port=t.optional_port("metrics_port"),
     )
+
+
+def _archive(t: _Table) -> ArchiveSettings:
+    t.only(
+        "enabled", "max_age", "max_bytes", "segment_bytes", "outcomes_max_age",
+        "outcomes_max_bytes",
+    )  # fmt: skip
+    # The broker takes 0 to 3e9, but a segment of 8 bytes or less (its header) makes the
+    # stream's writer open new segments for ever, confirming nothing (docs/RABBITMQ.md).
+    segment_bytes = t.number(
+        "segment_bytes", 100_000_000, minimum=MIN_SEGMENT_BYTES, maximum=MAX_SEGMENT_BYTES
+    )
+    return ArchiveSettings(
+        enabled=t.get("enabled", bool, True),
+        max_age=_max_age(t, "max_age", "7D"),
+        max_bytes=_max_bytes(t, "max_bytes", segment_bytes),
+        segment_bytes=segment_bytes,
+        outcomes_max_age=_max_age(t, "outcomes_max_age", "30D"),
+        outcomes_max_bytes=_max_bytes(t, "outcomes_max_bytes", segment_bytes),
+    )
+
+
+def _max_bytes(t: _Table, name: str, segment_bytes: int) -> int:
+    """0 (no size limit), or at least two segments: retention by size deletes whole segments
+    and keeps the newest, which may hold next to nothing, so a limit of about one segment can
+    leave a stream empty (docs/RABBITMQ.md)."""
+    value: int = t.number(name, 0, minimum=0)
+    if 0 < value < 2 * segment_bytes:
+        raise ConfigError(
+            f"{t.key(name)}: {value} is less than two segments (segment_bytes {segment_bytes}): "
+            "set 0 (no size limit) or at least twice segment_bytes"
+        )
+    return value
+
+
+def _max_age(t: _Table, name: str, default: str) -> str:
+    value: str = t.get(name, str, default)
+    if not MAX_AGE_RE.match(value):
+        raise ConfigError(
+            f"{t.key(name)}: {value!r} is not a RabbitMQ max age: a positive whole number and "
+            "one unit of Y, M, D, h, m, s (7D, 12h)"
+        )
+    return value
 
 
 def development_secrets_on_loopback_only(

@@ -4,9 +4,15 @@ management UI's import, and compared with the broker's by `relay topology declar
 relay.activities (topic, alternate exchange relay.unrouted)
   --<pattern>--> relay.<handler> (headers)
                    --relay-bucket = b--> relay.<handler>.<b % partitions> (quorum, single active)
+  --#--> relay.archive (stream: every accepted webhook; [archive] enabled)
 relay.unrouted (fanout) --> relay.unrouted (quorum)
 relay.<handler>.dlq (quorum, read by `relay dlq` through a consumer: relay/ops/deadletters.py)
+relay.<handler>.outcomes (stream: the handler's final delivery outcomes, written by its workers)
 relay.state (stream: handler state records)
+
+Streams are created, never re-declared: the broker refuses a declaration whose arguments differ
+from the stream's (PRECONDITION_FAILED), and an operator may have changed retention in the
+config. `relay topology declare` reports such a stream instead (relay/ops/topology.py).
 
 The ingress stamps each message with its key's bucket (relay/wire.py); a handler's partitions
 are bound to the buckets they own. So the ingress needs no handler list, and a key stays in its
@@ -19,14 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relay import wire
-from relay.settings import HandlerSettings, Settings
+from relay.broker import queue_exists
+from relay.settings import ArchiveSettings, HandlerSettings, Settings
 
 UNROUTED = "relay.unrouted"
-ARCHIVE = "relay.archive"  # every accepted webhook, retained (a stream)
 STATE_STREAM = "relay.state"
+ARCHIVE = "relay.archive"  # every accepted webhook, retained (a stream)
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 STREAM: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": "7D"}
 PARTITION: dict[str, Any] = {**QUORUM, "x-single-active-consumer": True}
@@ -68,16 +75,42 @@ class Topology:
         )
 
 
+def stream(max_age: str, max_bytes: int, segment_bytes: int) -> dict[str, Any]:
+    """A retained stream's arguments: retention by age, and by size unless `max_bytes` is 0."""
+    arguments: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": max_age}
+    if max_bytes:
+        arguments["x-max-length-bytes"] = max_bytes
+    arguments["x-stream-max-segment-size-bytes"] = segment_bytes
+    return arguments
+
+
+def archive_queue(archive: ArchiveSettings) -> Queue:
+    return Queue(ARCHIVE, stream(archive.max_age, archive.max_bytes, archive.segment_bytes))
+
+
+def outcome_log_queue(archive: ArchiveSettings, handler: HandlerSettings) -> Queue:
+    arguments = stream(archive.outcomes_max_age, archive.outcomes_max_bytes, archive.segment_bytes)
+    return Queue(handler.outcome_log, arguments)
+
+
 def ingress(settings: Settings) -> Topology:
-    """What the ingress publishes into: the exchange, and relay.unrouted behind it."""
-    return Topology(
+    """What the ingress publishes into: the exchange, relay.unrouted behind it, and the archive
+    bound to it for every routing key (when enabled)."""
+    exchange = settings.broker.exchange
+    described = Topology(
         [
-            Exchange(settings.broker.exchange, "topic", {"alternate-exchange": UNROUTED}),
+            Exchange(exchange, "topic", {"alternate-exchange": UNROUTED}),
             Exchange(UNROUTED, "fanout"),
         ],
         [Queue(UNROUTED, QUORUM)],
         [Binding(UNROUTED, UNROUTED, "queue", "")],
     )
+    if settings.archive.enabled:
+        described += Topology(
+            queues=[archive_queue(settings.archive)],
+            bindings=[Binding(exchange, ARCHIVE, "queue", "#")],
+        )
+    return described
 
 
 def state() -> Topology:
@@ -93,12 +126,13 @@ def bucket_binding(handler: HandlerSettings, bucket: int, partitions: int) -> Bi
 
 def handler(settings: Settings, handler: HandlerSettings) -> Topology:
     """A handler's exchange, bound to the main exchange by its patterns; its partitions, each
-    bound to the buckets it owns; its dead-letter queue. The bindings are listed bottom-up
-    (every bucket's, then the patterns): declared in this order, a webhook that matches a
-    pattern always finds its partition, so a declaration never refuses traffic."""
+    bound to the buckets it owns; its dead-letter queue and outcome log. The bindings are listed
+    bottom-up (every bucket's, then the patterns): declared in this order, a webhook that matches
+    a pattern always finds its partition, so a declaration never refuses traffic."""
     return Topology(
         [Exchange(handler.exchange, "headers")],
-        [Queue(q, PARTITION) for q in handler.queues] + [Queue(handler.dead_letter_queue, QUORUM)],
+        [Queue(q, PARTITION) for q in handler.queues]
+        + [Queue(handler.dead_letter_queue, QUORUM), outcome_log_queue(settings.archive, handler)],
         [bucket_binding(handler, b, handler.partitions) for b in range(wire.BUCKETS)]
         + [Binding(settings.broker.exchange, handler.exchange, "exchange", pattern)
            for pattern in handler.bindings],
@@ -126,6 +160,19 @@ async def declare(channel: AbstractChannel, topology: Topology) -> None:
             await raw.queue_bind(b.destination, b.source, b.routing_key, arguments=b.arguments)
         else:
             await raw.exchange_bind(b.destination, b.source, b.routing_key, arguments=b.arguments)
+
+
+def is_stream(queue: Queue) -> bool:
+    return queue.arguments.get("x-queue-type") == "stream"
+
+
+async def without_existing_streams(connection: AbstractConnection, topology: Topology) -> Topology:
+    """`topology` less the streams the broker has already: those are created, never declared
+    again (the broker refuses other arguments, and retention may have changed in the config)."""
+    queues = [
+        q for q in topology.queues if not (is_stream(q) and await queue_exists(connection, q.name))
+    ]
+    return Topology(topology.exchanges, queues, topology.bindings)
 
 
 async def unbind(channel: AbstractChannel, binding: Binding) -> None:

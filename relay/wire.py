@@ -2,7 +2,7 @@
 
 It is public: services bind queues of their own to the exchange and read these messages
 (docs/ARCHITECTURE.md, "The wire contract"). Header names, the envelope, the bucket rule, dead
-letters and state records live nowhere else.
+letters, outcome records and state records live nowhere else.
 """
 
 from __future__ import annotations
@@ -107,12 +107,15 @@ def webhook_headers(event: Event) -> dict[str, str]:
     }
 
 
-def received_at(body: bytes, message: Properties) -> datetime:
-    """When relay accepted a webhook message: its envelope's received_at, else its timestamp."""
+def received_at(body: bytes, message: Properties) -> datetime | None:
+    """When relay accepted a webhook message: its envelope's received_at, else (a message relay
+    did not build) its AMQP timestamp, else None."""
     try:
         return datetime.fromisoformat(orjson.loads(body)["received_at"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        stamped = message.timestamp or datetime.fromtimestamp(0, UTC)
+        stamped = message.timestamp
+        if stamped is None:
+            return None
         return stamped if stamped.tzinfo else stamped.replace(tzinfo=UTC)
 
 
@@ -223,6 +226,75 @@ class DeadLetter:
             return (now - datetime.fromisoformat(self.last_attempt)).total_seconds()
         except ValueError:
             return None
+
+
+# --- outcome records --------------------------------------------------------------------------
+#
+# Every final outcome of a delivery (delivered, dead-lettered; not a transient failure, not a
+# repeat) is appended to the handler's outcome log, the stream relay.<handler>.outcomes, and
+# confirmed before the message is acked. One message carries the records of deliveries that
+# ended close together: body {"outcomes": [record, ...]}, header x-relay-handler.
+
+DELIVERED, DEAD_LETTERED = "delivered", "dead-lettered"
+
+
+def outcome_record(
+    body: bytes,
+    message: Properties,
+    *,
+    outcome: str,
+    handler: str,
+    key: str,
+    bucket: int,
+    partition: str,
+    attempts: int,
+    status: int | None,
+    reason: str | None,
+    at: datetime,
+) -> dict[str, Any]:
+    """The record of a delivery's final outcome (`outcome`: DELIVERED or DEAD_LETTERED, at
+    `at`) of the webhook message `body` with `message`'s properties."""
+    return {
+        "outcome": outcome,
+        "handler": handler,
+        "id": message.message_id,
+        "key": key,
+        "bucket": bucket,
+        "partition": partition,
+        "attempts": attempts,
+        "at": _rfc3339(at),
+        "received_at": _rfc3339(accepted) if (accepted := received_at(body, message)) else None,
+        "status": status,
+        "reason": reason,
+        "replayed": bool((message.headers or {}).get(REPLAYED_HEADER)),
+    }
+
+
+def outcomes_message(records: list[dict[str, Any]]) -> aio_pika.Message:
+    """One message of a handler's outcome log, carrying `records` (all of one handler)."""
+    return aio_pika.Message(
+        orjson.dumps({"outcomes": records}),
+        headers={HANDLER_HEADER: records[0]["handler"]},
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def read_outcomes(body: bytes) -> list[dict[str, Any]]:
+    """The outcome records a message of an outcome log carries; [] if it is not one."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    records = fields.get("outcomes") if isinstance(fields, dict) else None
+    if not isinstance(records, list):
+        return []
+    return [r for r in records if isinstance(r, dict) and "outcome" in r and "id" in r]
+
+
+def _rfc3339(at: datetime) -> str:
+    """UTC, with microseconds, `Z`: 2026-11-28T12:00:00.123456Z."""
+    return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # --- state records ----------------------------------------------------------------------------

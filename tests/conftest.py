@@ -51,6 +51,7 @@ SECRET = "test-secret"
 SHARED_QUEUES = {
     topology.UNROUTED,
     topology.STATE_STREAM,
+    topology.ARCHIVE,
 }  # every relay declares them: never deleted
 SHARED_EXCHANGES = {topology.UNROUTED}
 
@@ -74,6 +75,7 @@ def settings_dict(
         "broker": {"url": url, "exchange": f"relay.test-{suffix}", **sections.pop("broker", {})},
         "ingress": {"host": "127.0.0.1", "port": 0, **sections.pop("ingress", {})},
         **({"worker": sections.pop("worker")} if "worker" in sections else {}),
+        **({"archive": sections.pop("archive")} if "archive" in sections else {}),
         "sources": [source],
         "handlers": [
             {**h, "name": f"{h['name']}-{suffix}"}

@@ -154,10 +154,12 @@ class FakePublisher:
 
 
 async def declare_topology(settings: Settings) -> None:
-    """Declare everything `settings` describe, as `relay topology declare` would."""
+    """Declare everything `settings` describe, as `relay topology declare` would (a stream that
+    exists is left as it is)."""
     connection = await aio_pika.connect(settings.broker.url)
     async with connection:
-        await topology.declare(await connection.channel(), topology.describe(settings))
+        described = await topology.without_existing_streams(connection, topology.describe(settings))
+        await topology.declare(await connection.channel(), described)
 
 
 @contextlib.asynccontextmanager

@@ -204,7 +204,8 @@ def test_topology_export(tmp_path: Path) -> None:
 
     queues = by_name(definitions["queues"])
     partitions = {"relay.billing.0", "relay.billing.1"}
-    assert queues.keys() == partitions | {"relay.billing.dlq", "relay.unrouted", "relay.state"}
+    others = {"relay.billing.dlq", "relay.billing.outcomes", "relay.unrouted", "relay.state"}
+    assert queues.keys() == partitions | others | {"relay.archive"}
     for name in partitions:
         assert queues[name]["arguments"] == {
             "x-queue-type": "quorum",
@@ -213,6 +214,16 @@ def test_topology_export(tmp_path: Path) -> None:
     assert queues["relay.unrouted"]["arguments"] == {"x-queue-type": "quorum"}
     assert queues["relay.billing.dlq"]["arguments"] == {"x-queue-type": "quorum"}
     assert queues["relay.state"]["arguments"]["x-queue-type"] == "stream"
+    assert queues["relay.archive"]["arguments"] == {
+        "x-queue-type": "stream",
+        "x-max-age": "7D",
+        "x-stream-max-segment-size-bytes": 100_000_000,
+    }
+    assert queues["relay.billing.outcomes"]["arguments"] == {
+        "x-queue-type": "stream",
+        "x-max-age": "30D",
+        "x-stream-max-segment-size-bytes": 100_000_000,
+    }
     for item in definitions["exchanges"] + definitions["queues"]:
         assert (item["durable"], item["auto_delete"]) == (True, False)
         assert item["vhost"] == (urlsplit(AMQP_URL).path[1:] or "/")  # the suite's
@@ -233,7 +244,8 @@ def test_topology_export(tmp_path: Path) -> None:
         bucket: (f"relay.billing.{bucket % 2}", "all") for bucket in range(wire.BUCKETS)
     }
     assert ("relay.unrouted", "relay.unrouted", "queue", "") in bindings
-    assert len(definitions["bindings"]) == 16 + wire.BUCKETS + 1
+    assert ("relay.activities", "relay.archive", "queue", "#") in bindings
+    assert len(definitions["bindings"]) == 16 + wire.BUCKETS + 2
 
 
 def test_topology_declare_with_broker_unreachable_exits_3(tmp_path: Path) -> None:

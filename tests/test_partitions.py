@@ -196,11 +196,13 @@ def handler_config(url: str, **options: Any) -> dict[str, Any]:
             "backoff_initial_ms": 20, "backoff_max_ms": 200, **options}  # fmt: skip
 
 
-def shared_exchange(relay: Relay, *handlers: dict[str, Any], exchange: str) -> Config:
+def shared_exchange(
+    relay: Relay, *handlers: dict[str, Any], exchange: str, **sections: Any
+) -> Config:
     """A config of `relay` whose main exchange is `exchange` (shared with another config)."""
     path = relay.directory / f"relay-{len(relay.configs)}.toml"
     relay.configs.append(
-        write_config(path, *handlers, url=relay.url, broker={"exchange": exchange})
+        write_config(path, *handlers, url=relay.url, broker={"exchange": exchange}, **sections)
     )
     return relay.configs[-1]
 
@@ -277,8 +279,11 @@ async def test_webhooks_accepted_before_the_first_worker_reach_it_in_order(
     tmp_path: Path, http_handler: HttpHandler
 ) -> None:
     async with Relay(tmp_path) as relay:
-        # Given an ingress with the handler in its config, and no worker ever started
-        config = relay.config(handler_config(http_handler.url, partitions=4))
+        # Given an ingress with the handler in its config, and no worker ever started (and no
+        # archive: it would take whatever relay.unrouted would)
+        config = relay.config(
+            handler_config(http_handler.url, partitions=4), archive={"enabled": False}
+        )
         unrouted = await unrouted_depth(config)
         ingress = await relay.run("ingress", config=config)
         await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
@@ -337,8 +342,9 @@ async def test_a_worker_declaring_a_new_handler_under_traffic_refuses_nothing(
     tmp_path: Path, http_handler: HttpHandler
 ) -> None:
     async with Relay(tmp_path) as relay:
-        # Given an ingress without the handler, taking a steady stream of webhooks
-        ingress_config = relay.config()
+        # Given an ingress without the handler, taking a steady stream of webhooks (no archive:
+        # it would take every webhook, so none could come back unroutable)
+        ingress_config = relay.config(archive={"enabled": False})
         exchange = ingress_config.settings.broker.exchange
         ingress = await relay.run("ingress", config=ingress_config)
         await eventually(lambda: ingress_ready(ingress, ingress_config), timeout=30, what="ready")
@@ -347,7 +353,10 @@ async def test_a_worker_declaring_a_new_handler_under_traffic_refuses_nothing(
         sending = asyncio.create_task(sender.send(range(1, 21), stop=stop))
         # When a worker declares a new handler of those webhooks meanwhile
         worker_config = shared_exchange(
-            relay, handler_config(http_handler.url, partitions=8), exchange=exchange
+            relay,
+            handler_config(http_handler.url, partitions=8),
+            exchange=exchange,
+            archive={"enabled": False},
         )
         await relay.worker(worker_config)
         await eventually(lambda: len(list(http_deliveries(http_handler))) >= 100, timeout=30,

@@ -5,16 +5,17 @@ asked for, no gap and no repeat at the switch to live traffic."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
 
-from relay import topology, wire
+from relay import replays, wire
 from relay.errors import OptionError
 from relay.ops.replay import parse_time
 from relay.replays import Replay
@@ -26,6 +27,7 @@ from tests.processes import (
     Relay,
     billing_handler,
     http_deliveries,
+    ingress_ready,
     write_config,
 )
 from tests.support import AMQP_URL, eventually
@@ -68,22 +70,6 @@ def test_a_replay_survives_its_record() -> None:
 # --- against the broker -----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def archive() -> AsyncIterator[Any]:
-    """The archive stream, bound to each exchange `bind` names (as relay binds its own)."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        stream = await channel.declare_queue(
-            topology.ARCHIVE, durable=True, arguments={"x-queue-type": "stream", "x-max-age": "7D"}
-        )
-
-        async def bind(exchange: str) -> None:
-            await stream.bind(exchange, "#")
-
-        yield bind
-
-
 def deliveries_per_id(handler: HttpHandler) -> Counter[str]:
     return Counter(r.id for r in handler.requests if r.accepted)
 
@@ -91,7 +77,7 @@ def deliveries_per_id(handler: HttpHandler) -> Counter[str]:
 @pytest.mark.rabbit
 @pytest.mark.timeout(240)
 async def test_a_replay_since_t_delivers_the_archive_again_in_key_order_while_traffic_flows(
-    tmp_path: Path, http_handler: HttpHandler, archive: Any
+    tmp_path: Path, http_handler: HttpHandler
 ) -> None:
     async with HttpHandler() as other, Relay(tmp_path) as relay:
         # Given billing and another handler that answered 200 to 500 webhooks over 20 invoices,
@@ -101,7 +87,6 @@ async def test_a_replay_since_t_delivers_the_archive_again_in_key_order_while_tr
             {**billing_handler(other), "name": "other", "partitions": 2},
         )
         await relay.start(config)
-        await archive(config.settings.broker.exchange)
         sender = EnvoiceSender.to(config)
         await asyncio.wait_for(sender.send(range(1, 21), each=12), 60)
         await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
@@ -181,14 +166,13 @@ def check_replay_order(
 @pytest.mark.rabbit
 @pytest.mark.timeout(300)
 async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_key_order(
-    tmp_path: Path, http_handler: HttpHandler, archive: Any
+    tmp_path: Path, http_handler: HttpHandler
 ) -> None:
     async with Relay(tmp_path) as relay, HttpHandler() as first:
         # Given relay running with one handler, webhooks flowing all along
         config = relay.config(billing_handler(first))
         await relay.start(config)
         exchange = config.settings.broker.exchange
-        await archive(exchange)
         sender = EnvoiceSender.to(config, pause_seconds=0.1)
         stop = asyncio.Event()
         flowing = asyncio.create_task(sender.send(range(1, 31), stop=stop))
@@ -218,3 +202,76 @@ async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_k
     assert tally.accepted >= 300
     assert tally.ok, tally
     assert tally.duplicates == 0, tally
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(120)
+async def test_a_dry_run_counts_per_event_and_changes_nothing(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given 30 webhooks accepted and delivered
+        config = relay.config(billing_handler(http_handler))
+        await relay.start(config)
+        sender = EnvoiceSender.to(config)
+        await asyncio.wait_for(sender.send(range(1, 4), each=10), 60)
+        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        name = config.settings.handlers[0].name
+
+        # When a dry run asks for the last hour
+        dry = await relay.run("replay", "--handler", name, "--since", "1h", "--dry-run",
+                              config=config)  # fmt: skip
+        code = await dry.exit_code()
+
+    # Then it counts the 30 per event, and changes nothing
+    assert code == 0, dry.output()
+    assert "      30  envoice.paid" in dry.output()
+    assert "would replay 30 message(s)" in dry.output()
+    assert len(http_handler.accepted()) == 30
+
+
+@pytest.fixture
+def own_vhost() -> Iterator[str]:
+    """An AMQP URL of a vhost of the test's own: its relay.archive is the test's alone."""
+    vhost = f"relay-replay-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*",
+                    ".*"], check=True, timeout=60)  # fmt: skip
+    try:
+        yield f"{AMQP_URL.rsplit('/', 1)[0]}/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=True, timeout=60)
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(180)
+async def test_a_replay_from_before_what_the_archive_kept_says_how_far_back_it_reaches(
+    tmp_path: Path, own_vhost: str
+) -> None:
+    async with Relay(tmp_path, url=own_vhost) as relay:
+        # Given an archive that keeps a second, in segments of a few messages
+        config = relay.config(
+            {"name": "h", "events": ["envoice.#"], "url": "http://127.0.0.1:9/"},
+            archive={"max_age": "1s", "segment_bytes": 2000},
+        )
+        ingress = await relay.run("ingress", config=config)
+        await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
+        sender = EnvoiceSender.to(config)
+        connection = await aio_pika.connect(own_vhost)
+        async with connection:
+
+            async def dropped() -> datetime | None:
+                await sender.send(range(1, 3), each=2)  # a segment rolls over: retention runs
+                return await replays.archive_reach(connection)
+
+            # When its retention has dropped the oldest segments
+            reach: datetime = await eventually(
+                dropped, timeout=60, interval=0.5, what="segments dropped"
+            )
+        # Then a replay from before them says how far back the archive reaches, and fails
+        name = config.settings.handlers[0].name
+        too_old = await relay.run("replay", "--handler", name, "--since", "1h", config=config)
+        code = await too_old.exit_code()
+    assert code == 1
+    [line] = [x for x in too_old.output().splitlines() if x.startswith("relay:")]
+    assert f"the archive reaches back to {reach.isoformat()} only" in line, line

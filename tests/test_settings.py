@@ -16,7 +16,7 @@ from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
 from relay.errors import ConfigError
 from relay.secrets import Secret
-from relay.settings import BrokerSettings, Settings
+from relay.settings import ArchiveSettings, BrokerSettings, Settings
 from tests.support import ROOT
 from tests.support import run_relay as support_run_relay
 
@@ -107,6 +107,35 @@ def test_defaults() -> None:
     assert handler.timeout_seconds == 10.0
     assert handler.queues == [f"relay.billing.{i}" for i in range(4)]
     assert handler.dead_letter_queue == "relay.billing.dlq"
+    assert handler.outcome_log == "relay.billing.outcomes"
+    assert settings.archive == ArchiveSettings(
+        enabled=True,
+        max_age="7D",
+        max_bytes=0,
+        segment_bytes=100_000_000,
+        outcomes_max_age="30D",
+        outcomes_max_bytes=0,
+    )
+
+
+def test_archive_options_are_read() -> None:
+    archive: dict[str, Any] = {
+        "enabled": False,
+        "max_age": "14D",
+        "max_bytes": 10_000_000_000,
+        "segment_bytes": 1_000_000,
+        "outcomes_max_age": "90D",
+        "outcomes_max_bytes": 5_000_000_000,
+    }
+
+    settings = load(archive=archive)
+
+    assert settings.archive == ArchiveSettings(**archive)
+
+
+@pytest.mark.parametrize("age", ["1Y", "6M", "7D", "12h", "90m", "30s"])
+def test_every_rabbitmq_max_age_unit_is_accepted(age: str) -> None:
+    assert load(archive={"max_age": age, "outcomes_max_age": age}).archive.max_age == age
 
 
 def test_empty_config_is_valid() -> None:
@@ -429,6 +458,24 @@ def test_wrongly_typed_secret_is_not_echoed(
         ({"sources": {"name": "envoice"}}, "sources"),
         ({"sources": ["envoice"]}, "sources[0]"),
         ({"handlers": [HANDLER, "billing"]}, "handlers[1]"),
+        ({"archive": {"max_days": 7}}, "archive.max_days"),
+        ({"archive": {"enabled": "no"}}, "archive.enabled"),
+        ({"archive": {"max_age": "7 days"}}, "archive.max_age"),
+        ({"archive": {"max_age": "0D"}}, "archive.max_age"),
+        ({"archive": {"max_age": "7d"}}, "archive.max_age"),
+        ({"archive": {"max_age": "1h30m"}}, "archive.max_age"),
+        ({"archive": {"max_age": 7}}, "archive.max_age"),
+        ({"archive": {"max_bytes": -1}}, "archive.max_bytes"),
+        ({"archive": {"segment_bytes": 0}}, "archive.segment_bytes"),
+        ({"archive": {"segment_bytes": 8}}, "archive.segment_bytes"),
+        ({"archive": {"segment_bytes": 3_000_000_001}}, "archive.segment_bytes"),
+        ({"archive": {"max_bytes": 150_000_000}}, "archive.max_bytes"),
+        (
+            {"archive": {"segment_bytes": 1000, "outcomes_max_bytes": 1999}},
+            "archive.outcomes_max_bytes",
+        ),
+        ({"archive": {"outcomes_max_age": "30"}}, "archive.outcomes_max_age"),
+        ({"archive": {"outcomes_max_bytes": 1.5}}, "archive.outcomes_max_bytes"),
     ],
 )
 def test_bad_section_names_the_key(raw: dict[str, Any], key: str) -> None:
@@ -694,3 +741,11 @@ def test_worker_with_unloadable_call_exits_2(tmp_path: Path, call: str, problem:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"relay: config error: {path}: handlers[0].call: ")
     assert problem in lines[0]
+
+
+def test_a_backfill_needs_the_archive() -> None:
+    assert load(handler={"backfill": "30d"}).handlers[0].backfill == "30d"
+    with raises_naming("handlers[0].backfill"):
+        load(handler={"backfill": "30d"}, archive={"enabled": False})
+    with raises_naming("handlers[0].backfill"):
+        load(handler={"backfill": "a month"})

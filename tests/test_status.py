@@ -224,6 +224,7 @@ async def strand(
     source = f"s{uuid.uuid4().hex[:8]}"
     target = {"url": "http://127.0.0.1:9/"}
     settings = make_settings(
+        archive={"enabled": False},  # with the archive, nothing would reach relay.unrouted
         source={"name": source, "path": f"/webhooks/{source}"},
         handlers=[
             {"name": "paid", "events": [f"{source}.paid"], **target},

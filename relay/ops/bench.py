@@ -589,8 +589,9 @@ async def temporary_handler(
     connection = await connect(settings.broker)
     try:
         channel = await connection.channel()
+        described = topology.ingress(settings) + topology.handler(settings, handler)
         await topology.declare(
-            channel, topology.ingress(settings) + topology.handler(settings, handler)
+            channel, await topology.without_existing_streams(connection, described)
         )
         worker = Worker(settings, [handler.name])
         running = asyncio.create_task(worker.async_run())

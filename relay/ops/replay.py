@@ -53,13 +53,11 @@ async def replay(
     connection = await connect(settings.broker)
     async with connection:
         exchange = settings.broker.exchange
-        reaches = await replays.archive_start(connection, exchange)
-        if reaches is None:
-            raise RelayError("the archive holds no webhook yet (is [archive] enabled?)")
-        if wanted.since < reaches:
+        reach = await replays.archive_reach(connection)
+        if reach is not None and wanted.since < reach:
             raise RelayError(
-                f"the archive reaches back to {reaches.isoformat()} only: replay --since that "
-                "or later"
+                f"the archive reaches back to {reach.isoformat()} only (its retention dropped "
+                "what is older): replay --since that or later"
             )
         if dry_run:
             counted: Counter[str] = Counter()

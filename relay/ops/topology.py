@@ -8,12 +8,15 @@ relay owns the main exchange's bindings to `relay.*` exchanges (the handlers' pa
 handler exchange's bindings to its own queues. Queues are never deleted while they hold
 messages: they are reported, and `--prune` removes them once they are empty. A queue of an
 older relay with another type (a classic dead-letter queue) is converted, its messages moved in
-order, while no worker consumes the handler's partitions.
+order, while no worker consumes the handler's partitions. A stream (the archive, an outcome log)
+is never declared again once it exists: the broker refuses other arguments, so a stream whose
+retention differs from the config's is reported with the policy that applies the config's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections import defaultdict
@@ -50,6 +53,7 @@ class Leftover:
     messages: int  # ready and unacknowledged
     consumers: int
     type: str = "classic"  # classic, quorum, stream
+    arguments: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,23 @@ class Conversion:
 
 CONVERTING = ".converting"  # suffix of the queue that holds the messages while it converts
 
+# A stream's retention arguments, and the policy keys that override them (a policy's max-age
+# wins over the argument, longer or shorter: docs/RABBITMQ.md, "Streams").
+RETENTION = {
+    "x-max-age": "max-age",
+    "x-max-length-bytes": "max-length-bytes",
+    "x-stream-max-segment-size-bytes": "stream-max-segment-size-bytes",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """A stream the broker has with other retention arguments than the config says."""
+
+    queue: str
+    have: dict[str, str]
+    want: dict[str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -94,6 +115,9 @@ class Plan:
     leftovers: list[Leftover] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
     convert: list[Conversion] = field(default_factory=list)
+    retention: list[Retention] = field(default_factory=list)  # streams kept as they are
+    unused_archive: Leftover | None = None  # the archive is off in the config, on the broker not
+    archive_bound: bool = False  # ... and still bound to the main exchange
 
     @property
     def empty(self) -> bool:
@@ -135,6 +159,9 @@ def plan(desired: Topology, broker: Broker, main_exchange: str, change: str = "c
     ]
     convert = _conversions(desired, broker)
     converting = {c.queue for c in convert}
+    unused_archive = (
+        None if topology.ARCHIVE in wanted_queues else broker.queues.get(topology.ARCHIVE)
+    )
     return Plan(
         declare=Topology(
             [e for e in desired.exchanges if e.name not in broker.exchanges],
@@ -146,7 +173,29 @@ def plan(desired: Topology, broker: Broker, main_exchange: str, change: str = "c
         leftovers=leftovers,
         moves=_moves(desired, broker, change),
         convert=convert,
+        retention=_retention_changes(desired, broker),
+        unused_archive=unused_archive,
+        archive_bound=any(
+            b.source == main_exchange and b.destination == topology.ARCHIVE for b in broker.bindings
+        ),
     )
+
+
+def _retention_changes(desired: Topology, broker: Broker) -> list[Retention]:
+    """The config's streams that the broker has with other retention arguments."""
+    changes = []
+    for queue in desired.queues:
+        found = broker.queues.get(queue.name)
+        if not topology.is_stream(queue) or found is None:
+            continue
+        have, want = _retention(found.arguments), _retention(queue.arguments)
+        if have != want:
+            changes.append(Retention(queue.name, have, want))
+    return changes
+
+
+def _retention(arguments: dict[str, Any]) -> dict[str, str]:
+    return {k: str(arguments[k]) for k in RETENTION if k in arguments}
 
 
 def _conversions(desired: Topology, broker: Broker) -> list[Conversion]:
@@ -219,7 +268,7 @@ def _key(b: Binding) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
 # --- describing a plan ------------------------------------------------------------------------
 
 
-def describe(plan: Plan, *, prune: bool) -> list[str]:
+def describe(plan: Plan, *, prune: bool, vhost: str = "/") -> list[str]:
     """One line per change, bucket bindings grouped per queue."""
     lines = [f"+ exchange {e.name} ({e.type})" for e in plan.declare.exchanges]
     lines += [f"+ queue {q.name}" for q in plan.declare.queues]
@@ -246,6 +295,9 @@ def describe(plan: Plan, *, prune: bool) -> list[str]:
             lines.append(f"- {what}")
         else:
             lines.append(f"= {what} kept for ingresses older than buckets: --prune removes them")
+    lines += [_retention_line(r, vhost) for r in plan.retention]
+    if plan.unused_archive is not None:
+        lines.append(_unused_archive_line(plan.unused_archive, plan.archive_bound, vhost))
     for queue in plan.leftovers:
         if queue.messages == 0 and prune:
             lines.append(f"- queue {queue.name} (empty)")
@@ -256,6 +308,45 @@ def describe(plan: Plan, *, prune: bool) -> list[str]:
                 "once empty"
             )
     return lines
+
+
+def _retention_line(change: Retention, vhost: str) -> str:
+    def shown(arguments: dict[str, str]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in arguments.items()) or "none"
+
+    policy = {
+        RETENTION[k]: int(v) if v.isdigit() else v
+        for k, v in change.want.items()
+        if change.have.get(k) != v
+    }
+    line = (
+        f"= stream {change.queue} keeps its retention ({shown(change.have)}; the config says "
+        f"{shown(change.want)}): the broker refuses to change a stream's arguments"
+    )
+    if policy:
+        name = change.queue.replace(".", "-")
+        pattern = "^" + re.escape(change.queue) + "$"
+        line += (
+            f". A policy overrides them: rabbitmqctl set_policy -p {vhost} {name} '{pattern}' "
+            f"'{json.dumps(policy, separators=(',', ':'))}' --apply-to queues"
+        )
+    dropped = [k for k in change.have if k not in change.want]
+    if dropped:
+        line += f" ({', '.join(dropped)} stays: a policy can set another value, not remove it)"
+    return line
+
+
+def _unused_archive_line(archive: Leftover, bound: bool, vhost: str) -> str:
+    line = f"= stream {archive.name} is kept though the config turns the archive off"
+    if bound:
+        line += (
+            ": it is still bound to the exchange, so it goes on receiving every webhook and "
+            "relay.unrouted stays empty"
+        )
+    return (
+        f"{line}; `rabbitmqctl delete_queue -p {vhost} {archive.name}` removes it, with every "
+        "message it holds"
+    )
 
 
 def _binding_lines(sign: str, bindings: Iterable[Binding]) -> list[str]:
@@ -294,6 +385,7 @@ async def read(api: Management, desired: Topology, main_exchange: str) -> Broker
             int(q.get("messages_ready") or 0) + int(q.get("messages_unacknowledged") or 0),
             int(q.get("consumers") or 0),
             str(q.get("type") or "classic"),
+            dict(q.get("arguments") or {}),
         )
         for q in await api.queues()
         if q["name"].startswith("relay.")
@@ -318,7 +410,12 @@ async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prun
     and the removal of the old ones, then (once routing decisions made meanwhile have landed)
     FENCE into those losing them. `channel` must be in confirm mode."""
     converting = {c.queue for c in plan.convert}
-    queues = [q for q in desired.queues if q.name not in converting]
+    missing = {q.name for q in plan.declare.queues}
+    queues = [
+        q
+        for q in desired.queues
+        if q.name not in converting and (q.name in missing or not topology.is_stream(q))
+    ]  # a stream that exists is never declared again: it may have other arguments
     await topology.declare(channel, Topology(desired.exchanges, queues))
     for move in plan.moves:
         for queue, buckets in move.gains.items():
@@ -402,8 +499,9 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
     Runs that apply take turns (`_turn`): two at once (a rollout's init containers) would each
     move the same buckets with markers of their own."""
     desired = topology.describe(settings)
+    vhost = settings.broker.vhost
     if dry_run:
-        return describe(await _plan(settings, desired), prune=prune)
+        return describe(await _plan(settings, desired), prune=prune, vhost=vhost)
     connection = await connect(settings.broker)
     async with connection:
         turn, what = (
@@ -425,7 +523,7 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
                     await convert(connection, conversion)
         except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
             raise RelayError(f"the broker refused a change: {exc}") from None
-    return describe(changes, prune=prune)
+    return describe(changes, prune=prune, vhost=vhost)
 
 
 async def _plan(settings: Settings, desired: Topology) -> Plan:

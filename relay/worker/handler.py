@@ -25,6 +25,7 @@ from relay.settings import HandlerSettings
 from relay.topology import STATE_STREAM
 from relay.wire import State
 from relay.worker.delivery import Outcome, Target, attempt_delivery
+from relay.worker.outcomes import OutcomeLog
 from relay.worker.partition import Delivery, Partition
 from relay.worker.policy import Fate, HandlerPolicy
 
@@ -54,6 +55,7 @@ class HandlerDeliveries:
         self._releases: dict[str, tuple[set[int], set[str]]] = {}
         self._requires: dict[str, str] = {}  # a replay's fill -> its before: released together
         self._publish: Publish | None = None
+        self._outcome_log = OutcomeLog(handler.outcome_log)
         self._dispatcher: asyncio.Task[None] | None = None
         self._log = log.bind(handler=handler.name)
         name = handler.name
@@ -137,10 +139,31 @@ class HandlerDeliveries:
         )
         await self._publish(dead, self.handler.dead_letter_queue)
 
+    async def record_outcome(
+        self, delivery: Delivery, outcome: Outcome, dead_letter: str | None
+    ) -> None:
+        """Append `delivery`'s final outcome to the handler's outcome log and wait for the
+        broker's confirm (`dead_letter`: why it was dead-lettered, else it was delivered)."""
+        record = wire.outcome_record(
+            delivery.body,
+            delivery.properties,
+            outcome=wire.DELIVERED if dead_letter is None else wire.DEAD_LETTERED,
+            handler=self.handler.name,
+            key=delivery.key,
+            bucket=delivery.bucket,
+            partition=delivery.partition.queue,
+            attempts=delivery.attempt,
+            status=outcome.status,
+            reason=dead_letter,
+            at=datetime.now(UTC),
+        )
+        await self._outcome_log.write(record)
+
     # --- running ------------------------------------------------------------------------------
 
     def start(self, publish: Publish) -> None:
         self._publish = publish
+        self._outcome_log.start(publish)
         self._halted = False
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.ensure_future(self._dispatch())
@@ -161,6 +184,7 @@ class HandlerDeliveries:
             timer.cancel()
         self._timers.clear()
         self._ready.clear()
+        await self._outcome_log.stop()
 
     async def _dispatch(self) -> None:
         while True:

@@ -4,8 +4,9 @@ Order rests on one broker fact (docs/RABBITMQ.md, "Returned deliveries keep thei
 deliveries a consumer holds unacked go back to the head of the queue, in their original order,
 when its channel closes or its process dies. So a partition holds a window of `window`
 deliveries, hands the head of every key to the handler's deliveries at once, acks each message
-when its outcome is final (delivered, or dead-lettered with a confirm), and never nacks: a stop,
-a crash or a cut returns the unacked rest in order.
+when its outcome is final (delivered, or dead-lettered with a confirm) and recorded in the
+handler's outcome log (confirmed), and never nacks: a stop, a crash or a cut returns the unacked
+rest in order.
 """
 
 from __future__ import annotations
@@ -169,8 +170,11 @@ class Partition:
         self.deliveries.ready(delivery)
 
     async def settle(self, delivery: Delivery, outcome: Outcome, dead_letter: str | None) -> None:
-        """`delivery`'s outcome is final: dead-letter it (when `dead_letter` says why), ack it,
-        release its key's next message."""
+        """`delivery`'s outcome is final: dead-letter it (when `dead_letter` says why), record
+        the outcome in the handler's outcome log, ack it, release its key's next message. Each
+        step waits for the broker's confirm of the one before: a message is acked only once its
+        outcome is recorded (a crash in between: it comes again, and the record says what
+        became of it)."""
         self.deliveries.forget(delivery)
         if delivery.stale:
             return  # its channel is gone: the broker delivers it again
@@ -179,6 +183,12 @@ class Partition:
                 await self.deliveries.dead_letter(delivery, outcome, dead_letter)
         except BROKER_ERRORS as exc:
             log.warning("dead letter not written: the message will come again", error=repr(exc),
+                        partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+            return
+        try:
+            await self.deliveries.record_outcome(delivery, outcome, dead_letter)
+        except BROKER_ERRORS as exc:
+            log.warning("outcome not recorded: the message will come again", error=repr(exc),
                         partition=self.queue, message_id=delivery.message_id)  # fmt: skip
             return
         await self._finish(delivery)

@@ -20,7 +20,8 @@ comes from /proc/<pid>/status. From the repo root:
     python -m tests.bench.drain --latency-ms 0 --rounds 3 --json
 
 Needs RabbitMQ on $RELAY_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/). Deletes the
-queues and exchanges it declared; never relay.unrouted or relay.state. Every wait has a deadline.
+queues and exchanges it declared; never relay.unrouted, relay.state or relay.archive. Every wait
+has a deadline.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from tests.bench.common import (
     wait_ok,
 )
 
-PROTECTED = frozenset({"relay.unrouted", "relay.state"})  # shared: never deleted
+PROTECTED = frozenset({"relay.unrouted", "relay.state", "relay.archive"})  # shared: kept
 SOURCE_PATH = "/webhooks/envoice"
 SECRET = "bench-secret"
 REQUEST_SECONDS = 10.0  # one webhook POST
@@ -374,7 +375,8 @@ async def run(args: argparse.Namespace, directory: Path) -> list[Round]:
             await child.stop()
         queues = [baseline, *(f"relay.{handler}.{i}" for i in range(args.partitions))]
         await delete_broker_objects(
-            [*queues, f"relay.{handler}.dlq"], [f"relay.{handler}", exchange]
+            [*queues, f"relay.{handler}.dlq", f"relay.{handler}.outcomes"],
+            [f"relay.{handler}", exchange],
         )
     return rounds
 

@@ -15,7 +15,7 @@ differ only in relay's code. From the repo root:
     git worktree remove --force /tmp/relay-before
 
 Needs RabbitMQ on --amqp-url (valid-small is published). Deletes the queues and exchanges its
-config declared; never relay.unrouted or relay.state. Every step has a deadline.
+config declared; never relay.unrouted, relay.state or relay.archive. Every step has a deadline.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from relay.settings import SourceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
-PROTECTED = frozenset({"relay.unrouted", "relay.state"})  # shared: never deleted
+PROTECTED = frozenset({"relay.unrouted", "relay.state", "relay.archive"})  # shared: kept
 
 SOURCE_PATH = "/webhooks/envoice"
 SECRET = "bench-secret"
@@ -167,7 +167,7 @@ class Names:
 
     @property
     def queues(self) -> list[str]:
-        return [f"relay.{self.handler}.0", f"relay.{self.handler}.dlq"]
+        return [f"relay.{self.handler}.{q}" for q in ("0", "dlq", "outcomes")]
 
     @property
     def exchanges(self) -> list[str]:

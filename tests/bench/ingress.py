@@ -5,7 +5,10 @@ connections for --seconds, every request a new signed Envoice webhook (no duplic
 process starts fresh and each run's bodies carry distinct ids), confirmed persistent publishes to
 one quorum queue bound to the exchange:
 
-- relay: `relay ingress` (uvloop), and `relay ingress --processes 2`;
+- relay: `relay ingress` (uvloop), and `relay ingress --processes 2`, with the archive on (the
+  default: every webhook also lands in the stream relay.archive); with --archive-off also
+  `relay ingress` with `[archive] enabled = false`, on an exchange of its own bound to the same
+  queue, for the archive's cost;
 - plain: tests/bench/plain.py, the plain relay a user writes (aiohttp, HMAC, orjson, aio-pika
   publish with confirm), on asyncio and on uvloop;
 - ceiling: tests/bench/ceiling.py, an aiohttp handler that only reads the body (no broker);
@@ -126,6 +129,16 @@ def servers(config: Path, port: int, exchange: str) -> list[Server]:
             ("-m", "tests.bench.ceiling", "--port", str(port)),
         ),
     ]
+
+
+async def declare_topology(config: Path) -> None:
+    declare = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "topology", "declare", "--config", str(config),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, errors = await asyncio.wait_for(declare.communicate(), RUN_GRACE_SECONDS)
+    if declare.returncode:
+        raise BenchError(f"relay topology declare: {errors.decode()}")
 
 
 def write_bodies(config: Path, path: Path, count: int) -> None:
@@ -301,20 +314,25 @@ async def run(args: argparse.Namespace, directory: Path) -> str:
     lua, bodies = directory / "post.lua", directory / "bodies"
     lua.write_text(POST_LUA)
     write_bodies(config, bodies, int(MAX_RATE * args.seconds))
-    declare = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "topology", "declare", "--config", str(config),
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    _, errors = await asyncio.wait_for(declare.communicate(), RUN_GRACE_SECONDS)
-    if declare.returncode:
-        raise BenchError(f"relay topology declare: {errors.decode()}")
+    await declare_topology(config)
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     queue = await channel.declare_queue(
         exchange, durable=True, arguments={"x-queue-type": "quorum"}
     )
     await queue.bind(exchange, "#")
-    chosen = [s for s in servers(config, port, exchange) if not args.only or s.name in args.only]
+    every = servers(config, port, exchange)
+    if args.archive_off:  # the same ingress on an exchange the archive is not bound to
+        off = directory / "bench-archive-off.toml"
+        off.write_text(
+            SOURCE_CONFIG.format(exchange=f"{exchange}-off", port=port, path=PATH, secret=SECRET)
+            + "[archive]\nenabled = false\n"
+        )
+        await declare_topology(off)
+        await queue.bind(f"{exchange}-off", "#")
+        argv = ("-m", "relay", "ingress", "--config", str(off), "--log-level", "warning")
+        every.insert(1, Server("relay ingress, archive off", argv))
+    chosen = [s for s in every if not args.only or s.name in args.only]
     brokers: list[float] = []
     held: dict[str, Any] = {}
     outage: dict[str, Any] = {}
@@ -341,6 +359,7 @@ async def run(args: argparse.Namespace, directory: Path) -> str:
             channel = await cleanup.channel()
             await channel.queue_delete(exchange)
             await channel.exchange_delete(exchange)
+            await channel.exchange_delete(f"{exchange}-off")
     return report(chosen, brokers, held, outage, args)
 
 
@@ -448,6 +467,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print the table, do not write docs/PERFORMANCE.md"
+    )
+    parser.add_argument(
+        "--archive-off",
+        action="store_true",
+        help="also run `relay ingress` with [archive] enabled = false (its cost: the archive's)",
     )
     args = parser.parse_args()
     args.broker_pids = broker_pids()
