@@ -6,14 +6,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from relay import replays, topology, wire
 from relay.broker import exchange_exists, queue_exists
-from relay.settings import HandlerSettings, Settings, duration_seconds
+from relay.settings import HandlerSettings, Settings
 from relay.topology import QUORUM, Queue, Topology, outcome_log_queue
 
 log = structlog.get_logger()
@@ -59,7 +58,7 @@ async def create_missing(
             channel, replace(described, bindings=described.bindings[: -len(patterns)])
         )
         if h.backfill:  # its partitions hold what comes until the archive's messages are in
-            await replays.begin(channel, h, replays.Replay.new(h.name, backfill_since(h)))
+            await replays.begin(channel, h, replays.Replay.backfill(h))
         await topology.declare(channel, Topology(bindings=patterns))
         layout = wire.layout_record(
             handler=h.name, partitions=h.partitions, change=uuid.uuid4().hex[:12]
@@ -68,8 +67,3 @@ async def create_missing(
         log.info("handler topology declared", handler=h.name, partitions=h.partitions, by=by)
         created.append(h)
     return created
-
-
-def backfill_since(handler: HandlerSettings) -> datetime:
-    """Where a new handler's backfill starts: its `backfill` before now."""
-    return datetime.now(UTC) - timedelta(seconds=duration_seconds(handler.backfill or "") or 0)

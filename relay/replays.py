@@ -39,7 +39,7 @@ from pamqp.commands import Basic
 from relay import topology, wire
 from relay.broker import BROKER_ERRORS
 from relay.errors import RelayError
-from relay.settings import HandlerSettings
+from relay.settings import HandlerSettings, duration_seconds
 
 log = structlog.get_logger()
 
@@ -66,6 +66,12 @@ class Replay:
     @classmethod
     def new(cls, handler: str, since: datetime, **options: Any) -> Replay:
         return cls(handler, uuid.uuid4().hex[:12], since, **options)
+
+    @classmethod
+    def backfill(cls, handler: HandlerSettings) -> Replay:
+        """The backfill of a new handler: the archive from its `backfill` before now."""
+        back = timedelta(seconds=duration_seconds(handler.backfill or "") or 0)
+        return cls.new(handler.name, datetime.now(UTC) - back)
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Replay:

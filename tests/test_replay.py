@@ -165,8 +165,9 @@ def check_replay_order(
 
 @pytest.mark.rabbit
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("creator", ["worker", "topology declare"])
 async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_key_order(
-    tmp_path: Path, http_handler: HttpHandler
+    tmp_path: Path, http_handler: HttpHandler, creator: str
 ) -> None:
     async with Relay(tmp_path) as relay, HttpHandler() as first:
         # Given relay running with one handler, webhooks flowing all along
@@ -178,7 +179,8 @@ async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_k
         flowing = asyncio.create_task(sender.send(range(1, 31), stop=stop))
         await eventually(lambda: len(sender.ledger) >= 200, timeout=60, what="200 accepted")
 
-        # When a handler is added with a backfill of 5 minutes (all of them), its worker started
+        # When a handler is added with a backfill of 5 minutes (all of them), created by its
+        # first worker or by `relay topology declare`, its worker started
         added = write_config(
             tmp_path / "added.toml",
             {**billing_handler(http_handler), "name": "added", "backfill": "5m"},
@@ -186,6 +188,10 @@ async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_k
         )
         relay.configs.append(added)
         before = len(sender.ledger)
+        if creator == "topology declare":  # as the deployment files do before relay starts
+            declare = await relay.run("topology", "declare", config=added)
+            assert await declare.exit_code() == 0, declare.output()
+            assert "is new: it first gets the archive's messages" in declare.output()
         await relay.worker(added)
 
         def backfilled_and_live() -> bool:

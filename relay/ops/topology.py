@@ -29,11 +29,11 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import ChannelPreconditionFailed
 
-from relay import topology, wire
+from relay import replays, topology, wire
 from relay.broker import connect, wait_for_turn
 from relay.errors import RelayError
 from relay.ops.management import Management
-from relay.settings import Settings
+from relay.settings import HandlerSettings, Settings
 from relay.topology import Binding, Topology
 
 log = structlog.get_logger()
@@ -403,12 +403,20 @@ def _binding(raw: dict[str, Any]) -> Binding:
     )
 
 
-async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prune: bool) -> None:
+async def apply(
+    channel: AbstractChannel,
+    desired: Topology,
+    plan: Plan,
+    *,
+    prune: bool,
+    backfills: Iterable[HandlerSettings] = (),
+) -> None:
     """Declare what is desired and remove what the plan says. Buckets that change partition
     are moved with markers (relay/worker/changes.py) so that each key stays in order: HOLD into
     the partitions gaining buckets and FENCE_START into those losing them, then the new bindings
     and the removal of the old ones, then (once routing decisions made meanwhile have landed)
-    FENCE into those losing them. `channel` must be in confirm mode."""
+    FENCE into those losing them. New handlers with a backfill get its markers (relay/replays.py)
+    before their bindings. `channel` must be in confirm mode."""
     converting = {c.queue for c in plan.convert}
     missing = {q.name for q in plan.declare.queues}
     queues = [
@@ -417,6 +425,8 @@ async def apply(channel: AbstractChannel, desired: Topology, plan: Plan, *, prun
         if q.name not in converting and (q.name in missing or not topology.is_stream(q))
     ]  # a stream that exists is never declared again: it may have other arguments
     await topology.declare(channel, Topology(desired.exchanges, queues))
+    for handler in backfills:
+        await replays.begin(channel, handler, replays.Replay.backfill(handler))
     for move in plan.moves:
         for queue, buckets in move.gains.items():
             await _publish(channel, wire.marker(wire.HOLD, move.change, buckets), queue)
@@ -501,7 +511,8 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
     desired = topology.describe(settings)
     vhost = settings.broker.vhost
     if dry_run:
-        return describe(await _plan(settings, desired), prune=prune, vhost=vhost)
+        changes = await _plan(settings, desired)
+        return describe(changes, prune=prune, vhost=vhost) + _backfill_lines(settings, changes)
     connection = await connect(settings.broker)
     async with connection:
         turn, what = (
@@ -517,13 +528,28 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
                 replace(c, busy=await _consumers(channel, c.partitions)) for c in changes.convert
             ]
             changes = replace(changes, convert=checked)
-            await apply(channel, desired, changes, prune=prune)
+            backfills = _backfills(settings, changes)
+            await apply(channel, desired, changes, prune=prune, backfills=backfills)
             for conversion in changes.convert:
                 if not conversion.busy:
                     await convert(connection, conversion)
         except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
             raise RelayError(f"the broker refused a change: {exc}") from None
-    return describe(changes, prune=prune, vhost=vhost)
+    return describe(changes, prune=prune, vhost=vhost) + _backfill_lines(settings, changes)
+
+
+def _backfills(settings: Settings, plan: Plan) -> list[HandlerSettings]:
+    """The handlers the plan creates that have a backfill."""
+    new = {e.name for e in plan.declare.exchanges}
+    return [h for h in settings.handlers if h.backfill and h.exchange in new]
+
+
+def _backfill_lines(settings: Settings, plan: Plan) -> list[str]:
+    return [
+        f"~ handler {h.name} is new: it first gets the archive's messages of its events from "
+        f"{h.backfill} back, then live ones"
+        for h in _backfills(settings, plan)
+    ]
 
 
 async def _plan(settings: Settings, desired: Topology) -> Plan:
