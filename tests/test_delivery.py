@@ -217,6 +217,20 @@ async def test_http_delivery_without_signing_secret_is_unsigned(
     assert headers["x-relay-attempt"] == "1"
 
 
+async def test_a_replayed_delivery_says_which_replay_sends_it_again(
+    hook: Hook, session: aiohttp.ClientSession
+) -> None:
+    target = HttpTarget(handler(url=hook.url), session)
+
+    await target.deliver(BODY, "envoice:1", 1)
+    await target.deliver(BODY, "envoice:1", 1, "6dd6017fb72f")
+
+    [(first, _), (again, _)] = hook.requests
+    assert "x-relay-replayed" not in first
+    assert again["x-relay-replayed"] == "6dd6017fb72f"
+    assert again["webhook-id"] == "envoice:1"
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "expected"),
     [

@@ -42,14 +42,19 @@ class Outcome:
 
 
 class Target(Protocol):
-    async def deliver(self, body: bytes, message_id: str, attempt: int) -> Outcome: ...
+    async def deliver(
+        self, body: bytes, message_id: str, attempt: int, replay: str = ""
+    ) -> Outcome: ...
 
 
-async def attempt_delivery(target: Target, body: bytes, message_id: str, attempt: int) -> Outcome:
+async def attempt_delivery(
+    target: Target, body: bytes, message_id: str, attempt: int, replay: str = ""
+) -> Outcome:
     """One delivery's outcome, whatever happens: an exception a target did not expect (a header
-    value the HTTP client refuses, say) fails this message for good, never the worker."""
+    value the HTTP client refuses, say) fails this message for good, never the worker.
+    `replay`: the id of the replay sending it again, if one does."""
     try:
-        return await target.deliver(body, message_id, attempt)
+        return await target.deliver(body, message_id, attempt, replay)
     except Exception as exc:
         return Outcome(Verdict.PERMANENT, f"cannot deliver: {type(exc).__name__}: {exc}"[:300])
 
@@ -93,7 +98,9 @@ class HttpTarget:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=handler.timeout_seconds)
 
-    async def deliver(self, body: bytes, message_id: str, attempt: int) -> Outcome:
+    async def deliver(
+        self, body: bytes, message_id: str, attempt: int, replay: str = ""
+    ) -> Outcome:
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
@@ -101,6 +108,8 @@ class HttpTarget:
             "webhook-timestamp": str(timestamp),
             wire.ATTEMPT_HTTP_HEADER: str(attempt),
         }
+        if replay:  # a receiver that drops ids it has seen must take this one again
+            headers[wire.REPLAYED_HEADER] = replay
         if self._key is not None:
             headers["webhook-signature"] = standard_webhooks_signature(
                 self._key, message_id, timestamp, body
@@ -138,7 +147,9 @@ class CallTarget:
         self._func = load_callable(handler.call, key)
         self._timeout = handler.timeout_seconds
 
-    async def deliver(self, body: bytes, message_id: str, attempt: int) -> Outcome:
+    async def deliver(
+        self, body: bytes, message_id: str, attempt: int, replay: str = ""
+    ) -> Outcome:
         try:
             message = orjson.loads(body)
         except orjson.JSONDecodeError as exc:  # the same bytes will never decode

@@ -229,7 +229,7 @@ class HandlerDeliveries:
                 delivery.first_attempt = datetime.now(UTC)
             started = time.perf_counter()
             outcome = await attempt_delivery(
-                self._target, delivery.body, delivery.message_id, delivery.attempt
+                self._target, delivery.body, delivery.message_id, delivery.attempt, delivery.replay
             )
             self._seconds.observe(time.perf_counter() - started)
             self._outcomes[outcome.verdict.value].inc()

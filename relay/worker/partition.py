@@ -66,6 +66,12 @@ class Delivery:
         return self.generation != self.partition.generation
 
     @property
+    def replay(self) -> str:
+        """The id of the replay from the archive sending it again, if one does."""
+        replayed = (self.properties.headers or {}).get(wire.REPLAYED_HEADER)
+        return replayed if isinstance(replayed, str) else ""
+
+    @property
     def attempt(self) -> int:
         """The number of the current try, for the x-relay-attempt header: after the tries
         before it, this process's or the broker's earlier deliveries, whichever are more."""
