@@ -4,24 +4,36 @@ the real broker (marked `rabbit`) with `relay ingress` and `relay worker` proces
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import orjson
 import pytest
 from pamqp.commands import Basic
 
-from relay import wire
+from relay import replays, wire
+from relay.errors import NotFound
 from relay.ops import trace
-from relay.ops.streams import Entry
+from relay.ops.streams import Entry, read_stream, stream_end
 from relay.ops.trace import Journey, Webhook
 from relay.settings import HandlerSettings
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import Config, Relay, billing_handler
-from tests.support import activity, declare_topology, eventually, relay_command, signed_body
+from tests.support import (
+    AMQP_URL,
+    activity,
+    declare_topology,
+    eventually,
+    relay_command,
+    run_relay,
+    signed_body,
+)
 
 ACCEPTED = datetime(2026, 12, 7, 14, 0, 0, 123456, tzinfo=UTC)
 
@@ -172,6 +184,103 @@ def test_a_webhook_is_read_from_its_archived_message() -> None:
 
     assert read == Webhook("envoice:9", "envoice-eu", "envoice.paid", "invoice:7", 5,
                            ACCEPTED, 77)  # fmt: skip
+
+
+def test_with_the_broker_unreachable_trace_exits_3(tmp_path: Path) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text('[broker]\nurl = "amqp://guest:guest@127.0.0.1:1/"\n', encoding="utf-8")
+
+    result = run_relay("trace", "envoice:1", "--config", str(config), unset=("RELAY_AMQP_URL",))
+
+    assert result.returncode == 3
+    [line] = result.stderr.splitlines()
+    assert line.startswith("relay: broker unreachable: amqp://guest:***@127.0.0.1:1/"), line
+
+
+# --- reading a stream to its end, on the broker -----------------------------------------------
+
+BURST = 2000
+
+
+async def read_up_to(connection: aio_pika.abc.AbstractConnection, stream: str, last: int) -> None:
+    """Consume `stream` from its first message until the one whose body is `last`."""
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=1000)
+    queue = await channel.get_queue(stream, ensure=False)
+    arrived: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(arrived.put, arguments={"x-stream-offset": "first"})
+    async with asyncio.timeout(20):
+        while int((message := await arrived.get()).body) != last:
+            await message.ack()
+    await channel.close()
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(60)
+async def test_a_read_ends_at_the_newest_message_present_when_it_began_while_writes_go_on() -> None:
+    name = f"relay.test-trace-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()  # confirms each publish
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "stream"})
+        try:
+            # Given an empty stream: no end, and nothing to read
+            assert await stream_end(connection, name, "") is None
+            # and then 2000 messages written in a burst without confirms (the last chunk then
+            # usually holds several), all there once a plain reader has the last one
+            burst = await (
+                await connection.channel(publisher_confirms=False)
+            ).get_underlay_channel()
+            for n in range(BURST):
+                await burst.basic_publish(b"%d" % n, routing_key=name)
+            await read_up_to(connection, name, BURST - 1)
+            written = BURST
+
+            # When its end is found: the newest message's offset, the last of its last chunk
+            end = await stream_end(connection, name, "")
+            assert end == BURST - 1
+
+            async def write(count: int) -> None:
+                nonlocal written
+                publishes = []
+                for _ in range(count):  # started in order: one channel keeps it
+                    message = aio_pika.Message(b"%d" % written)
+                    publishes.append(asyncio.ensure_future(
+                        channel.default_exchange.publish(message, name)))  # fmt: skip
+                    written += 1
+                await asyncio.gather(*publishes)
+
+            # and one reads from the start to that end while writes go on
+            async def keep_writing() -> None:
+                while True:
+                    await write(5)
+
+            writer = asyncio.create_task(keep_writing())
+            try:
+                assert await stream_end(connection, name, "") is not None  # reads the writes too
+                got = [int(e.body) async for e in read_stream(connection, name, replays.EPOCH, end)]
+            finally:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+
+            # Then it got every message written before it began, in order, and it ended there
+            assert got == list(range(BURST))
+            # and nothing comes from a time after the last chunk
+            later = datetime.now(UTC) + timedelta(minutes=1)
+            assert [e async for e in read_stream(connection, name, later, end)] == []
+            # and the reader wrote nothing into the stream
+            last = await stream_end(connection, name, "")
+            assert last is not None
+            everything = [int(e.body) async for e in read_stream(connection, name, replays.EPOCH,
+                                                                last)]  # fmt: skip
+            assert everything == list(range(len(everything)))
+            assert written - 5 <= len(everything) <= written  # (a cancelled write may be lost)
+        finally:
+            await (await connection.channel()).queue_delete(name)
+        # and a stream that does not exist is named
+        with pytest.raises(NotFound, match=f"{name} does not exist: declare it"):
+            await stream_end(connection, name, "declare it")
 
 
 # --- against the broker -----------------------------------------------------------------------

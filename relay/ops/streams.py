@@ -3,10 +3,12 @@
 AMQP 0.9.1 has no end-of-stream signal (tests/test_streams.py), and the usual way round it, a
 marker published into the stream and read up to, writes: into the archive it would be archived
 traffic, into an outcome log a record of nothing. Instead a first consumer at x-stream-offset
-"last" takes the stream's last chunk; the highest offset it delivers (every delivery carries its
-offset in x-stream-offset) is the end, and the read proper stops at the first delivery at or
-past it. A message written before the read began is never missed; later ones may come too. A
-read from a time after the last chunk gets nothing within EMPTY_SECONDS and ends there.
+"last" takes the stream's last chunk; the highest offset it delivers within CHUNK_SECONDS
+(every delivery carries its offset in x-stream-offset) is the end, and the read proper stops at
+the first delivery at or past it. A message written before the read began is never missed
+(unless the last chunk took longer than CHUNK_SECONDS to arrive: then its tail is); later ones
+may come too. A read from a time after the last chunk gets nothing within EMPTY_SECONDS and
+ends there.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from relay.errors import NotFound, RelayError
 READ_PREFETCH = 1000
 END_PREFETCH = 10_000  # the last chunk, taken whole (a chunk holds a burst of writes)
 EMPTY_SECONDS = 1.0  # a read that gets nothing by then has nothing to read
-CHUNK_SECONDS = 0.2  # the last chunk comes at once: a pause this long, and it has all come
+CHUNK_SECONDS = 0.2  # the last chunk comes at once, well within this
 STALL_SECONDS = 30.0  # a read short of its end that gets nothing this long fails
 
 
@@ -79,9 +81,11 @@ async def stream_end(connection: AbstractConnection, stream: str, missing: str) 
             end = _offset(await asyncio.wait_for(arrived.get(), EMPTY_SECONDS))
         except TimeoutError:
             return None
+        # The rest of the chunk comes at once; what comes later was written after the start.
         with contextlib.suppress(TimeoutError):
-            while True:
-                end = max(end, _offset(await asyncio.wait_for(arrived.get(), CHUNK_SECONDS)))
+            async with asyncio.timeout(CHUNK_SECONDS):
+                while True:
+                    end = max(end, _offset(await arrived.get()))
         return end
 
 

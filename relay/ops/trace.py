@@ -319,7 +319,7 @@ async def _outcomes(
     async def of(handler: HandlerSettings) -> list[dict[str, Any]]:
         bound = [w for w in webhooks if w.bound_by(handler)]
         ids = {w.id for w in bound}
-        start = min(w.accepted_at for w in bound) - MARGIN
+        start = max(min(w.accepted_at for w in bound) - MARGIN, replays.EPOCH)
         log = handler.outcome_log
         missing = f"run `relay topology declare`, or start a worker of handler {handler.name!r}"
         end = await stream_end(connection, log, missing)
@@ -353,7 +353,7 @@ async def _archived(
 ) -> AsyncGenerator[Webhook, None]:
     """The archive's webhooks published to the config's exchange, from about `since` (a time
     offset starts at a chunk, and clocks differ: from SKEW_SECONDS earlier) to offset `end`."""
-    start = since - timedelta(seconds=replays.SKEW_SECONDS)
+    start = max(since - timedelta(seconds=replays.SKEW_SECONDS), replays.EPOCH)
     exchange = settings.broker.exchange
     async with contextlib.aclosing(read_stream(connection, topology.ARCHIVE, start, end)) as read:
         async for entry in read:
