@@ -388,6 +388,50 @@ async def test_a_dead_lettered_webhook_is_traced_with_its_reason_and_status(
 
 @pytest.mark.rabbit
 @pytest.mark.timeout(60)
+async def test_a_dead_letter_replayed_and_delivered_is_listed_after_its_original_outcome(
+    tmp_path: Path, http_handler: HttpHandler
+) -> None:
+    async with Relay(tmp_path) as relay:
+        # Given a webhook dead-lettered with 422
+        http_handler.default = 422
+        config = relay.config(billing_handler(http_handler))
+        await relay.start(config)
+        since = datetime.now(UTC)
+        message_id = await post(config, new_id(), invoice=6)
+        name = config.settings.handlers[0].name
+        await eventually(lambda: http_handler.of(message_id), timeout=20, what="tried")
+
+        # When the handler is fixed and its dead letters replayed
+        http_handler.default = 200
+
+        async def replayed() -> bool:
+            done = await relay_command("dlq", "replay", "--handler", name, "--config",
+                                       str(config.path), timeout=30)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            return done.stdout.startswith("replay: 1 ")
+
+        await eventually(replayed, timeout=20, interval=0.5, what="the dead letter replayed")
+
+        async def listed() -> Journey | None:
+            journey = await traced(config, message_id, since)
+            return journey if journey.legs[0].replays else None
+
+        journey = await eventually(listed, timeout=20, interval=0.5, what="the replay listed")
+        code, out, err = await run_trace(config, message_id, "--since", "10m")
+
+    # Then it is dead-lettered, and its replay, delivered, follows
+    [leg] = journey.legs
+    assert (leg.state, [(r.state, r.attempts, r.status) for r in leg.replays]) == (
+        "dead-lettered", [("delivered", 1, 200)]
+    )  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[2].startswith(f"  {name}  dead-lettered  ")
+    assert lines[3].startswith(f"  {' ' * len(name)}  replayed: delivered  "), lines
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(60)
 async def test_a_pending_webhook_is_in_its_partition_and_a_later_one_of_its_key_behind_it(
     tmp_path: Path, http_handler: HttpHandler
 ) -> None:
