@@ -52,6 +52,7 @@ PENDING = "pending"
 SINCE = "24h"  # how far back the archive is searched by default
 LAST = 10  # `--key`: the last this many webhooks of the key
 MARGIN = timedelta(seconds=replays.SKEW_SECONDS + 1)  # outcome logs read from acceptance less this
+ARCHIVE_MISSING = "the archive is off ([archive] enabled = false) or not declared yet"
 
 
 # --- a journey, from what was read ------------------------------------------------------------
@@ -359,9 +360,6 @@ async def _archived(
         async for entry in read:
             if entry.exchange == exchange and not wire.is_marker(entry.properties):
                 yield Webhook.of(entry)
-
-
-ARCHIVE_MISSING = "the archive is off ([archive] enabled = false) or not declared yet"
 
 
 async def _not_found(connection: AbstractConnection, what: str, since: datetime) -> str:
