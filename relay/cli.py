@@ -24,7 +24,7 @@ import structlog
 from relay import __version__, config, ingress, processes, wire
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, OptionError, RelayError
 from relay.logging import configure
-from relay.ops import bench, deadletters, replay, status, topology
+from relay.ops import bench, deadletters, replay, status, topology, trace
 from relay.ops.send import send
 from relay.replays import Replay
 from relay.secrets import resolve_secret
@@ -190,6 +190,30 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="count what it would send, per event; change nothing"
     )
 
+    journey = command(
+        "trace",
+        _trace,
+        "A webhook's journey: accepted when and by which source, and per handler that binds it "
+        "delivered, dead-lettered or pending (from the archive and the outcome logs).",
+    )
+    traced = journey.add_mutually_exclusive_group(required=True)
+    traced.add_argument("id", nargs="?", help="the webhook's message id (envoice:9001)")
+    traced.add_argument("--key", help="the last webhooks of this ordering key instead (invoice:42)")
+    journey.add_argument(
+        "--last",
+        type=_positive,
+        help=f"--key: this many of its newest webhooks ({trace.LAST})",
+    )
+    journey.add_argument(
+        "--since",
+        default=trace.SINCE,
+        help="search the archive from this acceptance time on: RFC 3339, or back from now "
+        f"(90m, 2h, 7d; default {trace.SINCE}): the archive reads at about 2,000 messages/s",
+    )
+    journey.add_argument(
+        "--json", action="store_true", help="one JSON object (--key: one per line, oldest first)"
+    )
+
     stat = command("status", _status, "Per handler: partitions, depth, consumers, state.")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -323,6 +347,22 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
         print(f"would replay {total} message(s) to {handler.name}")
     else:
         print(f"replay {done.replay}: queued {total} message(s) for {handler.name}")
+    return EXIT_OK
+
+
+async def _trace(settings: Settings, args: argparse.Namespace) -> int:
+    if args.last is not None and args.key is None:
+        raise OptionError("--last goes with --key")
+    since = replay.parse_time(args.since, datetime.now(UTC))
+    if args.key is None:
+        journeys = [await trace.trace_id(settings, args.id, since)]
+    else:
+        journeys = await trace.trace_key(settings, args.key, since, args.last or trace.LAST)
+    if args.json:
+        for journey in journeys:
+            print(orjson.dumps(journey.as_dict()).decode())
+    else:
+        print("\n\n".join(journey.render() for journey in journeys))
     return EXIT_OK
 
 

@@ -24,7 +24,7 @@ from tests.conftest import AMQP_URL, MakeSettings
 from tests.support import FakePublisher, relay_command, run_relay
 
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
-COMMANDS = ["ingress", "worker", "run", "send", "bench", "topology"]
+COMMANDS = ["ingress", "worker", "run", "send", "bench", "topology", "trace"]
 
 
 def write_config(
@@ -126,6 +126,9 @@ def test_version() -> None:
         ["--log-level", "loud", "worker"],
         ["worker", "--no-such-flag"],
         ["send", "--url", "http://127.0.0.1:1/webhooks/envoice", "--port", "1"],
+        ["trace"],
+        ["trace", "envoice:1", "--key", "invoice:1"],
+        ["trace", "--key", "invoice:1", "--last", "0"],
     ],
     ids=" ".join,
 )
