@@ -417,6 +417,25 @@ def test_a_stream_with_the_configs_retention_is_neither_declared_nor_reported() 
     ]
 
 
+def test_a_removed_handlers_outcome_log_is_never_pruned() -> None:
+    settings = config_from_dict({})
+    gone = Binding("relay.activities", "relay.gone", "exchange", "envoice.#")
+    queues = [
+        Leftover("relay.gone.0", 0, 0, "quorum"),
+        Leftover("relay.gone.outcomes", 0, 0, "stream"),
+    ]
+    broker = TopologyBroker({}, {q.name: q for q in queues}, [gone])
+
+    plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
+    lines = ops_topology.describe(plan, prune=True)
+
+    assert "- queue relay.gone.0 (empty)" in lines
+    assert (
+        "= stream relay.gone.outcomes is no longer used: kept, its retention expires what it holds "
+        "(`rabbitmqctl delete_queue -p / relay.gone.outcomes` removes it now)"
+    ) in lines
+
+
 @pytest.mark.parametrize("bound", [True, False])
 def test_an_archive_the_config_turned_off_is_left_and_reported(bound: bool) -> None:
     settings = config_from_dict({"archive": {"enabled": False}})
