@@ -52,7 +52,7 @@ def on_broker(settings: Settings, **extra_queues: int) -> Broker:
     """A broker holding exactly what `settings` describe, plus queues with message counts."""
     described = topology.describe(settings)
     queues = {
-        q.name: Leftover(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"))
+        q.name: Leftover(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"), q.arguments)
         for q in described.queues
     }
     queues.update({name: Leftover(name, n, 0) for name, n in extra_queues.items()})
