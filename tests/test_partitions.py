@@ -197,12 +197,16 @@ def handler_config(url: str, **options: Any) -> dict[str, Any]:
 
 
 def shared_exchange(
-    relay: Relay, *handlers: dict[str, Any], exchange: str, **sections: dict[str, Any]
+    relay: Relay,
+    *handlers: dict[str, Any],
+    exchange: str,
+    archive: dict[str, Any] | None = None,
 ) -> Config:
     """A config of `relay` whose main exchange is `exchange` (shared with another config)."""
     path = relay.directory / f"relay-{len(relay.configs)}.toml"
+    broker = {"exchange": exchange}
     relay.configs.append(
-        write_config(path, *handlers, url=relay.url, broker={"exchange": exchange}, **sections)
+        write_config(path, *handlers, url=relay.url, broker=broker, archive=archive or {})
     )
     return relay.configs[-1]
 

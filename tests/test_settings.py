@@ -119,7 +119,7 @@ def test_defaults() -> None:
 
 
 def test_archive_options_are_read() -> None:
-    archive = {
+    archive: dict[str, Any] = {
         "enabled": False,
         "max_age": "14D",
         "max_bytes": 10_000_000_000,
