@@ -21,7 +21,7 @@ import aio_pika
 import aiohttp
 import orjson
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelPreconditionFailed, ConnectionInternalError
 from pamqp.commands import Basic
 
@@ -50,6 +50,7 @@ from tests.processes import (
 )
 from tests.support import (
     activity,
+    declare_topology,
     depth_is,
     events_per_invoice,
     eventually,
@@ -416,6 +417,25 @@ def test_a_stream_with_the_configs_retention_is_neither_declared_nor_reported() 
     ]
 
 
+def test_a_removed_handlers_outcome_log_is_never_pruned() -> None:
+    settings = config_from_dict({})
+    gone = Binding("relay.activities", "relay.gone", "exchange", "envoice.#")
+    queues = [
+        Leftover("relay.gone.0", 0, 0, "quorum"),
+        Leftover("relay.gone.outcomes", 0, 0, "stream"),
+    ]
+    broker = TopologyBroker({}, {q.name: q for q in queues}, [gone])
+
+    plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
+    lines = ops_topology.describe(plan, prune=True)
+
+    assert "- queue relay.gone.0 (empty)" in lines
+    assert (
+        "= stream relay.gone.outcomes is no longer used: kept, its retention expires what it holds "
+        "(`rabbitmqctl delete_queue -p / relay.gone.outcomes` removes it now)"
+    ) in lines
+
+
 @pytest.mark.parametrize("bound", [True, False])
 def test_an_archive_the_config_turned_off_is_left_and_reported(bound: bool) -> None:
     settings = config_from_dict({"archive": {"enabled": False}})
@@ -768,6 +788,31 @@ async def test_a_policy_max_age_overrides_a_streams_argument_longer_or_shorter(
         # and the policy's 1 h keeps those of the stream that argued 2 s
         assert published > 20  # its first messages are older than 2 s too
         assert stream_offset(await first_in_stream(vhost, "lengthened")) == 0
+
+
+@pytest.mark.rabbit
+@pytest.mark.timeout(60)
+async def test_a_handler_of_an_older_relay_gets_its_outcome_log_when_a_worker_starts(
+    make_settings: MakeSettings, start_worker: StartWorker, connection: AbstractConnection
+) -> None:
+    # Given a handler on the broker without an outcome log, as an older relay declared it
+    settings = make_settings(handlers=[handler({"url": "http://127.0.0.1:9/"})])
+    await declare_topology(settings)
+    outcome_log = settings.handlers[0].outcome_log
+    await (await connection.channel()).queue_delete(outcome_log)
+    assert not await queue_exists(connection, outcome_log)
+
+    # When a worker of this relay starts
+    await start_worker(settings)
+
+    # Then the outcome log exists, with the config's retention
+    assert await queue_exists(connection, outcome_log)
+    queue = await (await connection.channel()).declare_queue(
+        outcome_log,
+        durable=True,
+        arguments=topology.outcome_log_queue(settings.archive, settings.handlers[0]).arguments,
+    )
+    assert queue.name == outcome_log  # declared again with the same arguments: accepted
 
 
 @pytest.mark.rabbit

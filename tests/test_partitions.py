@@ -52,7 +52,7 @@ def on_broker(settings: Settings, **extra_queues: int) -> Broker:
     """A broker holding exactly what `settings` describe, plus queues with message counts."""
     described = topology.describe(settings)
     queues = {
-        q.name: Leftover(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"))
+        q.name: Leftover(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"), q.arguments)
         for q in described.queues
     }
     queues.update({name: Leftover(name, n, 0) for name, n in extra_queues.items()})
@@ -197,12 +197,16 @@ def handler_config(url: str, **options: Any) -> dict[str, Any]:
 
 
 def shared_exchange(
-    relay: Relay, *handlers: dict[str, Any], exchange: str, **sections: Any
+    relay: Relay,
+    *handlers: dict[str, Any],
+    exchange: str,
+    archive: dict[str, Any] | None = None,
 ) -> Config:
     """A config of `relay` whose main exchange is `exchange` (shared with another config)."""
     path = relay.directory / f"relay-{len(relay.configs)}.toml"
+    broker = {"exchange": exchange}
     relay.configs.append(
-        write_config(path, *handlers, url=relay.url, broker={"exchange": exchange}, **sections)
+        write_config(path, *handlers, url=relay.url, broker=broker, archive=archive or {})
     )
     return relay.configs[-1]
 

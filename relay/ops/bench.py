@@ -616,7 +616,7 @@ async def temporary_handler(
 
 async def _delete(connection: AbstractConnection, handler: HandlerSettings) -> None:
     """The handler's queues and exchange: never the main exchange, nor the shared queues."""
-    for name in [*handler.queues, handler.dead_letter_queue, handler.exchange]:
+    for name in [*handler.queues, handler.dead_letter_queue, handler.outcome_log, handler.exchange]:
         assert name.startswith(f"relay.{handler.name}")
         with contextlib.suppress(aio_pika.exceptions.AMQPError):
             channel = await connection.channel()  # a failed delete closes it

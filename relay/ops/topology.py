@@ -299,7 +299,12 @@ def describe(plan: Plan, *, prune: bool, vhost: str = "/") -> list[str]:
     if plan.unused_archive is not None:
         lines.append(_unused_archive_line(plan.unused_archive, plan.archive_bound, vhost))
     for queue in plan.leftovers:
-        if queue.messages == 0 and prune:
+        if queue.type == "stream":  # its count lags (sampled): never deleted on it
+            lines.append(
+                f"= stream {queue.name} is no longer used: kept, its retention expires what it "
+                f"holds (`rabbitmqctl delete_queue -p {vhost} {queue.name}` removes it now)"
+            )
+        elif queue.messages == 0 and prune:
             lines.append(f"- queue {queue.name} (empty)")
         else:
             lines.append(
@@ -446,7 +451,7 @@ async def apply(
         await _publish(channel, record, topology.STATE_STREAM)
     if prune:
         for leftover in plan.leftovers:
-            if leftover.messages == 0:
+            if leftover.messages == 0 and leftover.type != "stream":
                 await _delete_if_empty(channel, leftover.name)
 
 
