@@ -5,6 +5,7 @@ asked for, no gap and no repeat at the switch to live traffic."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import uuid
@@ -17,6 +18,7 @@ import aio_pika
 import pytest
 
 from relay import replays, wire
+from relay.broker import BROKER_ERRORS
 from relay.errors import OptionError
 from relay.ops.replay import parse_time
 from relay.replays import Replay
@@ -262,17 +264,20 @@ async def test_a_replay_from_before_what_the_archive_kept_says_how_far_back_it_r
         ingress = await relay.run("ingress", config=config)
         await eventually(lambda: ingress_ready(ingress, config), timeout=30, what="ready")
         sender = EnvoiceSender.to(config)
-        connection = await aio_pika.connect(own_vhost)
-        async with connection:
 
-            async def dropped() -> datetime | None:
-                await sender.send(range(1, 3), each=2)  # a segment rolls over: retention runs
-                return await replays.archive_reach(connection)
+        async def dropped() -> datetime | None:
+            await sender.send(range(1, 3), each=2)  # a segment rolls over: retention runs
+            # (a consumer at `first` while retention deletes a segment may lose its connection
+            # with INTERNAL_ERROR on RabbitMQ 3.10.8: docs/RABBITMQ.md; then look again)
+            with contextlib.suppress(*BROKER_ERRORS):
+                async with await aio_pika.connect(own_vhost) as connection:
+                    return await replays.archive_reach(connection)
+            return None
 
-            # When its retention has dropped the oldest segments
-            reach: datetime = await eventually(
-                dropped, timeout=60, interval=0.5, what="segments dropped"
-            )
+        # When its retention has dropped the oldest segments
+        reach: datetime = await eventually(
+            dropped, timeout=60, interval=0.5, what="segments dropped"
+        )
         # Then a replay from before them says how far back the archive reaches, and fails
         name = config.settings.handlers[0].name
         too_old = await relay.run("replay", "--handler", name, "--since", "1h", config=config)
