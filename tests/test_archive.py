@@ -34,6 +34,7 @@ from relay.ops.topology import Broker as TopologyBroker
 from relay.ops.topology import Leftover
 from relay.settings import HandlerSettings
 from relay.topology import Binding
+from relay.worker import partition as partition_module
 from relay.worker.delivery import Outcome, Verdict
 from relay.worker.handler import HandlerDeliveries
 from relay.worker.outcomes import OutcomeLog
@@ -333,26 +334,52 @@ async def test_a_message_is_acked_only_once_its_outcome_record_is_confirmed(
 
 
 @pytest.mark.timeout(5)
-async def test_a_message_whose_record_failed_is_not_acked_and_its_key_waits(
-    logs: list[dict[str, Any]],
+async def test_a_record_the_broker_did_not_confirm_is_written_again_before_the_ack(
+    logs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(partition_module, "WRITE_RETRY_SECONDS", 0.0)
     broker = Broker()
     partition, deliveries, channel = a_partition(broker)
     delivery = a_delivery(partition, 11, "envoice:1")
-    a_delivery(partition, 12, "envoice:2")  # the key's next
+    following = a_delivery(partition, 12, "envoice:2")  # the key's next
     ready: list[Delivery] = []
     deliveries.ready = ready.append  # type: ignore[assignment,method-assign]
 
+    # When the broker does not confirm the record (a stream's leader lost, say)
     settling = asyncio.ensure_future(partition.settle(delivery, DELIVERED, None))
     await turns()
+    broker.fail(TimeoutError())
+    await turns()
+
+    # Then the message is not acked and its key waits, while the record is written again
+    assert channel.acked == []
+    assert ready == []
+    [warning] = [line for line in logs if line["event"] == "outcome not written, trying again"]
+    assert (warning["message_id"], warning["log_level"]) == ("envoice:1", "warning")
+    await eventually(lambda: broker.waiting == 1, timeout=2, what="the record written again")
+    assert [records[0]["id"] for records, _ in broker.published] == ["envoice:1", "envoice:1"]
+    # and once confirmed, the message is acked and its key goes on
+    broker.confirm()
+    await settling
+    assert channel.acked == [11]
+    assert ready == [following]
+    await deliveries.stop()
+
+
+@pytest.mark.timeout(5)
+async def test_a_record_of_a_channel_gone_is_not_written_again() -> None:
+    broker = Broker()
+    partition, deliveries, channel = a_partition(broker)
+    delivery = a_delivery(partition, 11, "envoice:1")
+
+    settling = asyncio.ensure_future(partition.settle(delivery, DELIVERED, None))
+    await turns()
+    partition.generation += 1  # its channel closed: the broker delivers the message again
     broker.fail(TimeoutError())
     await settling
 
     assert channel.acked == []
-    assert ready == []  # the key's next message waits: this one comes again first
-    [warning] = [line for line in logs if line["event"].startswith("outcome not recorded")]
-    assert warning["message_id"] == "envoice:1"
-    assert warning["log_level"] == "warning"
+    assert len(broker.published) == 1
     await deliveries.stop()
 
 

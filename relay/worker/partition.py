@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -40,6 +41,7 @@ DRAIN_MARGIN_SECONDS = 5.0  # beyond a handler's timeout, how long in-flight del
 # this long after the last outcome.
 ACKS_SETTLE_SECONDS = 0.5
 ACK_QUEUE_SECONDS = 1.0
+WRITE_RETRY_SECONDS = 1.0  # a dead letter or outcome record the broker did not confirm
 
 
 @dataclass(slots=True, eq=False)
@@ -180,24 +182,37 @@ class Partition:
         the outcome in the handler's outcome log, ack it, release its key's next message. Each
         step waits for the broker's confirm of the one before: a message is acked only once its
         outcome is recorded (a crash in between: it comes again, and the record says what
-        became of it)."""
+        became of it). A step the broker does not confirm (a stream's leader lost in a cluster,
+        say) is tried again while the channel lasts: its key waits, the others go on."""
         self.deliveries.forget(delivery)
-        if delivery.stale:
-            return  # its channel is gone: the broker delivers it again
-        try:
-            if dead_letter is not None:
-                await self.deliveries.dead_letter(delivery, outcome, dead_letter)
-        except BROKER_ERRORS as exc:
-            log.warning("dead letter not written: the message will come again", error=repr(exc),
-                        partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+        if dead_letter is not None and not await self._until_written(
+            "dead letter",
+            delivery,
+            lambda: self.deliveries.dead_letter(delivery, outcome, dead_letter),
+        ):
             return
-        try:
-            await self.deliveries.record_outcome(delivery, outcome, dead_letter)
-        except BROKER_ERRORS as exc:
-            log.warning("outcome not recorded: the message will come again", error=repr(exc),
-                        partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+        if not await self._until_written(
+            "outcome",
+            delivery,
+            lambda: self.deliveries.record_outcome(delivery, outcome, dead_letter),
+        ):
             return
         await self._finish(delivery)
+
+    async def _until_written(
+        self, what: str, delivery: Delivery, write: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Whether `write` was confirmed before `delivery`'s channel closed (it comes again)."""
+        while not delivery.stale:
+            try:
+                await write()
+            except BROKER_ERRORS as exc:
+                log.warning(f"{what} not written, trying again", error=repr(exc),
+                            partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+                await asyncio.sleep(WRITE_RETRY_SECONDS)
+                continue
+            return True
+        return False
 
     async def _finish(self, delivery: Delivery) -> None:
         """Ack `delivery`; pass the fences waiting for it; go on with its key."""
