@@ -5,13 +5,14 @@ two `relay worker`s given every node's address (broker.url as a list, here throu
 $RELAY_AMQP_URL), an HTTP handler with 4 partitions, and a provider sending 20 invoices at once,
 each invoice's webhooks one after the other, every 503 sent again.
 
-After --warmup seconds it stops (`stop_app`) or kills (-9) the node leading the most of the
-handler's partitions, under load; measures how long until every partition has a leader on a
-running node again (`failover_seconds`); keeps the load on for --seconds; starts the node again
-and measures how long until every partition has its three members online (`recovered_seconds`)
-and every stream (the archive, the outcome log) its three replicas
-(`streams_recovered_seconds`); keeps the load on for --warmup more seconds, stops it, waits for
-everything accepted to be delivered.
+After --warmup seconds it stops (`stop_app`) or kills (-9) a node under load: by default the one
+leading the most of the handler's partitions (--victim partitions), or the one leading the
+archive (archive) or the handler's outcome log (outcomes); measures how long until every
+partition has a leader on a running node again (`failover_seconds`); keeps the load on for
+--seconds; starts the node again and measures how long until every partition has its three
+members online (`recovered_seconds`) and every stream (the archive, the outcome log) its three
+replicas (`streams_recovered_seconds`); keeps the load on for --warmup more seconds, stops it,
+waits for everything accepted to be delivered.
 
 Then it reads, from a node that stayed up and without writing anything into them, the archive
 (this run's exchange, from the run's start) and the handler's outcome log, each until it has
@@ -178,8 +179,8 @@ async def run(args: argparse.Namespace) -> int:
 async def fault(
     args: argparse.Namespace, sender: EnvoiceSender, partitions: list[str], streams: list[str]
 ) -> dict[str, Any]:
-    """Under `sender`'s load: the fault on the node leading most partitions, its failover, the
-    recovery of partitions and streams. What was measured."""
+    """Under `sender`'s load: the fault on the node chosen by --victim, the partitions'
+    failover, the recovery of partitions and streams. What was measured."""
     await asyncio.sleep(args.warmup)  # the scenario's timeline: load before the fault
     await eventually(lambda: len(sender.ledger) > 0, timeout=FAILOVER_SECONDS, what="traffic")
 
@@ -190,10 +191,14 @@ async def fault(
     what = "a member of every partition and stream on every node"
     found = await eventually(placed, timeout=PLACEMENT_SECONDS, interval=1.0, what=what)
     print(f"placed: {placement(found)}", flush=True)
-    leaders = Counter(found[q]["leader"] for q in partitions)
-    victim = next(i for i in NODES if node(i) == leaders.most_common(1)[0][0])
+    if args.victim == "partitions":
+        leaders = Counter(found[q]["leader"] for q in partitions)
+        led = leaders.most_common(1)[0][0]
+    else:
+        led = found[streams[0] if args.victim == "archive" else streams[1]]["node"]
+    victim = next(i for i in NODES if node(i) == led)
     up = [i for i in NODES if i != victim]
-    print(f"partition leaders {dict(leaders)}: {args.fault} {node(victim)}", flush=True)
+    print(f"{args.fault} {node(victim)} (--victim {args.victim})", flush=True)
     started = time.monotonic()
     if args.fault == "kill":
         base = Path(os.environ.get("RELAY_CLUSTER_DIR", "/tmp/relay-cluster"))
@@ -337,6 +342,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="load with a node down (60)")
     parser.add_argument("--warmup", type=float, default=10.0, help="load before and after (10)")
     parser.add_argument("--fault", choices=["stop_app", "kill"], default="stop_app")
+    parser.add_argument(
+        "--victim", choices=["partitions", "archive", "outcomes"], default="partitions",
+        help="the node leading the most partitions (default), the archive or the outcome log",
+    )  # fmt: skip
     return asyncio.run(run(parser.parse_args()))
 
 
