@@ -4,7 +4,7 @@
 #   deploy/cluster.sh start           start relay-c1..c3@localhost and cluster them
 #   deploy/cluster.sh stop            stop the three nodes and delete their data
 #   deploy/cluster.sh status          each node, the cluster, relay's queues and their leaders
-#   deploy/cluster.sh run [--seconds N] [--fault stop_app|kill] [--keep]
+#   deploy/cluster.sh run [--seconds N] [--fault stop_app|kill] [--victim partitions|archive|outcomes] [--keep]
 #                                     start, drive relay through a node failure (tests/cluster_run.py),
 #                                     stop (unless --keep); exit code: the run's
 #   deploy/cluster.sh urls            the nodes' AMQP URLs, comma-separated

@@ -5,17 +5,30 @@ two `relay worker`s given every node's address (broker.url as a list, here throu
 $RELAY_AMQP_URL), an HTTP handler with 4 partitions, and a provider sending 20 invoices at once,
 each invoice's webhooks one after the other, every 503 sent again.
 
-After --warmup seconds it stops (`stop_app`) or kills (-9) the node leading the most of the
-handler's partitions, under load; measures how long until every partition has a leader on a
-running node again (`failover_seconds`); keeps the load on for --seconds; starts the node again
-and measures how long until every partition has its three members online (`recovered_seconds`);
-keeps the load on for --warmup more seconds, stops it, waits for everything accepted to be
-delivered and prints one line:
+After --warmup seconds it stops (`stop_app`) or kills (-9) a node under load: by default the one
+leading the most of the handler's partitions (--victim partitions), or the one leading the
+archive (archive) or the handler's outcome log (outcomes); measures how long until every
+partition has a leader on a running node again (`failover_seconds`); keeps the load on for
+--seconds; starts the node again and measures how long until every partition has its three
+members online (`recovered_seconds`) and every stream (the archive, the outcome log) its three
+replicas (`streams_recovered_seconds`); keeps the load on for --warmup more seconds, stops it,
+waits for everything accepted to be delivered.
+
+Then it reads, from a node that stayed up and without writing anything into them, the archive
+(this run's exchange, from the run's start) and the handler's outcome log, each until it has
+been quiet for QUIET_SECONDS, and counts: `archived` (accepted ids in the archive),
+`archive_lost` (accepted, not in the archive), `archive_reordered` (keys whose order in the
+archive is not their acceptance order), `outcomes` (ids the handler answered 2xx with a
+`delivered` record; more than `accepted` when webhooks the provider stopped waiting for at the
+end were delivered), `outcomes_lost` (answered 2xx, no such record), `outcome_duplicates`
+(`delivered` records beyond the first of an id: informational). One line:
 
     accepted=... delivered=... lost=0 reordered=0 duplicates=... failover_seconds=...
+    ... archived=... archive_lost=0 archive_reordered=0 outcomes=... outcomes_lost=0 ...
 
-Exit 0 only if nothing accepted was lost or reordered, load was accepted after the fault, and
-the queues recovered. Every wait has a deadline.
+Exit 0 only if nothing accepted was lost or reordered, load was accepted after the fault, the
+queues and streams recovered, and neither the archive nor the outcome log misses anything.
+Every wait has a deadline.
 
     deploy/cluster.sh run --seconds 60 --fault kill
 """
@@ -32,13 +45,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aio_pika
 import aiohttp
+from aio_pika.abc import AbstractConnection
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
+from relay import topology, wire
 from tests.handlers_for_tests import HttpHandler
-from tests.processes import EnvoiceSender, Relay, http_deliveries, in_background
+from tests.processes import EnvoiceSender, Ledger, Relay, http_deliveries, in_background
 from tests.support import ROOT, eventually
 
 CLUSTER = ROOT / "deploy" / "cluster.sh"
@@ -48,6 +68,12 @@ FAILOVER_SECONDS = 60.0  # for the partitions to have leaders again, after the f
 RECOVERY_SECONDS = 120.0  # for the node to start and its queue members to be online again
 DELIVERY_SECONDS = 120.0  # for everything accepted to be delivered at the end
 COMMAND_SECONDS = 150.0  # for one deploy/cluster.sh command
+PLACEMENT_SECONDS = 30.0  # for new streams' replicas to show in the management API
+QUIET_SECONDS = 3.0  # a stream read is done once nothing more came for this long
+READ_SECONDS = 90.0  # for one stream's read
+READ_PREFETCH = 1000  # a stream consumer needs one; its acks only grant credit
+SKEW_SECONDS = 5.0  # an offset by time starts at a chunk: from a little before the run's start
+COLUMNS = "name,type,leader,node,members,online"
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
 
 
@@ -65,10 +91,12 @@ def cluster(*args: str) -> str:
 
 
 async def queues(up: list[int], names: list[str]) -> dict[str, dict[str, Any]]:
-    """The named queues' leader, members and online members, from the management API of the
-    first running node in `up` that answers."""
+    """The named queues' leader, node, members and online members, from the management API of
+    the first running node in `up` that answers. RabbitMQ 3.10.8 gives a stream no `leader`
+    there: its `node` is its leader's; its `members` and `online` come only some seconds after
+    it was declared."""
     for i in up:
-        url = f"http://127.0.0.1:{15680 + i}/api/queues/%2F?columns=name,leader,members,online"
+        url = f"http://127.0.0.1:{15680 + i}/api/queues/%2F?columns={COLUMNS}"
         try:
             async with (
                 aiohttp.ClientSession(headers=AUTH) as client,
@@ -82,8 +110,31 @@ async def queues(up: list[int], names: list[str]) -> dict[str, dict[str, Any]]:
     return {}
 
 
+def replicated(found: dict[str, dict[str, Any]], names: list[str], online: bool = True) -> bool:
+    """Every one of `names` has a member on every node (online on every node, if `online`)."""
+    every = {node(i) for i in NODES}
+    return len(found) == len(names) and all(
+        set(q.get("members") or ()) == every and (not online or set(q.get("online") or ()) == every)
+        for q in found.values()
+    )
+
+
+def placement(found: dict[str, dict[str, Any]]) -> str:
+    """Each queue's leader (or, for a stream, its node) and members, short."""
+
+    def short(name: str) -> str:
+        return name.split("@")[0].removeprefix("relay-")
+
+    return "; ".join(
+        f"{name} led by {short(str(q.get('leader') or q.get('node')))} "
+        f"members {','.join(sorted(short(m) for m in q.get('members') or ()))}"
+        for name, q in sorted(found.items())
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     urls = cluster("urls").split(",")
+    since = datetime.now(UTC)  # the run's start: its archive is read from here
     with tempfile.TemporaryDirectory(prefix="relay-cluster-run-") as directory:
         async with (
             HttpHandler() as handler,
@@ -94,39 +145,62 @@ async def run(args: argparse.Namespace) -> int:
                 {"name": "billing", "events": ["envoice.#"], "url": handler.url,
                  "partitions": 4, "backoff_initial_ms": 50, "backoff_max_ms": 1000}
             )  # fmt: skip
-            partitions = list(config.settings.handlers[0].queues)
+            billing = config.settings.handlers[0]
+            partitions = list(billing.queues)
+            streams = [topology.ARCHIVE, billing.outcome_log]
             await relay.start(config, workers=2)
             sender = EnvoiceSender.to(config, pause_seconds=0.01)
             stop = asyncio.Event()
             async with in_background(sender.send(INVOICES, stop=stop)):
-                result = await fault(args, sender, partitions)
+                result = await fault(args, sender, partitions, streams)
                 stop.set()
-            tally = sender.ledger.check(http_deliveries(handler))
-            if tally.lost:
-                tally = await sender.ledger.delivered(
+            try:
+                await sender.ledger.delivered(
                     lambda: http_deliveries(handler), timeout=DELIVERY_SECONDS
                 )
+            except AssertionError as undelivered:  # still counted: the line says what is missing
+                print(undelivered, file=sys.stderr)
+            tally = sender.ledger.check(http_deliveries(handler))
+            # the load has stopped and what could be delivered is: the streams are read to their end
+            survivor = urls[result["up"][0] - 1]
+            memory = await remembered(
+                survivor, config.settings.broker.exchange, since, billing.outcome_log,
+                sender.ledger, handler,
+            )  # fmt: skip
     answers = dict(sender.answers.most_common())
     print(f"{tally.line()} failover_seconds={result['failover']:.1f} "
           f"recovered_seconds={result['recovered']:.1f} "
           f"accepted_after_fault={result['accepted_after']} fault={args.fault} "
-          f"node={result['node']} answers={answers}")  # fmt: skip
-    for problem in tally.problems:
+          f"node={result['node']} streams_recovered_seconds={result['streams_recovered']:.1f} "
+          f"{memory.line()} answers={answers}")  # fmt: skip
+    for problem in (*tally.problems, *memory.problems):
         print(f"  {problem}", file=sys.stderr)
-    return 0 if tally.ok and result["accepted_after"] > 0 else 1
+    return 0 if tally.ok and memory.ok and result["accepted_after"] > 0 else 1
 
 
 async def fault(
-    args: argparse.Namespace, sender: EnvoiceSender, partitions: list[str]
+    args: argparse.Namespace, sender: EnvoiceSender, partitions: list[str], streams: list[str]
 ) -> dict[str, Any]:
-    """Under `sender`'s load: the fault on the node leading most partitions, its failover, its
-    recovery. What was measured."""
+    """Under `sender`'s load: the fault on the node chosen by --victim, the partitions'
+    failover, the recovery of partitions and streams. What was measured."""
     await asyncio.sleep(args.warmup)  # the scenario's timeline: load before the fault
     await eventually(lambda: len(sender.ledger) > 0, timeout=FAILOVER_SECONDS, what="traffic")
-    leaders = Counter(q["leader"] for q in (await queues(list(NODES), partitions)).values())
-    victim = next(i for i in NODES if node(i) == leaders.most_common(1)[0][0])
+
+    async def placed() -> dict[str, dict[str, Any]] | None:
+        found = await queues(list(NODES), partitions + streams)
+        return found if replicated(found, partitions + streams, online=False) else None
+
+    what = "a member of every partition and stream on every node"
+    found = await eventually(placed, timeout=PLACEMENT_SECONDS, interval=1.0, what=what)
+    print(f"placed: {placement(found)}", flush=True)
+    if args.victim == "partitions":
+        leaders = Counter(found[q]["leader"] for q in partitions)
+        led = leaders.most_common(1)[0][0]
+    else:
+        led = found[streams[0] if args.victim == "archive" else streams[1]]["node"]
+    victim = next(i for i in NODES if node(i) == led)
     up = [i for i in NODES if i != victim]
-    print(f"partition leaders {dict(leaders)}: {args.fault} {node(victim)}", flush=True)
+    print(f"{args.fault} {node(victim)} (--victim {args.victim})", flush=True)
     started = time.monotonic()
     if args.fault == "kill":
         base = Path(os.environ.get("RELAY_CLUSTER_DIR", "/tmp/relay-cluster"))
@@ -154,18 +228,115 @@ async def fault(
     restart = ("boot", str(victim)) if args.fault == "kill" else ("ctl", str(victim), "start_app")
     await asyncio.to_thread(cluster, *restart)
 
-    async def all_online() -> bool:
-        found = await queues(list(NODES), partitions)
-        return len(found) == len(partitions) and all(
-            len(q["online"]) == len(NODES) for q in found.values()
+    async def all_online(names: list[str]) -> bool:
+        return replicated(await queues(list(NODES), names), names)
+
+    async def online_in(names: list[str], what: str) -> float:
+        await eventually(lambda: all_online(names), timeout=RECOVERY_SECONDS, what=what)
+        return time.monotonic() - started
+
+    recovered, streams_recovered = await asyncio.gather(
+        online_in(partitions, "every partition's members online again"),
+        online_in(streams, "every stream's replicas online again"),
+    )
+    print(f"{node(victim)} back, every partition's members online in {recovered:.1f} s, "
+          f"every stream's replicas in {streams_recovered:.1f} s", flush=True)  # fmt: skip
+    await asyncio.sleep(args.warmup)  # the scenario's timeline: load on the whole cluster again
+    return {"node": node(victim), "up": up, "failover": failover, "recovered": recovered,
+            "streams_recovered": streams_recovered, "accepted_after": accepted_after}  # fmt: skip
+
+
+# --- what the streams remember ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """The archive and the outcome log, counted against what was accepted and delivered."""
+
+    archived: int  # accepted ids in the archive
+    archive_lost: int  # accepted ids not in the archive
+    archive_reordered: int  # keys whose first archived copies are not in acceptance order
+    outcomes: int  # ids the handler answered 2xx that have a `delivered` record
+    outcomes_lost: int  # ids the handler answered 2xx without one
+    outcome_duplicates: int  # `delivered` records beyond the first of an id (informational)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.archive_lost == 0 and self.outcomes_lost == 0
+
+    def line(self) -> str:
+        return (
+            f"archived={self.archived} archive_lost={self.archive_lost} "
+            f"archive_reordered={self.archive_reordered} outcomes={self.outcomes} "
+            f"outcomes_lost={self.outcomes_lost} outcome_duplicates={self.outcome_duplicates}"
         )
 
-    await eventually(all_online, timeout=RECOVERY_SECONDS, what="every member online again")
-    recovered = time.monotonic() - started
-    print(f"{node(victim)} back, every partition's members online in {recovered:.1f} s", flush=True)
-    await asyncio.sleep(args.warmup)  # the scenario's timeline: load on the whole cluster again
-    return {"node": node(victim), "failover": failover, "recovered": recovered,
-            "accepted_after": accepted_after}  # fmt: skip
+
+async def remembered(
+    url: str, exchange: str, since: datetime, outcome_log: str, ledger: Ledger, handler: HttpHandler
+) -> Memory:
+    """Read from the node at `url` the archive's messages of `exchange` from `since` on, and
+    the outcome log; count them against `ledger` and what `handler` answered 2xx."""
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        archive = await read_stream(
+            connection, topology.ARCHIVE, since - timedelta(seconds=SKEW_SECONDS)
+        )
+        outcome_messages = await read_stream(connection, outcome_log, "first")
+    archived = [
+        (wire.key_of(m.header.properties), m.header.properties.message_id or "")
+        for m in archive
+        if cast(Basic.Deliver, m.delivery).exchange == exchange
+        and not wire.is_marker(m.header.properties)
+    ]
+    in_archive = ledger.check(archived)  # "delivered" here: present in the archive
+    records = [r for m in outcome_messages for r in wire.read_outcomes(m.body)]
+    recorded = Counter(str(r["id"]) for r in records if r["outcome"] == wire.DELIVERED)
+    delivered = set(handler.accepted())
+    unrecorded = sorted(delivered - recorded.keys())
+    problems = [f"archive {p.replace(', delivered ', ', archived ')}" for p in in_archive.problems]
+    if unrecorded:
+        more = " ..." if len(unrecorded) > 5 else ""
+        problems.append(f"delivered without an outcome record: {', '.join(unrecorded[:5])}{more}")
+    return Memory(
+        archived=in_archive.delivered,
+        archive_lost=in_archive.lost,
+        archive_reordered=in_archive.reordered,
+        outcomes=len(delivered & recorded.keys()),
+        outcomes_lost=len(unrecorded),
+        outcome_duplicates=sum(n - 1 for n in recorded.values()),
+        problems=tuple(problems),
+    )
+
+
+async def read_stream(
+    connection: AbstractConnection, stream: str, offset: datetime | str
+) -> list[DeliveredMessage]:
+    """`stream`'s messages from `offset` on, in stream order, read until none came for
+    QUIET_SECONDS: called once the load has stopped, when nothing more is written. A check
+    writes nothing into a stream (no marker to read up to: tests/test_streams.py); a stream
+    still written to after READ_SECONDS fails the read."""
+    channel = await connection.channel(publisher_confirms=False)
+    async with channel:
+        raw = await channel.get_underlay_channel()
+        await raw.basic_qos(prefetch_count=READ_PREFETCH)
+        arrived: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        # each delivery is put from a task of its own, started in order: the queue keeps it
+        await raw.basic_consume(stream, arrived.put, arguments={"x-stream-offset": offset})
+        got: list[DeliveredMessage] = []
+        deadline = time.monotonic() + READ_SECONDS
+        while True:
+            try:
+                message = await asyncio.wait_for(arrived.get(), QUIET_SECONDS)
+            except TimeoutError:
+                return got
+            got.append(message)
+            if len(got) % (READ_PREFETCH // 2) == 0:  # credit for the next ones
+                tag = cast(Basic.Deliver, message.delivery).delivery_tag
+                await raw.basic_ack(cast(int, tag), multiple=True)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{stream} still written to after {READ_SECONDS:g} s")
 
 
 def main() -> int:
@@ -173,6 +344,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="load with a node down (60)")
     parser.add_argument("--warmup", type=float, default=10.0, help="load before and after (10)")
     parser.add_argument("--fault", choices=["stop_app", "kill"], default="stop_app")
+    parser.add_argument(
+        "--victim", choices=["partitions", "archive", "outcomes"], default="partitions",
+        help="the node leading the most partitions (default), the archive or the outcome log",
+    )  # fmt: skip
     return asyncio.run(run(parser.parse_args()))
 
 

@@ -87,3 +87,14 @@ def test_a_killed_node_loses_and_reorders_nothing_and_its_queues_recover() -> No
     # workers' connections to the killed node
     assert duplicates <= 2 * 20
     assert int(found[8]) > 0  # webhooks were accepted while the node was down
+    # the archive and the outcome log, read from a node that stayed up, miss nothing, and each
+    # stream had its replicas on all three nodes again after the restart
+    memory = re.search(
+        r"streams_recovered_seconds=[\d.]+ archived=(\d+) archive_lost=(\d+) "
+        r"archive_reordered=(\d+) outcomes=\d+ outcomes_lost=(\d+) outcome_duplicates=\d+ ",
+        done.stdout,
+    )
+    assert memory is not None
+    archived, archive_lost, archive_reordered, outcomes_lost = map(int, memory.groups())
+    assert (archived, archive_lost, archive_reordered) == (accepted, 0, 0)
+    assert outcomes_lost == 0
