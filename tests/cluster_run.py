@@ -15,13 +15,14 @@ replicas (`streams_recovered_seconds`); keeps the load on for --warmup more seco
 waits for everything accepted to be delivered.
 
 Then it reads, from a node that stayed up and without writing anything into them, the archive
-(this run's exchange, from the run's start) and the handler's outcome log, each until it has
-been quiet for QUIET_SECONDS, and counts: `archived` (accepted ids in the archive),
-`archive_lost` (accepted, not in the archive), `archive_reordered` (keys whose order in the
-archive is not their acceptance order), `outcomes` (ids the handler answered 2xx with a
-`delivered` record; more than `accepted` when webhooks the provider stopped waiting for at the
-end were delivered), `outcomes_lost` (answered 2xx, no such record), `outcome_duplicates`
-(`delivered` records beyond the first of an id: informational). One line:
+(this run's exchange, from the run's start) and the handler's outcome log, each up to the offset
+its leader had committed (`rabbitmq-queues stream_status`) and then until quiet for
+QUIET_SECONDS, and counts: `archived` (accepted ids in the archive), `archive_lost` (accepted,
+not in the archive), `archive_reordered` (keys whose order in the archive is not their
+acceptance order), `outcomes` (ids the handler answered 2xx with a `delivered` record; more than
+`accepted` when webhooks the provider stopped waiting for at the end were delivered),
+`outcomes_lost` (answered 2xx, no such record), `outcome_duplicates` (`delivered` records beyond
+the first of an id: informational). One line:
 
     accepted=... delivered=... lost=0 reordered=0 duplicates=... failover_seconds=...
     ... archived=... archive_lost=0 archive_reordered=0 outcomes=... outcomes_lost=0 ...
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -69,7 +71,7 @@ RECOVERY_SECONDS = 120.0  # for the node to start and its queue members to be on
 DELIVERY_SECONDS = 120.0  # for everything accepted to be delivered at the end
 COMMAND_SECONDS = 150.0  # for one deploy/cluster.sh command
 PLACEMENT_SECONDS = 30.0  # for new streams' replicas to show in the management API
-QUIET_SECONDS = 3.0  # a stream read is done once nothing more came for this long
+QUIET_SECONDS = 3.0  # past its leader's committed offset, a stream read ends this long quiet
 READ_SECONDS = 90.0  # for one stream's read
 READ_PREFETCH = 1000  # a stream consumer needs one; its acks only grant credit
 SKEW_SECONDS = 5.0  # an offset by time starts at a chunk: from a little before the run's start
@@ -162,10 +164,9 @@ async def run(args: argparse.Namespace) -> int:
                 print(undelivered, file=sys.stderr)
             tally = sender.ledger.check(http_deliveries(handler))
             # the load has stopped and what could be delivered is: the streams are read to their end
-            survivor = urls[result["up"][0] - 1]
             memory = await remembered(
-                survivor, config.settings.broker.exchange, since, billing.outcome_log,
-                sender.ledger, handler,
+                result["up"][0], urls, config.settings.broker.exchange, since,
+                billing.outcome_log, sender.ledger, handler,
             )  # fmt: skip
     answers = dict(sender.answers.most_common())
     print(f"{tally.line()} failover_seconds={result['failover']:.1f} "
@@ -274,16 +275,33 @@ class Memory:
 
 
 async def remembered(
-    url: str, exchange: str, since: datetime, outcome_log: str, ledger: Ledger, handler: HttpHandler
+    survivor: int,
+    urls: list[str],
+    exchange: str,
+    since: datetime,
+    outcome_log: str,
+    ledger: Ledger,
+    handler: HttpHandler,
 ) -> Memory:
-    """Read from the node at `url` the archive's messages of `exchange` from `since` on, and
-    the outcome log; count them against `ledger` and what `handler` answered 2xx."""
-    connection = await aio_pika.connect(url, timeout=10)
+    """Read from node `survivor` the archive's messages of `exchange` from `since` on, and the
+    outcome log, each up to its leader's committed offset; count them against `ledger` and what
+    `handler` answered 2xx."""
+    problems: list[str] = []
+    connection = await aio_pika.connect(urls[survivor - 1], timeout=10)
     async with connection:
-        archive = await read_stream(
-            connection, topology.ARCHIVE, since - timedelta(seconds=SKEW_SECONDS)
-        )
-        outcome_messages = await read_stream(connection, outcome_log, "first")
+        read: dict[str, list[DeliveredMessage]] = {}
+        for stream, offset in (
+            (topology.ARCHIVE, since - timedelta(seconds=SKEW_SECONDS)),
+            (outcome_log, "first"),
+        ):
+            end = await committed(survivor, stream)
+            read[stream], last = await read_stream(connection, stream, offset, end)
+            if last < end:
+                problems.append(
+                    f"{stream} read on {node(survivor)} up to offset {last} only, of the "
+                    f"{end} its leader had committed, within {READ_SECONDS:g} s"
+                )
+    archive, outcome_messages = read[topology.ARCHIVE], read[outcome_log]
     archived = [
         (wire.key_of(m.header.properties), m.header.properties.message_id or "")
         for m in archive
@@ -295,7 +313,7 @@ async def remembered(
     recorded = Counter(str(r["id"]) for r in records if r["outcome"] == wire.DELIVERED)
     delivered = set(handler.accepted())
     unrecorded = sorted(delivered - recorded.keys())
-    problems = [f"archive {p.replace(', delivered ', ', archived ')}" for p in in_archive.problems]
+    problems += [f"archive {p.replace(', delivered ', ', archived ')}" for p in in_archive.problems]
     if unrecorded:
         more = " ..." if len(unrecorded) > 5 else ""
         problems.append(f"delivered without an outcome record: {', '.join(unrecorded[:5])}{more}")
@@ -310,13 +328,35 @@ async def remembered(
     )
 
 
+async def committed(i: int, stream: str) -> int:
+    """The last offset `stream`'s leader has committed (-1: none yet), as node `i` tells
+    (`rabbitmq-queues stream_status`: asking writes nothing into the stream)."""
+
+    async def writer() -> tuple[int] | None:
+        try:
+            status = await asyncio.to_thread(
+                cluster, "queues", str(i), "stream_status", stream, "--formatter", "json"
+            )
+            members = json.loads(status)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError):
+            return None
+        leaders = [m for m in members if m.get("role") == "writer"]
+        return (int(leaders[0]["committed_offset"]),) if leaders else None
+
+    found: tuple[int] = await eventually(
+        writer, timeout=READ_SECONDS, interval=1.0, what=f"{stream}'s leader"
+    )
+    return found[0]
+
+
 async def read_stream(
-    connection: AbstractConnection, stream: str, offset: datetime | str
-) -> list[DeliveredMessage]:
-    """`stream`'s messages from `offset` on, in stream order, read until none came for
-    QUIET_SECONDS: called once the load has stopped, when nothing more is written. A check
-    writes nothing into a stream (no marker to read up to: tests/test_streams.py); a stream
-    still written to after READ_SECONDS fails the read."""
+    connection: AbstractConnection, stream: str, offset: datetime | str, end: int
+) -> tuple[list[DeliveredMessage], int]:
+    """`stream`'s messages from `offset` on, in stream order, and the last one's offset: read
+    until the one at offset `end` came (the node's replica may still be catching up), then
+    until none came for QUIET_SECONDS (called once the load has stopped: nothing more is
+    written), or READ_SECONDS passed. A check writes nothing into a stream: no marker of its
+    own to read up to (tests/test_streams.py)."""
     channel = await connection.channel(publisher_confirms=False)
     async with channel:
         raw = await channel.get_underlay_channel()
@@ -325,18 +365,23 @@ async def read_stream(
         # each delivery is put from a task of its own, started in order: the queue keeps it
         await raw.basic_consume(stream, arrived.put, arguments={"x-stream-offset": offset})
         got: list[DeliveredMessage] = []
+        last = -1
         deadline = time.monotonic() + READ_SECONDS
-        while True:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                message = await asyncio.wait_for(arrived.get(), QUIET_SECONDS)
+                message = await asyncio.wait_for(
+                    arrived.get(), min(left, QUIET_SECONDS) if last >= end else left
+                )
             except TimeoutError:
-                return got
+                if last >= end:
+                    break
+                continue
             got.append(message)
+            last = int(str((message.header.properties.headers or {})["x-stream-offset"]))
             if len(got) % (READ_PREFETCH // 2) == 0:  # credit for the next ones
                 tag = cast(Basic.Deliver, message.delivery).delivery_tag
                 await raw.basic_ack(cast(int, tag), multiple=True)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{stream} still written to after {READ_SECONDS:g} s")
+    return got, last
 
 
 def main() -> int:
