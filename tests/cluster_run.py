@@ -69,13 +69,14 @@ INVOICES = range(1, 21)
 FAILOVER_SECONDS = 60.0  # for the partitions to have leaders again, after the fault
 RECOVERY_SECONDS = 120.0  # for the node to start and its queue members to be online again
 DELIVERY_SECONDS = 120.0  # for everything accepted to be delivered at the end
+DRAIN_SECONDS = 60.0  # then for the partitions to hold nothing (every outcome recorded)
 COMMAND_SECONDS = 150.0  # for one deploy/cluster.sh command
 PLACEMENT_SECONDS = 30.0  # for new streams' replicas to show in the management API
 QUIET_SECONDS = 3.0  # past its leader's committed offset, a stream read ends this long quiet
 READ_SECONDS = 90.0  # for one stream's read
 READ_PREFETCH = 1000  # a stream consumer needs one; its acks only grant credit
 SKEW_SECONDS = 5.0  # an offset by time starts at a chunk: from a little before the run's start
-COLUMNS = "name,type,leader,node,members,online"
+COLUMNS = "name,type,leader,node,members,online,messages"
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
 
 
@@ -110,6 +111,13 @@ async def queues(up: list[int], names: list[str]) -> dict[str, dict[str, Any]]:
         except (aiohttp.ClientError, TimeoutError):
             continue
     return {}
+
+
+async def drained(up: list[int], partitions: list[str]) -> bool:
+    """Whether the partitions hold no message, ready or unacknowledged (the management API's
+    figures, sampled every few seconds)."""
+    found = await queues(up, partitions)
+    return len(found) == len(partitions) and all(q.get("messages") == 0 for q in found.values())
 
 
 def replicated(found: dict[str, dict[str, Any]], names: list[str], online: bool = True) -> bool:
@@ -163,6 +171,14 @@ async def run(args: argparse.Namespace) -> int:
             except AssertionError as undelivered:  # still counted: the line says what is missing
                 print(undelivered, file=sys.stderr)
             tally = sender.ledger.check(http_deliveries(handler))
+            # A message is acked only once its outcome record is confirmed (records the broker
+            # did not confirm in the failover are written again): wait for the partitions to
+            # hold nothing, then every delivered message has its record.
+            try:
+                await eventually(lambda: drained(result["up"], partitions), timeout=DRAIN_SECONDS,
+                                 interval=1.0, what="the partitions drained")  # fmt: skip
+            except AssertionError as undrained:
+                print(undrained, file=sys.stderr)
             # the load has stopped and what could be delivered is: the streams are read to their end
             memory = await remembered(
                 result["up"][0], urls, config.settings.broker.exchange, since,
