@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import platform
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -389,9 +391,10 @@ def report(
     lines = [
         f"Measured {datetime.now(UTC):%Y-%m-%d} by `python -m tests.bench.ingress --rounds "
         f"{args.rounds} --seconds {args.seconds:g} --connections {args.connections}"
-        f"{f' --outage {args.outage:g}' if args.outage else ''}` on "
-        f"{os.cpu_count()} cores "
-        f"({model}), Python {platform.python_version()}, RabbitMQ on loopback, wrk -t1 "
+        f"{f' --outage {args.outage:g}' if args.outage else ''}"
+        f"{' --broker-core' if args.broker_core else ''}` on {os.cpu_count()} cores "
+        f"({model}), Python {platform.python_version()}, RabbitMQ on loopback"
+        f"{' pinned to a core of its own' if args.broker_core else ''}, wrk -t1 "
         f"-c{args.connections} on the same machine. Every request is a new signed Envoice webhook "
         "(no duplicates), published persistent with a confirm to one quorum queue. Medians of the "
         "rounds; the ratio is against the plain relay on asyncio in the same run. This machine is "
@@ -439,6 +442,27 @@ def write_performance(table: str) -> None:
     path.write_text(f"{head}{START}\n{table}{END}{tail}", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def broker_on_own_core(pids: list[int]) -> Iterator[None]:
+    """The broker's threads on the last core, this process (and the children it starts) on the
+    others; the broker's threads back on the cores they had, whatever happens."""
+    if not pids or (os.cpu_count() or 1) < 2:
+        raise SystemExit("--broker-core needs the local broker's pid and at least 2 cores")
+    cores = sorted(os.sched_getaffinity(0))
+    threads = [int(t.name) for pid in pids for t in Path(f"/proc/{pid}/task").iterdir()]
+    found = {tid: os.sched_getaffinity(tid) for tid in threads}
+    try:
+        for tid in threads:
+            os.sched_setaffinity(tid, cores[-1:])
+        os.sched_setaffinity(0, cores[:-1])
+        yield
+    finally:
+        for tid, had in found.items():
+            with contextlib.suppress(OSError):  # a scheduler thread that has ended
+                os.sched_setaffinity(tid, had)
+        os.sched_setaffinity(0, cores)
+
+
 def _cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -469,6 +493,12 @@ def main() -> int:
         "--no-write", action="store_true", help="print the table, do not write docs/PERFORMANCE.md"
     )
     parser.add_argument(
+        "--broker-core",
+        action="store_true",
+        help="pin RabbitMQ to the last core and this bench (servers, wrk) to the others, as when "
+        "the broker runs on its own machine; the broker's affinity is restored afterwards",
+    )
+    parser.add_argument(
         "--archive-off",
         action="store_true",
         help="also run `relay ingress` with [archive] enabled = false (its cost: the archive's)",
@@ -478,7 +508,12 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as directory:
+    with (
+        tempfile.TemporaryDirectory(prefix="relay-bench-") as directory,
+        contextlib.ExitStack() as pins,
+    ):
+        if args.broker_core:
+            pins.enter_context(broker_on_own_core(args.broker_pids))
         try:
             text = asyncio.run(run(args, Path(directory)))
         except (BenchError, TimeoutError) as exc:
