@@ -1,0 +1,3 @@
+from examples.invoice_store.cli import main
+
+main()
