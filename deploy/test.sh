@@ -10,10 +10,10 @@ cd "$ROOT"
 # Each step on its own line: under `set -e` a failing step stops the command (in `a && b`
 # it would not).
 echo "== ruff"
-"$VENV/bin/ruff" check relay tests
-"$VENV/bin/ruff" format --check relay tests
+"$VENV/bin/ruff" check relay tests examples
+"$VENV/bin/ruff" format --check relay tests examples
 echo "== mypy"
-"$VENV/bin/mypy" --strict relay tests
+"$VENV/bin/mypy" --strict relay tests examples
 echo "== pytest"
 # The suite runs in a vhost of its own on the local broker, deleted afterwards, so that it
 # neither sees nor leaves anything in a vhost other things use. Node-wide settings a test

@@ -93,6 +93,26 @@ def test_relay_header_names_are_spelled_in_one_module() -> None:
     assert spelled == {"relay.wire"}
 
 
+def test_relay_and_the_example_services_do_not_import_each_other() -> None:
+    """examples/ are services downstream of relay, as anyone's would be: they read the wire
+    contract, not relay's code (their tests may use relay to send them deliveries)."""
+    examples = list((ROOT / "examples").rglob("*.py"))
+    assert examples  # else the check below checks nothing
+
+    for path in [*PACKAGE.rglob("*.py"), *examples]:
+        imported = {
+            name.split(".")[0]
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            for name in (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                else []
+            )
+        }  # fmt: skip
+        other = "relay" if path.is_relative_to(ROOT / "examples") else "examples"
+        assert other not in imported, path.relative_to(ROOT)
+
+
 def test_no_module_is_named_for_what_it_is_not() -> None:
     names = {p.stem for p in PACKAGE.rglob("*.py")}
 
