@@ -389,7 +389,7 @@ def test_a_record_file_that_cannot_be_opened_exits_2(tmp_path: Path) -> None:
         (["--retry-for", "-1"], "argument --retry-for: must not be negative"),
         (["--first-id", "0"], "argument --first-id: must be at least 1"),
     ],
-    ids=" ".join,
+    ids=["count 0", "outage catch-up alone", "negative retry-for", "first-id 0"],
 )
 def test_options_that_do_not_go_together_are_bad_usage(args: list[str], error: str) -> None:
     result = run_relay("send", "--url", "http://127.0.0.1:1/e", *args)
