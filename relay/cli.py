@@ -15,6 +15,8 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -49,6 +51,8 @@ log = structlog.get_logger()
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage
+    if "check" in args:  # what one option says of another
+        args.check(args)
     try:
         settings = config.load(args.config)
         args.log_level = args.log_level or args.default_log_level
@@ -145,7 +149,12 @@ def _parser() -> argparse.ArgumentParser:
         "`relay ingress --port` (default: ingress.port)",
     )
     sender.add_argument("--source", help="source name (default: the first source)")
-    sender.add_argument("--count", type=_positive, default=10, help="webhooks to send (10)")
+    sender.add_argument(
+        "--count",
+        type=_not_negative,
+        default=10,
+        help="new webhooks to send (10; 0 only with --catch-up)",
+    )
     sender.add_argument(
         "--invoices", type=_positive, default=3, help="ordering keys (invoices) to spread over (3)"
     )
@@ -153,6 +162,50 @@ def _parser() -> argparse.ArgumentParser:
         "--secret-env",
         metavar="NAME",
         help="sign with the secret in environment variable NAME instead of the config's",
+    )
+    sender.add_argument(
+        "--first-id",
+        type=_positive,
+        metavar="N",
+        help="the new webhooks' event ids are N, N+1, ... (default: from the clock, unique)",
+    )
+    sender.add_argument(
+        "--record",
+        type=Path,
+        metavar="FILE",
+        help="append one JSON line per new webhook once answered (order, id, invoice, key, event, "
+        "occurred, occurred_at, answer): a history for --catch-up",
+    )
+    sender.add_argument(
+        "--catch-up",
+        type=Path,
+        metavar="FILE",
+        help="rehearse a provider's catch-up: first send every webhook recorded in FILE again, "
+        "one at a time in its order, same id and body, signed now; then the --count new ones",
+    )
+    sender.add_argument(
+        "--retry-for",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="retry a webhook answered 5xx or not at all, with backoff, for up to SECONDS after "
+        "its first failure, its invoice's later webhooks waiting (0, the default: count it and "
+        "go on)",
+    )
+    sender.add_argument(
+        "--outage-catch-up",
+        action="store_true",
+        help="with --retry-for: once a webhook gets through after a failure, send every webhook "
+        "sent so far again, in the order first sent, before going on (Envoice's rule: \"all "
+        'activities, both past and present, in chronological order")',
+    )
+    sender.set_defaults(check=partial(_check_send, sender))
+    sender.epilog = (
+        "Rehearsing a provider's catch-up: `--first-id 1 --record FILE` sends a known history; "
+        "`--catch-up FILE --count 20` sends all of it again (the relay should answer duplicate) "
+        "and then 20 new ones; `--retry-for 60 --outage-catch-up` acts as Envoice does when the "
+        "ingress is down for a while. Exit 0 when every new webhook was accepted and every one "
+        "sent again was accepted or a duplicate, else 1."
     )
 
     bench.add_arguments(
@@ -239,6 +292,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_send(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.count == 0 and args.catch_up is None:
+        parser.error("argument --count: 0 only with --catch-up")
+    if args.retry_for < 0:
+        parser.error("argument --retry-for: must not be negative")
+    if args.outage_catch_up and not args.retry_for:
+        parser.error("argument --outage-catch-up: needs --retry-for")
+
+
+def _not_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return number
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -318,11 +387,21 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         source = replace(source, secrets=(secret,))
     port = args.port or settings.ingress.port
     url = args.url or f"http://127.0.0.1:{port}{source.path}"
-    report = await send(source, url, count=args.count, invoices=args.invoices)
+    report = await send(
+        source,
+        url,
+        count=args.count,
+        invoices=args.invoices,
+        first_id=args.first_id,
+        record=args.record,
+        catch_up=args.catch_up,
+        retry_for=args.retry_for,
+        outage_catch_up=args.outage_catch_up,
+    )
     print(report.line())
     for error in report.errors[:5]:
         print(f"  {error}", file=sys.stderr)
-    return EXIT_OK if report.answers.total() == report.answers["accepted"] else EXIT_FAILURE
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:

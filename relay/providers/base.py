@@ -59,6 +59,18 @@ class Provider(Protocol):
         """Every event name the source knows, for wildcard expansion (may be empty)."""
         ...
 
-    def sample(self, source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
-        """A signed sample request, for `relay send` and `relay bench`."""
+    def sample(
+        self,
+        source: SourceSettings,
+        *,
+        event_id: int,
+        key: int,
+        now: float,
+        occurred: float | None = None,
+    ) -> Request:
+        """A signed sample request, for `relay send` and `relay bench`, signed at `now`.
+
+        The body is a function of `event_id`, `key` and `occurred` (the event's own time in the
+        body, default `now`): called again later with the same three it is the same event, only
+        what its scheme signs with a fresh time differs (`relay send --catch-up`)."""
         ...

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -317,12 +316,16 @@ def _expect(text: str, i: int, char: str) -> int:
     return i + 1
 
 
-def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
-    """A signed Envoice webhook for invoice `key`, signed with the source's first secret."""
+def sample(
+    source: SourceSettings, *, event_id: int, key: int, now: float, occurred: float | None = None
+) -> Request:
+    """A signed Envoice webhook for invoice `key`, signed with the source's first secret at `now`
+    (its Timestamp), the Activity created at `occurred` (default `now`), its Type a function of
+    the id."""
     recipe: Options = source.options
-    created = datetime.fromtimestamp(now, UTC)
-    timestamp = created.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"  # 7 digits, like .NET
-    code = random.choice((0, 3, 7, 8, 10, 11, 14, 16))
+    timestamp = _dotnet_time(now)
+    created_on = timestamp if occurred is None else _dotnet_time(occurred)
+    code = _SAMPLE_TYPES[(event_id * 0x9E3779B1 >> 16) % len(_SAMPLE_TYPES)]  # mixed, not random
     activity = orjson.dumps(
         {
             "Message": f"{TYPE_NAMES[code]} on invoice INV-{key}",
@@ -333,7 +336,7 @@ def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Re
             "OrderNumber": "",
             "OrderId": 0,
             "Id": event_id,
-            "CreatedOn": timestamp,
+            "CreatedOn": created_on,
         }
     )
     message = _signed_message(recipe.signature_template, timestamp, activity)
@@ -341,3 +344,11 @@ def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Re
     head = orjson.dumps({"Signature": signature, "Timestamp": timestamp})
     body = head[:-1] + b',"Activity":' + activity + b"}"
     return Request(body, {"Content-Type": "application/json"})
+
+
+_SAMPLE_TYPES = (0, 3, 7, 8, 10, 11, 14, 16)  # Created, SentViaEmail, ..., NewPaymentWithStripe
+
+
+def _dotnet_time(seconds: float) -> str:
+    """A unix time as Envoice writes it: UTC, 7 fractional digits, Z."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"

@@ -81,8 +81,11 @@ def _key(body: dict[str, Any]) -> str | None:
     return None
 
 
-def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
-    """A signed `issues.opened` delivery for repository `example/repo-<key>`."""
+def sample(
+    source: SourceSettings, *, event_id: int, key: int, now: float, occurred: float | None = None
+) -> Request:
+    """A signed `issues.opened` delivery for repository `example/repo-<key>` (no time in it:
+    `occurred` changes nothing)."""
     body = orjson.dumps(
         {
             "action": "opened",

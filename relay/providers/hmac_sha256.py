@@ -140,9 +140,11 @@ def _signed(template: str, timestamp: int | None, body: bytes) -> bytes:
     )
 
 
-def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
+def sample(
+    source: SourceSettings, *, event_id: int, key: int, now: float, occurred: float | None = None
+) -> Request:
     """A signed `invoice.paid` webhook for invoice `key`, its id, event and key where the
-    source's options look for them."""
+    source's options look for them (no time in the body: `occurred` changes nothing)."""
     recipe: Options = source.options
     payload: dict[str, Any] = {"data": {"invoice_id": key, "amount": 1200}}
     headers = CIMultiDict({"Content-Type": "application/json"})

@@ -102,11 +102,14 @@ def parse(request: Request, source: SourceSettings, now: float) -> Event:
     )
 
 
-def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
+def sample(
+    source: SourceSettings, *, event_id: int, key: int, now: float, occurred: float | None = None
+) -> Request:
     """A signed `invoice.paid` webhook for invoice `key`, as a Standard Webhooks sender makes it
     (the event and key where the source's options look for them)."""
     recipe: Options = source.options
-    payload: dict[str, Any] = {"type": "invoice.paid", "timestamp": rfc3339(now)}
+    when = now if occurred is None else occurred
+    payload: dict[str, Any] = {"type": "invoice.paid", "timestamp": rfc3339(when)}
     payload["data"] = {"invoice_id": key, "amount": 1200 + event_id % 100}
     headers = CIMultiDict({"Content-Type": "application/json"})
     place(payload, headers, recipe.event_path, "invoice.paid")

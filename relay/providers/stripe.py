@@ -89,14 +89,16 @@ def _key(body: dict[str, Any]) -> str | None:
     return None
 
 
-def sample(source: SourceSettings, *, event_id: int, key: int, now: float) -> Request:
+def sample(
+    source: SourceSettings, *, event_id: int, key: int, now: float, occurred: float | None = None
+) -> Request:
     """A signed `invoice.paid` event for customer `cus_<key>`."""
     body = orjson.dumps(
         {
             "id": f"evt_{event_id}",
             "object": "event",
             "type": "invoice.paid",
-            "created": int(now),
+            "created": int(now if occurred is None else occurred),
             "livemode": False,
             "data": {
                 "object": {
