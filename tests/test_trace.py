@@ -20,9 +20,9 @@ from pamqp.commands import Basic
 from relay import replays, wire
 from relay.errors import NotFound
 from relay.ops import trace
-from relay.ops.streams import Entry, read_stream, stream_end
 from relay.ops.trace import Journey, Webhook
 from relay.settings import HandlerSettings
+from relay.streams import Entry, read_stream, stream_end
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import Config, Relay, billing_handler
 from tests.support import (

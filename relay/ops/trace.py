@@ -27,7 +27,7 @@ the earliest acceptance wanted, less MARGIN (clocks of ingress and broker hosts 
 time offset starts at a whole second's chunk).
 
 Where a read ends: at the newest message a stream held when the trace began, found without
-writing anything (relay/ops/streams.py).
+writing anything (relay/streams.py).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from aio_pika.abc import AbstractConnection
 from relay import replays, topology, wire
 from relay.broker import connect
 from relay.errors import NotFound
-from relay.ops.streams import Entry, read_stream, stream_end
 from relay.settings import HandlerSettings, Settings
+from relay.streams import Entry, read_stream, stream_end
 
 PENDING = "pending"
 SINCE = "24h"  # how far back the archive is searched by default
