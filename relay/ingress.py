@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, cast
 
@@ -20,6 +19,7 @@ from aiohttp import web, web_response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay import metrics
+from relay.accepted import AcceptedIds
 from relay.errors import BrokerUnavailable, CannotListen, RequestError, Unroutable
 from relay.providers import PROVIDERS, Event, Request
 from relay.publisher import Publisher
@@ -48,40 +48,23 @@ class EventPublisher(Protocol):
     async def publish(self, event: Event) -> None: ...
 
 
-class DuplicateWindow:
-    """The last `size` accepted message ids of this process, oldest forgotten first."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, message_id: str) -> bool:
-        return message_id in self._ids
-
-    def add(self, message_id: str) -> None:
-        if self._size == 0:
-            return
-        self._ids[message_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-
 class Acceptor:
-    """Publishes each new event once; repeats of an accepted id answer `duplicate`.
+    """Publishes each new event once; repeats of an id accepted by any ingress process within
+    the horizon answer `duplicate` (relay/accepted.py).
 
     The publish runs in the request's own task: aiohttp does not cancel a handler whose client
     went away, so the publish completes and its id is remembered either way.
     """
 
-    def __init__(self, publisher: EventPublisher, window: DuplicateWindow) -> None:
+    def __init__(self, publisher: EventPublisher, accepted: AcceptedIds) -> None:
         self.publisher = publisher
-        self._window = window
+        self.accepted = accepted
         # ids being published; a future once a concurrent request with the same id waits
         self._in_flight: dict[str, asyncio.Future[None] | None] = {}
 
     async def accept(self, event: Event) -> str:
         message_id = event.message_id
-        if message_id in self._window:
+        if self.accepted.seen(message_id):
             return "duplicate"
         if message_id in self._in_flight:  # the same id is being published by another request
             waiter = self._in_flight[message_id]
@@ -94,7 +77,7 @@ class Acceptor:
             started = time.perf_counter()
             await self.publisher.publish(event)
             metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
-            self._window.add(message_id)
+            self.accepted.add(message_id)
         except BaseException as exc:
             waiter = self._in_flight.pop(message_id)
             if waiter is not None:
@@ -166,11 +149,21 @@ def create_admin_app(app: web.Application) -> web.Application:
     return admin
 
 
+def not_ready(app: web.Application) -> str | None:
+    """Why the ingress `app` is not ready to accept webhooks, if it is not."""
+    if not app[PUBLISHER].ready:
+        return "broker connection is not usable"
+    if ACCEPTOR not in app or not app[ACCEPTOR].accepted.ready:
+        return "reading the ids accepted before (relay.ids)"
+    return None
+
+
 def _add_operational_routes(app: web.Application, ingress: web.Application) -> None:
     async def readyz(request: web.Request) -> web.Response:
-        if ingress[PUBLISHER].ready:
-            return _json({"status": "ready"})
-        return _error(503, "broker connection is not usable", retry_after=True)
+        problem = not_ready(ingress)
+        if problem:
+            return _error(503, problem, retry_after=True)
+        return _json({"status": "ready"})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -179,9 +172,12 @@ def _add_operational_routes(app: web.Application, ingress: web.Application) -> N
 
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
-    app[ACCEPTOR] = Acceptor(publisher, DuplicateWindow(app[SETTINGS].ingress.duplicate_window))
+    accepted = AcceptedIds(app[SETTINGS], follow=isinstance(publisher, Publisher))
+    app[ACCEPTOR] = Acceptor(publisher, accepted)
     publisher.start()
+    accepted.start()
     yield
+    await accepted.stop()
     await publisher.stop()
 
 

@@ -24,6 +24,14 @@ DELIVERY_SECONDS = Histogram(
     "relay_delivery_seconds", "Duration of one delivery attempt", ["handler"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )  # fmt: skip
+REPEATS = Counter(
+    "relay_repeats_total", "Copies of a message whose outcome was already recorded, acked "
+    "without delivery, by handler", ["handler"],
+)  # fmt: skip
+REMEMBERED = Gauge(
+    "relay_remembered_ids", "Ids remembered within the repeats horizon: accepted (ingress) or "
+    "decided per handler (worker)", ["of"],
+)  # fmt: skip
 QUEUE_DEPTH = Gauge("relay_queue_messages", "Messages ready in a relay queue", ["queue"])
 HANDLER_STATE = Gauge(
     "relay_handler_state", "1 for the handler's current state in this worker, else 0",

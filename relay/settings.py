@@ -75,7 +75,6 @@ class IngressSettings:
     body_timeout_seconds: float = 10.0  # a body not received by then: 408
     keepalive_seconds: float = 30.0  # idle connections, and headers of a new one, close after
     max_connections: int = 1000  # more connections at once are refused
-    duplicate_window: int = 100_000
     drain_seconds: float = 10.0
 
 
@@ -97,6 +96,21 @@ class ArchiveSettings:
     segment_bytes: int = 100_000_000
     outcomes_max_age: str = "30D"
     outcomes_max_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RepeatsSettings:
+    """How long and how many accepted ids the ingress, and delivered ids each handler, remember
+    (relay/seen.py): a copy of one within the horizon is a repeat."""
+
+    horizon: str = "30d"  # "30d", "12h", "90m"; at most what the outcome logs keep
+    max_ids: int = 10_000_000  # per ingress process, and per handler in a worker: oldest go first
+
+    @property
+    def horizon_seconds(self) -> int:
+        seconds = duration_seconds(self.horizon)
+        assert seconds is not None  # validated when read
+        return seconds
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +171,7 @@ class Settings:
     ingress: IngressSettings = field(default_factory=IngressSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    repeats: RepeatsSettings = field(default_factory=RepeatsSettings)
     sources: tuple[SourceSettings, ...] = ()
     handlers: tuple[HandlerSettings, ...] = ()
 
@@ -183,11 +198,12 @@ class Settings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
         t = _Table(raw, "")
-        t.only("broker", "ingress", "worker", "archive", "sources", "handlers")
+        t.only("broker", "ingress", "worker", "archive", "repeats", "sources", "handlers")
         broker = _broker(t.table("broker"))
         ingress = _ingress(t.table("ingress"))
         worker = _worker(t.table("worker"))
         archive = _archive(t.table("archive"))
+        repeats = _repeats(t.table("repeats"), archive)
         sources = tuple(_source(s) for s in t.tables("sources"))
         development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
@@ -208,6 +224,7 @@ class Settings:
             ingress=ingress,
             worker=worker,
             archive=archive,
+            repeats=repeats,
             sources=sources,
             handlers=handlers,
         )
@@ -349,7 +366,7 @@ def _broker_urls(t: _Table) -> tuple[str, ...]:
 def _ingress(t: _Table) -> IngressSettings:
     t.only(
         "host", "port", "admin_host", "admin_port", "max_body_bytes", "body_timeout_seconds",
-        "keepalive_seconds", "max_connections", "duplicate_window", "drain_seconds",
+        "keepalive_seconds", "max_connections", "drain_seconds",
     )  # fmt: skip
     return IngressSettings(
         host=t.get("host", str, "0.0.0.0"),  # noqa: S104 - the ingress serves a network
@@ -360,7 +377,6 @@ def _ingress(t: _Table) -> IngressSettings:
         body_timeout_seconds=t.number("body_timeout_seconds", 10.0, minimum=0.1, integer=False),
         keepalive_seconds=t.number("keepalive_seconds", 30.0, minimum=1, integer=False),
         max_connections=t.number("max_connections", 1000, minimum=1),
-        duplicate_window=t.number("duplicate_window", 100_000, minimum=0),
         drain_seconds=t.number("drain_seconds", 10.0, minimum=0, integer=False),
     )
 
@@ -391,6 +407,27 @@ def _archive(t: _Table) -> ArchiveSettings:
         outcomes_max_age=_max_age(t, "outcomes_max_age", "30D"),
         outcomes_max_bytes=_max_bytes(t, "outcomes_max_bytes", segment_bytes),
     )
+
+
+def _repeats(t: _Table, archive: ArchiveSettings) -> RepeatsSettings:
+    """The horizon defaults to 30 days, or what the outcome logs keep if that is less: a
+    handler's repeats are judged on its outcome log."""
+    t.only("horizon", "max_ids")
+    kept = max_age_seconds(archive.outcomes_max_age)
+    default = "30d" if kept >= 30 * 86_400 else f"{kept}s"
+    horizon: str = t.get("horizon", str, default)
+    seconds = duration_seconds(horizon)
+    if not seconds:
+        raise ConfigError(
+            f"{t.key('horizon')}: {horizon!r} is not a duration such as 30d, 12h, 90m"
+        )
+    if seconds > kept:
+        raise ConfigError(
+            f"{t.key('horizon')}: {horizon} is longer than the outcome logs keep "
+            f"(archive.outcomes_max_age {archive.outcomes_max_age}): the record of a delivery "
+            "would be gone before its repeats; shorten it or keep the logs longer"
+        )
+    return RepeatsSettings(horizon=horizon, max_ids=t.number("max_ids", 10_000_000, minimum=1))
 
 
 def _max_bytes(t: _Table, name: str, segment_bytes: int) -> int:
@@ -500,6 +537,14 @@ def _handler(t: _Table) -> HandlerSettings:
 
 DURATION_RE = re.compile(r"^(\d+)([smhd])$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+MAX_AGE_UNITS = {"Y": 365 * 86_400, "M": 30 * 86_400, "D": 86_400, "h": 3600, "m": 60, "s": 1}
+
+
+def max_age_seconds(max_age: str) -> int:
+    """Seconds in a RabbitMQ max age ("7D"), a month taken as 30 days."""
+    return int(max_age[:-1]) * MAX_AGE_UNITS[max_age[-1]]
 
 
 def duration_seconds(text: str) -> int | None:

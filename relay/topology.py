@@ -5,6 +5,7 @@ relay.activities (topic, alternate exchange relay.unrouted)
   --<pattern>--> relay.<handler> (headers)
                    --relay-bucket = b--> relay.<handler>.<b % partitions> (quorum, single active)
   --#--> relay.archive (stream: every accepted webhook; [archive] enabled)
+relay.ids (stream: digests of the ids the ingress processes accepted, kept the repeats horizon)
 relay.unrouted (fanout) --> relay.unrouted (quorum)
 relay.<handler>.dlq (quorum, read by `relay dlq` through a consumer: relay/ops/deadletters.py)
 relay.<handler>.outcomes (stream: the handler's final delivery outcomes, written by its workers)
@@ -34,6 +35,7 @@ from relay.settings import ArchiveSettings, HandlerSettings, Settings
 UNROUTED = "relay.unrouted"
 STATE_STREAM = "relay.state"
 ARCHIVE = "relay.archive"  # every accepted webhook, retained (a stream)
+ACCEPTED_IDS = "relay.ids"  # what the ingress processes accepted, for repeats (relay/accepted.py)
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
 STREAM: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": "7D"}
 PARTITION: dict[str, Any] = {**QUORUM, "x-single-active-consumer": True}
@@ -93,16 +95,21 @@ def outcome_log_queue(archive: ArchiveSettings, handler: HandlerSettings) -> Que
     return Queue(handler.outcome_log, arguments)
 
 
+def accepted_ids_queue(settings: Settings) -> Queue:
+    max_age = f"{settings.repeats.horizon_seconds}s"
+    return Queue(ACCEPTED_IDS, stream(max_age, 0, settings.archive.segment_bytes))
+
+
 def ingress(settings: Settings) -> Topology:
-    """What the ingress publishes into: the exchange, relay.unrouted behind it, and the archive
-    bound to it for every routing key (when enabled)."""
+    """What the ingress publishes into: the exchange, relay.unrouted behind it, the archive
+    bound to it for every routing key (when enabled), and relay.ids."""
     exchange = settings.broker.exchange
     described = Topology(
         [
             Exchange(exchange, "topic", {"alternate-exchange": UNROUTED}),
             Exchange(UNROUTED, "fanout"),
         ],
-        [Queue(UNROUTED, QUORUM)],
+        [Queue(UNROUTED, QUORUM), accepted_ids_queue(settings)],
         [Binding(UNROUTED, UNROUTED, "queue", "")],
     )
     if settings.archive.enabled:

@@ -52,6 +52,7 @@ SHARED_QUEUES = {
     topology.UNROUTED,
     topology.STATE_STREAM,
     topology.ARCHIVE,
+    topology.ACCEPTED_IDS,
 }  # every relay declares them: never deleted
 SHARED_EXCHANGES = {topology.UNROUTED}
 
@@ -76,6 +77,7 @@ def settings_dict(
         "ingress": {"host": "127.0.0.1", "port": 0, **sections.pop("ingress", {})},
         **({"worker": sections.pop("worker")} if "worker" in sections else {}),
         **({"archive": sections.pop("archive")} if "archive" in sections else {}),
+        **({"repeats": sections.pop("repeats")} if "repeats" in sections else {}),
         "sources": [source],
         "handlers": [
             {**h, "name": f"{h['name']}-{suffix}"}

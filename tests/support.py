@@ -26,7 +26,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from relay import topology
-from relay.ingress import PUBLISHER, create_app, runner_options
+from relay.ingress import create_app, not_ready, runner_options
 from relay.providers import PROVIDERS, Event, Request
 from relay.settings import Settings, SourceSettings
 from relay.worker import Worker
@@ -178,7 +178,7 @@ async def running_ingress(
         async with ClientSession(base_url=str(server.make_url(""))) as client:
             ingress = Ingress(app, client)
             if ready:
-                await eventually(lambda: app[PUBLISHER].ready, what="ingress ready")
+                await eventually(lambda: not not_ready(app), what="ingress ready")
             yield ingress
     finally:
         await server.close()

@@ -271,9 +271,13 @@ class Channel:
 def a_partition(broker: Broker) -> tuple[Partition, HandlerDeliveries, Channel]:
     billing = {"name": "billing", "events": ["envoice.#"], "url": "http://127.0.0.1:9/"}
     raw = settings_dict("unit", handlers=[{**billing, "partitions": 2}])
-    handler: HandlerSettings = config_from_dict(raw).handlers[0]
-    deliveries = HandlerDeliveries(handler, target=None)  # type: ignore[arg-type]
+    settings = config_from_dict(raw)
+    handler: HandlerSettings = settings.handlers[0]
+    deliveries = HandlerDeliveries(handler, None, settings.repeats)  # type: ignore[arg-type]
     partition = Partition(handler, 1, deliveries)
+    read = asyncio.get_running_loop().create_future()
+    read.set_result(None)
+    partition._caught_up = read  # its outcome log read to the end (there is no broker here)
     channel = Channel()
     partition._channel = channel
     deliveries.partitions.append(partition)
@@ -439,6 +443,7 @@ def test_a_stream_with_the_configs_retention_is_neither_declared_nor_reported() 
         "+ exchange relay.activities (topic)",
         "+ exchange relay.unrouted (fanout)",
         "+ queue relay.unrouted",
+        "+ queue relay.ids",
         "+ queue relay.state",
         "+ bind relay.unrouted -> relay.unrouted {}",
     ]

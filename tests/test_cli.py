@@ -208,7 +208,7 @@ def test_topology_export(tmp_path: Path) -> None:
     queues = by_name(definitions["queues"])
     partitions = {"relay.billing.0", "relay.billing.1"}
     others = {"relay.billing.dlq", "relay.billing.outcomes", "relay.unrouted", "relay.state"}
-    assert queues.keys() == partitions | others | {"relay.archive"}
+    assert queues.keys() == partitions | others | {"relay.archive", "relay.ids"}
     for name in partitions:
         assert queues[name]["arguments"] == {
             "x-queue-type": "quorum",
@@ -225,6 +225,11 @@ def test_topology_export(tmp_path: Path) -> None:
     assert queues["relay.billing.outcomes"]["arguments"] == {
         "x-queue-type": "stream",
         "x-max-age": "30D",
+        "x-stream-max-segment-size-bytes": 100_000_000,
+    }
+    assert queues["relay.ids"]["arguments"] == {
+        "x-queue-type": "stream",
+        "x-max-age": "2592000s",  # [repeats] horizon, 30 days
         "x-stream-max-segment-size-bytes": 100_000_000,
     }
     for item in definitions["exchanges"] + definitions["queues"]:

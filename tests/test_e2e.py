@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from tests.handlers_for_tests import HttpHandler, Request
-from tests.processes import STARTUP_SECONDS, Config, Relay
+from tests.processes import STARTUP_SECONDS, Config, Relay, RelayProcess
 from tests.support import activity, declare_topology, eventually, signed_body
 
 pytestmark = pytest.mark.rabbit
@@ -208,13 +208,17 @@ async def test_every_scheme_reaches_an_http_handler_routed_and_keyed(
     assert await worker.terminate() == 0
 
 
+def publishers_connected(ingress: RelayProcess) -> int:
+    return sum(e.get("component") == "publisher" for e in ingress.events("broker connected"))
+
+
 async def test_ingress_processes_share_a_port_and_their_metrics(relay: Relay) -> None:
     # Given `relay ingress --processes 2` (and a handler queue to route to)
     config = relay.config({"name": "log", "events": ["envoice.#"], "call": "relay.handlers:log"})
     await declare_topology(config.settings)
     ingress = await relay.run("ingress", "--processes", "2", config=config)
     await eventually(
-        lambda: ingress.logged("broker connected") == 2, timeout=STARTUP_SECONDS, what="ready"
+        lambda: publishers_connected(ingress) == 2, timeout=STARTUP_SECONDS, what="ready"
     )
     pids = await eventually(lambda: child_pids(ingress.process.pid, 2), what="two children")
 

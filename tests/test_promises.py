@@ -137,23 +137,21 @@ async def test_a_retry_after_a_publish_timeout_is_accepted_and_queued_at_most_tw
     assert await partitions_depth(channel, settings) in (1, 2)
 
 
-# --- the duplicate window -------------------------------------------------------------------
+# --- repeats at the ingress ------------------------------------------------------------------
 
 
-async def test_an_id_older_than_the_duplicate_window_is_published_again() -> None:
-    raw = settings_dict("window", handlers=[], url=AMQP_URL, ingress={"duplicate_window": 2})
-    settings = config_from_dict(raw)
+async def test_an_id_accepted_before_is_answered_duplicate_and_not_published_again() -> None:
+    settings = config_from_dict(settings_dict("window", handlers=[], url=AMQP_URL))
     bodies = [signed_body(settings.sources[0], activity(Id=9000 + i)) for i in range(3)]
     fake = FakePublisher()
     async with running_ingress(settings, publisher=fake) as ingress:
         answers = [(await ingress.post(PATH, b))[1]["status"] for b in bodies]
-        # the window holds the last 2 ids: 9001, 9002; 9000 has left it
         again = [(await ingress.post(PATH, b))[1]["status"] for b in (bodies[2], bodies[0])]
 
     assert answers == ["accepted"] * 3
-    assert again == ["duplicate", "accepted"]
+    assert again == ["duplicate", "duplicate"]
     assert [e.message_id for e in fake.published] == [
-        "envoice:9000", "envoice:9001", "envoice:9002", "envoice:9000"
+        "envoice:9000", "envoice:9001", "envoice:9002"
     ]  # fmt: skip
 
 

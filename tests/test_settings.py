@@ -93,7 +93,7 @@ def test_defaults() -> None:
     assert settings.ingress.max_connections == 1000
     assert settings.ingress.admin_port is None
     assert (settings.worker.metrics_host, settings.worker.metrics_port) == ("127.0.0.1", None)
-    assert settings.ingress.duplicate_window == 100_000
+    assert (settings.repeats.horizon, settings.repeats.max_ids) == ("30d", 10_000_000)
     source = settings.sources[0]
     assert source.tolerance_seconds == 0  # envoice's default (README "Configuration")
     assert source.options.signature_template == "{Timestamp}.{Activity}"
@@ -136,6 +136,28 @@ def test_archive_options_are_read() -> None:
 @pytest.mark.parametrize("age", ["1Y", "6M", "7D", "12h", "90m", "30s"])
 def test_every_rabbitmq_max_age_unit_is_accepted(age: str) -> None:
     assert load(archive={"max_age": age, "outcomes_max_age": age}).archive.max_age == age
+
+
+def test_the_repeats_horizon_defaults_to_30_days_or_what_the_outcome_logs_keep() -> None:
+    assert load().repeats.horizon_seconds == 30 * 86_400
+    assert load(archive={"outcomes_max_age": "7D"}).repeats.horizon_seconds == 7 * 86_400
+    assert load(repeats={"horizon": "90m"}).repeats.horizon_seconds == 5400
+
+
+@pytest.mark.parametrize(
+    ("repeats", "archive"),
+    [
+        ({"horizon": "60d"}, {}),  # longer than the outcome logs keep (30D)
+        ({"horizon": "1d"}, {"outcomes_max_age": "12h"}),
+        ({"horizon": "soon"}, {}),
+        ({"horizon": "0d"}, {}),
+    ],
+)
+def test_a_repeats_horizon_the_outcome_logs_cannot_hold_is_refused(
+    repeats: dict[str, Any], archive: dict[str, Any]
+) -> None:
+    with raises_naming("repeats.horizon"):
+        load(repeats=repeats, archive=archive)
 
 
 def test_empty_config_is_valid() -> None:

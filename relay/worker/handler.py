@@ -21,9 +21,10 @@ import aio_pika
 import structlog
 
 from relay import metrics, wire
-from relay.settings import HandlerSettings
+from relay.settings import HandlerSettings, RepeatsSettings
 from relay.topology import STATE_STREAM
 from relay.wire import State
+from relay.worker.decided import Decided
 from relay.worker.delivery import Outcome, Target, attempt_delivery
 from relay.worker.outcomes import OutcomeLog
 from relay.worker.partition import Delivery, Partition
@@ -38,7 +39,7 @@ Publish = Callable[[aio_pika.Message, str], Awaitable[None]]  # (message, queue)
 
 
 class HandlerDeliveries:
-    def __init__(self, handler: HandlerSettings, target: Target) -> None:
+    def __init__(self, handler: HandlerSettings, target: Target, repeats: RepeatsSettings) -> None:
         self.handler = handler
         self.policy = HandlerPolicy(handler)
         self.partitions: list[Partition] = []
@@ -56,6 +57,7 @@ class HandlerDeliveries:
         self._requires: dict[str, str] = {}  # a replay's fill -> its before: released together
         self._publish: Publish | None = None
         self._outcome_log = OutcomeLog(handler.outcome_log)
+        self.decided = Decided(handler, repeats)
         self._dispatcher: asyncio.Task[None] | None = None
         self._log = log.bind(handler=handler.name)
         name = handler.name
@@ -158,6 +160,7 @@ class HandlerDeliveries:
             at=datetime.now(UTC),
         )
         await self._outcome_log.write(record)
+        self.decided.add(delivery.message_id)
 
     # --- running ------------------------------------------------------------------------------
 

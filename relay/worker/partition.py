@@ -74,6 +74,12 @@ class Delivery:
         return replayed if isinstance(replayed, str) else ""
 
     @property
+    def sent_again(self) -> bool:
+        """Whether it is sent again on purpose (a replay from the archive, `relay dlq replay`):
+        delivered whatever the outcome log says."""
+        return bool((self.properties.headers or {}).get(wire.REPLAYED_HEADER))
+
+    @property
     def attempt(self) -> int:
         """The number of the current try, for the x-relay-attempt header: after the tries
         before it, this process's or the broker's earlier deliveries, whichever are more."""
@@ -96,6 +102,8 @@ class Partition:
     _channel: Any = None  # the aiormq channel
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Future[None]] = field(default_factory=set)
+    # this channel's read of the handler's outcome log up to its end, before its first decision
+    _caught_up: asyncio.Future[None] | None = None
 
     @property
     def queue(self) -> str:
@@ -175,7 +183,28 @@ class Partition:
                           partition=self.queue, message_id=delivery.message_id)  # fmt: skip
                 await self._finish(delivery)
                 return
+        if not delivery.sent_again:
+            repeat = await self._is_repeat(delivery)
+            if repeat is None:
+                return  # its channel closed meanwhile: it comes again
+            if repeat:
+                log.debug("repeat: its outcome is recorded, not delivered again",
+                          partition=self.queue, message_id=delivery.message_id)  # fmt: skip
+                await self._finish(delivery)
+                return
         self.deliveries.ready(delivery)
+
+    async def _is_repeat(self, delivery: Delivery) -> bool | None:
+        """Whether the handler's outcome log records an outcome of `delivery`'s id, read up to
+        its end as of this channel's first decision (None: the channel closed first)."""
+        if self._caught_up is None:
+            self._caught_up = asyncio.ensure_future(self.deliveries.decided.caught_up())
+        caught_up = self._caught_up
+        await asyncio.wait({caught_up})  # cancelled when the window is forgotten
+        if caught_up.cancelled() or delivery.stale:
+            return None
+        caught_up.result()
+        return self.deliveries.decided.is_repeat(delivery.message_id)
 
     async def settle(self, delivery: Delivery, outcome: Outcome, dead_letter: str | None) -> None:
         """`delivery`'s outcome is final: dead-letter it (when `dead_letter` says why), record
@@ -300,6 +329,9 @@ class Partition:
 
     def _forget_window(self) -> None:
         self.generation += 1
+        if self._caught_up is not None:
+            self._caught_up.cancel()
+            self._caught_up = None
         for delivery in self._keys:
             self.deliveries.forget(delivery)
         self._keys.clear()

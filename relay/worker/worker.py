@@ -69,7 +69,7 @@ class Worker:
         async with aiohttp.ClientSession(auto_decompress=False, connector=connector) as session:
             for h in self._handlers:
                 target = self._targets.get(h.name) or HttpTarget(h, session)
-                self._deliveries[h.name] = HandlerDeliveries(h, target)
+                self._deliveries[h.name] = HandlerDeliveries(h, target, self._settings.repeats)
             self._partitions = [
                 Partition(h, i, self._deliveries[h.name])
                 for h in self._handlers
@@ -97,6 +97,7 @@ class Worker:
         )
         for deliveries in self._deliveries.values():
             deliveries.start(publish)
+            deliveries.decided.start(connection, over)
         consuming: dict[str, asyncio.Future[None]] = {}
 
         def consume(partition: Partition) -> None:
@@ -125,6 +126,7 @@ class Worker:
             replaying.close()
             for deliveries in self._deliveries.values():
                 await deliveries.stop()
+                await deliveries.decided.stop()
 
     async def _follow_records(
         self,

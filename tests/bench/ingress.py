@@ -9,6 +9,8 @@ one quorum queue bound to the exchange:
   default: every webhook also lands in the stream relay.archive); with --archive-off also
   `relay ingress` with `[archive] enabled = false`, on an exchange of its own bound to the same
   queue, for the archive's cost;
+- with --baseline CHECKOUT, `relay ingress` run from another checkout of relay (a git worktree of
+  the commit before a change): before and after, in the same rounds;
 - plain: tests/bench/plain.py, the plain relay a user writes (aiohttp, HMAC, orjson, aio-pika
   publish with confirm), on asyncio and on uvloop;
 - ceiling: tests/bench/ceiling.py, an aiohttp handler that only reads the body (no broker);
@@ -75,6 +77,7 @@ PATH = "/webhooks/envoice"
 MAX_RATE = 15_000  # bodies per second of a run: more than any server here answers
 RUN_GRACE_SECONDS = 30.0  # beyond --seconds, for wrk to finish
 HELD_RATE = 1000
+BASELINE = "relay ingress, baseline"
 OUTAGE_RATE = 500
 OUTAGE_AFTER_SECONDS = 10.0  # of held load before the broker stops, and after it is back
 OUTAGE_MARGIN_SECONDS = 20.0  # for rabbitmqctl stop_app and start_app themselves
@@ -334,7 +337,14 @@ async def run(args: argparse.Namespace, directory: Path) -> str:
         await queue.bind(f"{exchange}-off", "#")
         argv = ("-m", "relay", "ingress", "--config", str(off), "--log-level", "warning")
         every.insert(1, Server("relay ingress, archive off", argv))
-    chosen = [s for s in every if not args.only or s.name in args.only]
+    if args.baseline:  # another checkout's `relay ingress`, same config: before vs after
+        run_from = (
+            f"import runpy, sys; sys.path.insert(0, {str(args.baseline.resolve())!r}); "
+            "sys.argv[0] = 'relay'; runpy.run_module('relay', run_name='__main__')"
+        )
+        argv = ("-c", run_from, "ingress", "--config", str(config), "--log-level", "warning")
+        every.insert(1, Server(BASELINE, argv))
+    chosen = [s for s in every if not args.only or s.name in args.only or s.name == BASELINE]
     brokers: list[float] = []
     held: dict[str, Any] = {}
     outage: dict[str, Any] = {}
@@ -491,6 +501,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print the table, do not write docs/PERFORMANCE.md"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help=f"also run `relay ingress` from another checkout of relay (e.g. a git worktree of "
+        f"the commit before a change), as {BASELINE!r}, in the same rounds",
     )
     parser.add_argument(
         "--broker-core",
