@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import sys
 import time
+import uuid
 from array import array
 from datetime import UTC, datetime, timedelta
 
@@ -28,7 +29,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from relay import metrics
 from relay.broker import BROKER_ERRORS, keep_connected, until_set
 from relay.errors import NotFound
-from relay.seen import SeenIds, digest
+from relay.seen import SeenIds
 from relay.settings import Settings
 from relay.streams import stream_end
 from relay.topology import ACCEPTED_IDS
@@ -56,18 +57,20 @@ class AcceptedIds:
         self._follow = follow
         self._task: asyncio.Task[None] | None = None
         self._remembered = metrics.REMEMBERED.labels("accepted")
+        self._process = uuid.uuid4().hex  # names this process's batches in relay.ids
 
     @property
     def ready(self) -> bool:
         """Whether relay.ids has been read up to where it ended when this process started."""
         return self._caught_up
 
-    def seen(self, message_id: str) -> bool:
-        return self._ids.seen(digest("", message_id), time.time())
+    def seen(self, accepted: int) -> bool:
+        """Whether the id of digest `accepted` (`relay.seen.digest("", message_id)`) was accepted
+        within the horizon."""
+        return self._ids.seen(accepted, time.time())
 
-    def add(self, message_id: str) -> None:
-        """`message_id` has just been accepted here (its publish confirmed)."""
-        accepted = digest("", message_id)
+    def add(self, accepted: int) -> None:
+        """The id of digest `accepted` has just been accepted here (its publish confirmed)."""
         self._ids.add(accepted, time.time())
         if len(self._pending) < MAX_PENDING:
             self._pending.append(accepted)
@@ -85,16 +88,19 @@ class AcceptedIds:
 
     async def _session(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
         end = await until_set(self._stream_end(connection), lost)
+        if lost.is_set():
+            return
         channel = await connection.channel(publisher_confirms=True)
         channel.close_callbacks.add(lambda *_: lost.set())
         follower = asyncio.ensure_future(self._read_stream(connection, lost))
         follower.add_done_callback(lambda _: lost.set())  # it ends only with the connection
         try:
-            if not self._caught_up and end is not None:
-                await until_set(self._read_up_to(end), lost)
-            self._caught_up = not lost.is_set()
-            if self._caught_up:
-                log.info("accepted ids known", ids=len(self._ids), component="ingress")
+            if not self._caught_up:
+                if end is not None:
+                    await until_set(self._read_up_to(end), lost)
+                if not lost.is_set():
+                    self._caught_up = True
+                    log.info("accepted ids known", ids=len(self._ids), component="ingress")
             while not lost.is_set():
                 await until_set(asyncio.sleep(FLUSH_SECONDS), lost)
                 await self._flush(channel)
@@ -126,6 +132,7 @@ class AcceptedIds:
         message = aio_pika.Message(
             body.tobytes(),
             timestamp=datetime.now(UTC),
+            app_id=self._process,  # read back, this process skips its own
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
@@ -148,7 +155,8 @@ class AcceptedIds:
             async def on_message(message: AbstractIncomingMessage) -> None:
                 offset = (message.headers or {}).get("x-stream-offset")
                 if isinstance(offset, int) and offset > self._read:
-                    self._take(message)
+                    if message.app_id != self._process:
+                        self._take(message)
                     self._read = offset
                     self._moved.set()
                 await message.ack()

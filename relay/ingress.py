@@ -23,6 +23,7 @@ from relay.accepted import AcceptedIds
 from relay.errors import BrokerUnavailable, CannotListen, RequestError, Unroutable
 from relay.providers import PROVIDERS, Event, Request
 from relay.publisher import Publisher
+from relay.seen import digest
 from relay.settings import IngressSettings, Settings, SourceSettings
 
 log = structlog.get_logger()
@@ -64,7 +65,8 @@ class Acceptor:
 
     async def accept(self, event: Event) -> str:
         message_id = event.message_id
-        if self.accepted.seen(message_id):
+        accepted = digest("", message_id)
+        if self.accepted.seen(accepted):
             return "duplicate"
         if message_id in self._in_flight:  # the same id is being published by another request
             waiter = self._in_flight[message_id]
@@ -77,7 +79,7 @@ class Acceptor:
             started = time.perf_counter()
             await self.publisher.publish(event)
             metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
-            self.accepted.add(message_id)
+            self.accepted.add(accepted)
         except BaseException as exc:
             waiter = self._in_flight.pop(message_id)
             if waiter is not None:

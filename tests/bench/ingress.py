@@ -1,9 +1,10 @@
 """Ingress throughput against its baselines, in one run: writes docs/PERFORMANCE.md.
 
 Each round runs every server in turn (the order rotates per round) under wrk with --connections
-connections for --seconds, every request a new signed Envoice webhook (no duplicates: each server
-process starts fresh and each run's bodies carry distinct ids), confirmed persistent publishes to
-one quorum queue bound to the exchange:
+connections for --seconds, every request a new signed Envoice webhook (no duplicates: each run
+posts bodies with ids never sent before, since ingress processes remember what any of them
+accepted, through relay.ids), confirmed persistent publishes to one quorum queue bound to the
+exchange:
 
 - relay: `relay ingress` (uvloop), and `relay ingress --processes 2`, with the archive on (the
   default: every webhook also lands in the stream relay.archive); with --archive-off also
@@ -318,7 +319,6 @@ async def run(args: argparse.Namespace, directory: Path) -> str:
     config.write_text(SOURCE_CONFIG.format(exchange=exchange, port=port, path=PATH, secret=SECRET))
     lua, bodies = directory / "post.lua", directory / "bodies"
     lua.write_text(POST_LUA)
-    write_bodies(config, bodies, int(MAX_RATE * args.seconds))
     await declare_topology(config)
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
@@ -353,6 +353,7 @@ async def run(args: argparse.Namespace, directory: Path) -> str:
             print(f"round {round_ + 1}/{args.rounds}", flush=True)
             turn = chosen[round_ % len(chosen) :] + chosen[: round_ % len(chosen)]
             for server in turn:
+                write_bodies(config, bodies, int(MAX_RATE * args.seconds))
                 await measure(server, directory, port, bodies, lua, args)
                 await queue.purge()
             if not args.only:

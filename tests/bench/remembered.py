@@ -36,6 +36,11 @@ CONFIG = """[broker]
 exchange = "relay.bench-{tag}"
 [worker]
 metrics_port = {metrics}
+[[sources]]
+name = "envoice"
+path = "/webhooks/envoice"
+scheme = "envoice"
+secrets = ["bench-secret"]
 [[handlers]]
 name = "{handler}"
 events = ["envoice.#"]
