@@ -324,16 +324,17 @@ def masked(url: str) -> str:
 
 def _broker(t: _Table) -> BrokerSettings:
     t.only("url", "exchange", "publish_timeout_seconds", "management_url")
-    management_url = t.get("management_url", str, "")
+    d = BrokerSettings()  # the defaults
+    management_url = t.get("management_url", str, d.management_url)
     if management_url and urlsplit(management_url).scheme not in ("http", "https"):
         raise ConfigError(f"{t.key('management_url')}: expected an http:// or https:// URL")
     urls = _broker_urls(t)
     return BrokerSettings(
         url=urls[0],
         other_urls=urls[1:],
-        exchange=t.get("exchange", str, "relay.activities"),
+        exchange=t.get("exchange", str, d.exchange),
         publish_timeout_seconds=t.number(
-            "publish_timeout_seconds", 5.0, minimum=0.1, integer=False
+            "publish_timeout_seconds", d.publish_timeout_seconds, minimum=0.1, integer=False
         ),
         management_url=management_url,
     )
@@ -351,7 +352,7 @@ def _broker_urls(t: _Table) -> tuple[str, ...]:
     if from_env:
         urls: tuple[Any, ...] = tuple(u.strip() for u in from_env.split(","))
     else:
-        given = t.get("url", (str, list), "amqp://guest:guest@localhost:5672/")
+        given = t.get("url", (str, list), BrokerSettings().url)
         urls = (given,) if isinstance(given, str) else tuple(given)
     if not urls or not all(isinstance(u, str) and u for u in urls):
         raise refuse("expected an amqp:// URL or a list of them")
@@ -368,23 +369,28 @@ def _ingress(t: _Table) -> IngressSettings:
         "host", "port", "admin_host", "admin_port", "max_body_bytes", "body_timeout_seconds",
         "keepalive_seconds", "max_connections", "drain_seconds",
     )  # fmt: skip
+    d = IngressSettings()  # the defaults
     return IngressSettings(
-        host=t.get("host", str, "0.0.0.0"),  # noqa: S104 - the ingress serves a network
-        port=t.port("port", 8080),
-        admin_host=t.get("admin_host", str, "127.0.0.1"),
+        host=t.get("host", str, d.host),
+        port=t.port("port", d.port),
+        admin_host=t.get("admin_host", str, d.admin_host),
         admin_port=t.optional_port("admin_port"),
-        max_body_bytes=t.number("max_body_bytes", 262_144, minimum=1),
-        body_timeout_seconds=t.number("body_timeout_seconds", 10.0, minimum=0.1, integer=False),
-        keepalive_seconds=t.number("keepalive_seconds", 30.0, minimum=1, integer=False),
-        max_connections=t.number("max_connections", 1000, minimum=1),
-        drain_seconds=t.number("drain_seconds", 10.0, minimum=0, integer=False),
+        max_body_bytes=t.number("max_body_bytes", d.max_body_bytes, minimum=1),
+        body_timeout_seconds=t.number(
+            "body_timeout_seconds", d.body_timeout_seconds, minimum=0.1, integer=False
+        ),
+        keepalive_seconds=t.number(
+            "keepalive_seconds", d.keepalive_seconds, minimum=1, integer=False
+        ),
+        max_connections=t.number("max_connections", d.max_connections, minimum=1),
+        drain_seconds=t.number("drain_seconds", d.drain_seconds, minimum=0, integer=False),
     )
 
 
 def _worker(t: _Table) -> WorkerSettings:
     t.only("metrics_host", "metrics_port")
     return WorkerSettings(
-        metrics_host=t.get("metrics_host", str, "127.0.0.1"),
+        metrics_host=t.get("metrics_host", str, WorkerSettings().metrics_host),
         metrics_port=t.optional_port("metrics_port"),
     )
 
@@ -396,25 +402,28 @@ def _archive(t: _Table) -> ArchiveSettings:
     )  # fmt: skip
     # The broker takes 0 to 3e9, but a segment of 8 bytes or less (its header) makes the
     # stream's writer open new segments for ever, confirming nothing (docs/RABBITMQ.md).
+    d = ArchiveSettings()  # the defaults
     segment_bytes = t.number(
-        "segment_bytes", 100_000_000, minimum=MIN_SEGMENT_BYTES, maximum=MAX_SEGMENT_BYTES
+        "segment_bytes", d.segment_bytes, minimum=MIN_SEGMENT_BYTES, maximum=MAX_SEGMENT_BYTES
     )
     return ArchiveSettings(
-        enabled=t.get("enabled", bool, True),
-        max_age=_max_age(t, "max_age", "7D"),
-        max_bytes=_max_bytes(t, "max_bytes", segment_bytes),
+        enabled=t.get("enabled", bool, d.enabled),
+        max_age=_max_age(t, "max_age", d.max_age),
+        max_bytes=_max_bytes(t, "max_bytes", d.max_bytes, segment_bytes),
         segment_bytes=segment_bytes,
-        outcomes_max_age=_max_age(t, "outcomes_max_age", "30D"),
-        outcomes_max_bytes=_max_bytes(t, "outcomes_max_bytes", segment_bytes),
+        outcomes_max_age=_max_age(t, "outcomes_max_age", d.outcomes_max_age),
+        outcomes_max_bytes=_max_bytes(t, "outcomes_max_bytes", d.outcomes_max_bytes, segment_bytes),
     )
 
 
 def _repeats(t: _Table, archive: ArchiveSettings) -> RepeatsSettings:
-    """The horizon defaults to 30 days, or what the outcome logs keep if that is less: a
-    handler's repeats are judged on its outcome log."""
+    """The horizon defaults to the field's (30 days), or what the outcome logs keep if that is
+    less: a handler's repeats are judged on its outcome log."""
     t.only("horizon", "max_ids")
+    d = RepeatsSettings()  # the defaults
     kept = max_age_seconds(archive.outcomes_max_age)
-    default = "30d" if kept >= 30 * 86_400 else f"{kept}s"
+    # A default computed from another setting: at most what archive.outcomes_max_age keeps
+    default = d.horizon if kept >= d.horizon_seconds else f"{kept}s"
     horizon: str = t.get("horizon", str, default)
     seconds = duration_seconds(horizon)
     if not seconds:
@@ -427,14 +436,14 @@ def _repeats(t: _Table, archive: ArchiveSettings) -> RepeatsSettings:
             f"(archive.outcomes_max_age {archive.outcomes_max_age}): the record of a delivery "
             "would be gone before its repeats; shorten it or keep the logs longer"
         )
-    return RepeatsSettings(horizon=horizon, max_ids=t.number("max_ids", 10_000_000, minimum=1))
+    return RepeatsSettings(horizon=horizon, max_ids=t.number("max_ids", d.max_ids, minimum=1))
 
 
-def _max_bytes(t: _Table, name: str, segment_bytes: int) -> int:
+def _max_bytes(t: _Table, name: str, default: int, segment_bytes: int) -> int:
     """0 (no size limit), or at least two segments: retention by size deletes whole segments
     and keeps the newest, which may hold next to nothing, so a limit of about one segment can
     leave a stream empty (docs/RABBITMQ.md)."""
-    value: int = t.number(name, 0, minimum=0)
+    value: int = t.number(name, default, minimum=0)
     if 0 < value < 2 * segment_bytes:
         raise ConfigError(
             f"{t.key(name)}: {value} is less than two segments (segment_bytes {segment_bytes}): "
@@ -483,7 +492,7 @@ def _source(t: _Table) -> SourceSettings:
         path=path,
         scheme=t.get("scheme", str),
         secrets=tuple(resolve_secret(s, f"{t.key('secrets')}[{i}]") for i, s in enumerate(specs)),
-        tolerance_seconds=(
+        tolerance_seconds=(  # not given: None, the scheme's default (per scheme: relay.config)
             t.number("tolerance_seconds", 0, minimum=0) if "tolerance_seconds" in t.raw else None
         ),
         options={k: v for k, v in t.raw.items() if k not in common},
@@ -499,6 +508,7 @@ def _handler(t: _Table) -> HandlerSettings:
     events = t.get("events", list)
     if not events or not all(isinstance(e, str) for e in events):
         raise ConfigError(f"{t.key('events')}: expected a non-empty list of strings")
+    # "" for url, call, signing_secret and backfill: not given (their fields' None)
     url, call = t.get("url", str, ""), t.get("call", str, "")
     if bool(url) == bool(call):
         raise ConfigError(f"{t.key('url')}: give exactly one of url or call")
@@ -513,7 +523,8 @@ def _handler(t: _Table) -> HandlerSettings:
             standard_webhooks_key(signing_secret)
         except ConfigError as exc:
             raise ConfigError(f"{t.key('signing_secret')}: {exc}") from None
-    initial = t.number("backoff_initial_ms", 500, minimum=1)
+    d = HandlerSettings(name="", events=())  # the defaults (name and events have none)
+    initial = t.number("backoff_initial_ms", d.backoff_initial_ms, minimum=1)
     backfill = t.get("backfill", str, "")
     if backfill and duration_seconds(backfill) is None:
         raise ConfigError(f'{t.key("backfill")}: expected a duration such as "30d", "12h", "90m"')
@@ -523,14 +534,18 @@ def _handler(t: _Table) -> HandlerSettings:
         url=url or None,
         call=call or None,
         signing_secret=signing_secret,
-        partitions=t.number("partitions", 4, minimum=1, maximum=MAX_PARTITIONS),
-        concurrency=t.number("concurrency", 64, minimum=1),
-        window=t.number("window", 256, minimum=1, maximum=65535),
+        partitions=t.number("partitions", d.partitions, minimum=1, maximum=MAX_PARTITIONS),
+        concurrency=t.number("concurrency", d.concurrency, minimum=1),
+        window=t.number("window", d.window, minimum=1, maximum=65535),
+        # 0 and unset alike: no limit (the field's None)
         max_rate=t.number("max_rate", 0, minimum=0, integer=False) or None,
-        max_attempts=t.number("max_attempts", 8, minimum=1),
+        max_attempts=t.number("max_attempts", d.max_attempts, minimum=1),
         backoff_initial_ms=initial,
-        backoff_max_ms=t.number("backoff_max_ms", max(60_000, initial), minimum=initial),
-        timeout_seconds=t.number("timeout_seconds", 10.0, minimum=0.001, integer=False),
+        # A default computed from another setting: never below backoff_initial_ms
+        backoff_max_ms=t.number("backoff_max_ms", max(d.backoff_max_ms, initial), minimum=initial),
+        timeout_seconds=t.number(
+            "timeout_seconds", d.timeout_seconds, minimum=0.001, integer=False
+        ),
         backfill=backfill or None,
     )
 

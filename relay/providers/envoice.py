@@ -47,10 +47,11 @@ def options(source: SourceSettings, key: str) -> Options:
     for name in raw:
         if name not in ("signature_template", "signature_algorithm", "types"):
             raise ConfigError(f"{key}.{name}: unknown key")
-    template = raw.get("signature_template", "{Timestamp}.{Activity}")
+    default = Options()
+    template = raw.get("signature_template", default.signature_template)
     if not isinstance(template, str) or "{Activity}" not in template:
         raise ConfigError(f"{key}.signature_template: must be a string containing {{Activity}}")
-    algorithm = raw.get("signature_algorithm", "hmac-sha256")
+    algorithm = raw.get("signature_algorithm", default.signature_algorithm)
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"{key}.signature_algorithm: expected one of {', '.join(ALGORITHMS)}")
     types = raw.get("types", {})
