@@ -33,7 +33,9 @@ from relay.worker.policy import Fate, HandlerPolicy
 log = structlog.get_logger()
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-TRIES_REMEMBERED = 10_000  # failed messages whose tries are remembered across channel cuts
+# Failed messages whose tries are remembered across channel cuts, the oldest forgotten first: a
+# message whose partition moves to another worker never comes back here to be settled
+TRIES_REMEMBERED = 10_000
 
 Publish = Callable[[aio_pika.Message, str], Awaitable[None]]  # (message, queue): confirmed
 
@@ -240,11 +242,7 @@ class HandlerDeliveries:
             self._logged(delivery, outcome, decision.fate, decision.delay)
             if decision.fate is Fate.RETRY:
                 delivery.not_before = time.monotonic() + decision.delay
-                self._tries[delivery.message_id] = (
-                    delivery.attempts,
-                    delivery.first_attempt,
-                    delivery.not_before,
-                )
+                self._remember_tries(delivery)
                 if not delivery.failed:
                     delivery.failed = True
                     self.policy.retrying(+1)
@@ -258,6 +256,20 @@ class HandlerDeliveries:
             self._wake.set()  # the policy may let more start now
         finally:
             partition.finished()
+
+    def _remember_tries(self, delivery: Delivery) -> None:
+        """Keep `delivery`'s tries for when it comes again after a channel cut, as the newest;
+        beyond TRIES_REMEMBERED the oldest are forgotten (if one comes again, its tries count on
+        from the broker's delivery count, x-delivery-count)."""
+        assert delivery.first_attempt is not None
+        self._tries.pop(delivery.message_id, None)
+        self._tries[delivery.message_id] = (
+            delivery.attempts,
+            delivery.first_attempt,
+            delivery.not_before,
+        )
+        while len(self._tries) > TRIES_REMEMBERED:
+            del self._tries[next(iter(self._tries))]
 
     def _logged(self, delivery: Delivery, outcome: Outcome, fate: Fate, delay: float) -> None:
         fields = {
