@@ -1,9 +1,10 @@
 """The HTTP ingress: verify, validate, publish with a confirm, then answer.
 
-Built to be cheap to attack (README "Running it on the internet"): bodies are read raw and never
-inflated, a declared or actual size over `max_body_bytes` is refused before or while reading, a
-body that does not arrive within `body_timeout_seconds` is 408, idle connections and the headers
-of new ones are bounded by `keepalive_seconds`, and at most `max_connections` are served at once.
+Built to be cheap to attack (docs/OPERATIONS.md, "Running it on the internet"): bodies are read raw
+and never inflated, a declared or actual size over `max_body_bytes` is refused before or while
+reading, a body that does not arrive within `body_timeout_seconds` is 408, idle connections and the
+headers of new ones are bounded by `keepalive_seconds`, and at most `max_connections` are served at
+once.
 """
 
 from __future__ import annotations

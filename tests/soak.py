@@ -18,7 +18,7 @@ pairs never delivered; reordered: (handler, invoice) sequences whose de-duplicat
 (first delivery of each webhook) differs from the acceptance order; duplicates: deliveries beyond
 the first, late_repeats those of them that came after a later webhook of their invoice;
 max_duplicates: the crash window the faults may open (per worker kill or broker restart, one
-delivery in flight per invoice and handler: README "What relay guarantees"; a webhook published
+delivery in flight per invoice and handler: docs/GUARANTEES.md; a webhook published
 twice, its first confirm lost and answered 503, reaches each handler once); faults: how many of
 each kind happened. Progress goes to stderr, and a fault that could not be injected. Exit code 0
 iff nothing was lost or reordered, duplicates <= max_duplicates, every kind of fault happened and

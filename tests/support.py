@@ -97,7 +97,7 @@ def envoice_signature(
     template: str = "{Timestamp}.{Activity}",
     algorithm: str = "hmac-sha256",
 ) -> str:
-    """The Envoice signature recipe (README), written out independently of relay's own code."""
+    """The Envoice signature recipe (docs/SOURCES.md), written out apart from relay's own code."""
     message = template.encode().replace(b"{Timestamp}", timestamp.encode())
     message = message.replace(b"{Activity}", raw_activity)
     if algorithm == "sha256":

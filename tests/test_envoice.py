@@ -44,7 +44,7 @@ def sign(
     template: str = "{Timestamp}.{Activity}",
     algorithm: str = "hmac-sha256",
 ) -> str:
-    """The recipe of README "The Envoice signature recipe", computed independently of relay."""
+    """The Envoice signature recipe of docs/SOURCES.md, computed independently of relay."""
     return envoice_signature(secret, timestamp, raw, template=template, algorithm=algorithm)
 
 

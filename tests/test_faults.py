@@ -97,8 +97,8 @@ async def test_a_worker_killed_mid_delivery_then_restarted_loses_and_reorders_no
     await relay.worker(config)
 
     # Then every accepted webhook is delivered, each invoice's in order
-    # repeating at most, per invoice, the webhook in flight at the kill (the crash window: README
-    # "What relay guarantees"; one whose ack the broker had not applied is not delivered again)
+    # repeating at most, per invoice, the webhook in flight at the kill (the crash window:
+    # docs/GUARANTEES.md; one whose ack the broker had not applied is not delivered again)
     await delivered_in_order(
         sender, lambda: http_deliveries(http_handler), duplicates=len(INVOICES)
     )
@@ -128,8 +128,8 @@ async def test_when_the_active_worker_is_killed_the_other_takes_over_its_partiti
     await active.kill()
 
     # Then the other takes over its partitions and delivers everything, each invoice in order
-    # repeating at most, per invoice, the webhook in flight at the kill (the crash window: README
-    # "What relay guarantees"; one whose ack the broker had not applied is not delivered again)
+    # repeating at most, per invoice, the webhook in flight at the kill (the crash window:
+    # docs/GUARANTEES.md; one whose ack the broker had not applied is not delivered again)
     await delivered_in_order(
         sender, lambda: http_deliveries(http_handler), duplicates=len(INVOICES)
     )

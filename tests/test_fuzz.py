@@ -1,6 +1,6 @@
-"""Property-based tests: whatever a client sends, the ingress answers from README's table and
-logs nothing at error level; whatever an Envoice field holds, the parser either refuses it with
-a 4xx error or produces a message every JSON reader downstream can read."""
+"""Property-based tests: whatever a client sends, the ingress answers from the table of
+docs/COMMANDS.md and logs nothing at error level; whatever an Envoice field holds, the parser either
+refuses it with a 4xx error or produces a message every JSON reader downstream can read."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tests.conftest import settings_dict
 from tests.support import FakePublisher, activity, now_timestamp, signed_body
 
 PATH = "/webhooks/envoice"
-ANSWERS = {200, 400, 401, 404, 405, 408, 413, 415, 417}  # README "Ingress answers"
+ANSWERS = {200, 400, 401, 404, 405, 408, 413, 415, 417}  # docs/COMMANDS.md, "Ingress answers"
 SETTINGS = config_from_dict(settings_dict("fuzz", ingress={"max_body_bytes": 4096}))
 SOURCE = SETTINGS.sources[0]
 EXAMPLES = settings(

@@ -1,4 +1,4 @@
-"""Hostile input and hostile endpoints (README "Running it on the internet").
+"""Hostile input and hostile endpoints (docs/OPERATIONS.md, "Running it on the internet").
 
 What anyone on the internet can send the ingress, what a downstream can answer the worker, and
 the defaults that keep a careless deployment safe. Behaviour of the HTTP app runs in-process

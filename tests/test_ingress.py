@@ -1,6 +1,6 @@
-"""The ingress over real HTTP: every row of README "Ingress answers". The answers that do not
-depend on the broker run against a fake publisher (no RabbitMQ); publishing, duplicates and
-503s against the real broker (marked `rabbit`)."""
+"""The ingress over real HTTP: every row of docs/COMMANDS.md, "Ingress answers". The answers that do
+not depend on the broker run against a fake publisher (no RabbitMQ); publishing, duplicates and 503s
+against the real broker (marked `rabbit`)."""
 
 from __future__ import annotations
 

@@ -444,7 +444,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
         failed_after = time.monotonic() - term_at
         assert draining.process.running
         print(f"/readyz after SIGTERM: {readyz} within {failed_after * 1000:.0f} ms")
-        assert readyz == "refused"  # it stopped listening (README: SIGTERM drains)
+        assert readyz == "refused"  # it stopped listening (docs/COMMANDS.md: SIGTERM drains)
         # and the webhook in flight is accepted once its body arrives
         status, answer = await held.finish()
         assert (status, answer) == (200, {"status": "accepted", "id": f"envoice:{held_id}"})

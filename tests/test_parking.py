@@ -1,4 +1,4 @@
-"""Parking (README "What relay guarantees"): a handler that keeps failing is parked and probed every
+"""Parking (docs/GUARANTEES.md): a handler that keeps failing is parked and probed every
 backoff_max_ms; nothing is dropped or skips ahead; its state is visible from outside the worker;
 other handlers are not held up."""
 

@@ -1,5 +1,6 @@
-"""README promises that no other test holds: a broker's nack, a provider's retry after a publish
-timeout, the duplicate window's end, and SIGTERM of processes with work in flight."""
+"""Promises of docs/COMMANDS.md and docs/GUARANTEES.md that no other test holds: a broker's nack, a
+provider's retry after a publish timeout, the duplicate window's end, and SIGTERM of processes with
+work in flight."""
 
 from __future__ import annotations
 

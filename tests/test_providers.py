@@ -445,12 +445,12 @@ async def test_each_scheme_over_http_accepts_signed_and_refuses_unsigned(scheme:
     assert not any(secret in str(refused) for secret in secrets)
 
 
-# --- the README's examples --------------------------------------------------------------------
+# --- the examples of docs/SOURCES.md --------------------------------------------------------------
 
 
-def test_the_readme_shows_a_working_source_for_each_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Sources: the signature schemes")[1].split("\n## ")[0]
+def test_the_docs_show_a_working_source_for_each_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+    page = (ROOT / "docs" / "SOURCES.md").read_text(encoding="utf-8")
+    section = page.split("# Sources: the signature schemes")[1].split("\n## ")[0]
     sources = [tomllib.loads(block)["sources"][0]
                for block in re.findall(r"```toml\n(.*?)```", section, re.DOTALL)]  # fmt: skip
     for name in re.findall(r'"env:(\w+)"', section):

@@ -1,5 +1,5 @@
-"""What an accepted webhook becomes on the broker: routing key, properties, body (README
-"Routing")."""
+"""What an accepted webhook becomes on the broker: routing key, properties, body
+(docs/CONFIGURATION.md, "Routing"; docs/ARCHITECTURE.md, "The wire contract")."""
 
 from __future__ import annotations
 

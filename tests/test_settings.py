@@ -95,7 +95,7 @@ def test_defaults() -> None:
     assert (settings.worker.metrics_host, settings.worker.metrics_port) == ("127.0.0.1", None)
     assert (settings.repeats.horizon, settings.repeats.max_ids) == ("30d", 10_000_000)
     source = settings.sources[0]
-    assert source.tolerance_seconds == 0  # envoice's default (README "Configuration")
+    assert source.tolerance_seconds == 0  # envoice's default (docs/SOURCES.md)
     assert source.options.signature_template == "{Timestamp}.{Activity}"
     assert source.options.signature_algorithm == "hmac-sha256"
     assert dict(source.options.types) == {}

@@ -63,7 +63,8 @@ def options(source: SourceSettings, key: str) -> Options:
     return Options(template, algorithm, {int(code): name for code, name in types.items()})
 
 
-# The Activity Type enum of Envoice's OpenAPI spec, in order from 0 (README "Routing").
+# The Activity Type enum of Envoice's OpenAPI spec, in order from 0 (docs/CONFIGURATION.md,
+# "Routing").
 TYPE_NAMES = (  # noqa: SIM905 - one compact, diffable list
     "Created Draft Cloned SentViaEmail SentViaSms SentReminderViaEmail "
     "SentReminderViaSms Opened Viewed Rejected Updated Paid Unpaid Overdue "

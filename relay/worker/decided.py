@@ -9,7 +9,7 @@ reconnect or a partition change) first reads the log up to its end as of then, s
 outcome its previous consumer recorded before it let go (relay/worker/partition.py).
 
 Left: a delivery whose handler answered but whose record the broker had not confirmed when its
-worker died comes again and is delivered again (the crash window README names).
+worker died comes again and is delivered again (the crash window docs/GUARANTEES.md names).
 """
 
 from __future__ import annotations
