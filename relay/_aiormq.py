@@ -47,7 +47,7 @@ def forget_return(channel: aiormq.Channel, message_id: str, tag: int) -> None:
         del channel.message_id_delivery_tag[message_id]
 
 
-def write_queue(channel: aiormq.Channel) -> asyncio.Queue[ChannelFrame]:
+def outgoing(channel: aiormq.Channel) -> asyncio.Queue[ChannelFrame]:
     """The queue aiormq's writer sends to the socket, in order, for every channel."""
     queue: asyncio.Queue[ChannelFrame] = channel.write_queue
     return queue

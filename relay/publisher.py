@@ -104,7 +104,7 @@ class Publisher:
 
     async def _write(self, channel: aiormq.Channel, outbox: list[bytes]) -> None:
         """Move the outbox to aiormq's write queue, in order, whenever it has something."""
-        queue = _aiormq.write_queue(channel)
+        queue = _aiormq.outgoing(channel)
         while True:
             await self._wake.wait()
             self._wake.clear()
