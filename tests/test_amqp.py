@@ -27,19 +27,21 @@ def pamqp_frames(
     body: bytes,
     *,
     exchange: str = "relay.activities",
+    routing_key: str,
+    message_id: str,
+    timestamp: int,
     headers: Mapping[str, str] = HEADERS,
-    **fields: object,
 ) -> bytes:
     properties = Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
-        message_id=str(fields["message_id"]),
-        timestamp=datetime.fromtimestamp(int(str(fields["timestamp"])), UTC),
+        message_id=message_id,
+        timestamp=datetime.fromtimestamp(timestamp, UTC),
         headers=dict(headers),
     )
     chunk = frame_max - 8
     frames: list[Basic.Publish | ContentHeader | ContentBody] = [
-        Basic.Publish(exchange=exchange, routing_key=str(fields["routing_key"]), mandatory=True),
+        Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
         ContentHeader(0, len(body), properties),
         *(ContentBody(body[i : i + chunk]) for i in range(0, len(body), chunk)),
     ]  # fmt: skip
@@ -51,14 +53,15 @@ def pamqp_frames(
     [(1, 131072, b'{"id":"envoice:1"}'), (7, 4096, b"x" * 10_000), (1, 4096, b"y" * 4088)],
 )
 def test_publish_frames_are_what_pamqp_marshals(channel: int, frame_max: int, body: bytes) -> None:
-    fields = {"routing_key": "envoice.paid", "message_id": "envoice:9001", "timestamp": 1764590400}
-
     ours = Publish(channel, frame_max, "relay.activities").frames(
         body, routing_key="envoice.paid", message_id="envoice:9001", timestamp=1764590400,
         headers=HEADERS,
     )  # fmt: skip
 
-    assert ours == pamqp_frames(channel, frame_max, body, **fields)
+    assert ours == pamqp_frames(
+        channel, frame_max, body, routing_key="envoice.paid", message_id="envoice:9001",
+        timestamp=1764590400,
+    )  # fmt: skip
 
 
 def test_a_name_too_long_for_amqp_is_refused() -> None:
@@ -101,12 +104,11 @@ def test_any_publish_is_what_pamqp_marshals(
     """Relay's headers are all strings (relay.wire.webhook_headers): the encoder writes no other."""
     low = (frames - 1) * chunk + 1 if frames else 0  # exactly `frames` body frames
     body = data.draw(st.binary(min_size=low, max_size=frames * chunk), label="body")
-    fields = {"routing_key": routing_key, "message_id": message_id, "timestamp": timestamp}
-
     ours = Publish(channel, chunk + 8, exchange).frames(
         body, routing_key=routing_key, message_id=message_id, timestamp=timestamp, headers=headers
     )
 
     assert ours == pamqp_frames(
-        channel, chunk + 8, body, exchange=exchange, headers=headers, **fields
-    )
+        channel, chunk + 8, body, exchange=exchange, routing_key=routing_key,
+        message_id=message_id, timestamp=timestamp, headers=headers,
+    )  # fmt: skip
