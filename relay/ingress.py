@@ -16,10 +16,10 @@ from typing import Any, Protocol, cast
 
 import orjson
 import structlog
-from aiohttp import web, web_response
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from relay import metrics
+from relay import _aiohttp, metrics
 from relay.accepted import AcceptedIds
 from relay.errors import BrokerUnavailable, CannotListen, RequestError, Unroutable
 from relay.providers import PROVIDERS, Event, Request
@@ -34,7 +34,7 @@ LINGER_SECONDS = 2.0  # after an early answer, how long the rest of a body may s
 CLIENT_GONE = "client_closed"  # the status label of requests whose client went away
 
 # No version banner: every answer, aiohttp's own protocol errors included, names only relay.
-web_response.SERVER_SOFTWARE = "relay"  # type: ignore[attr-defined]
+_aiohttp.name_server("relay")
 
 
 class EventPublisher(Protocol):
@@ -255,8 +255,7 @@ def _expect_handler(limit: int) -> Callable[[web.Request], Awaitable[web.StreamR
         if request.content_length is not None and request.content_length > limit:
             return _closing(_rejected(request, 413, f"body larger than {limit} bytes"))
         if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
+            await _aiohttp.send_continue(request)
         return None
 
     return expect
@@ -433,20 +432,17 @@ class LimitedSite(web.TCPSite):
         self._max_connections = max_connections
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
+        await _aiohttp.start_site(self, self._connections)
 
-        def protocol() -> asyncio.Protocol:
-            if len(server.connections) >= self._max_connections:
+    def _connections(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+        limit = self._max_connections
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(server.connections) >= limit:
                 return _Overloaded()
             return server()
 
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            protocol, self._host, self._port, reuse_port=self._reuse_port
-        )
-        self._bound_port = self._server.sockets[0].getsockname()[1]
+        return protocol
 
 
 class _Overloaded(asyncio.Protocol):

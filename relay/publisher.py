@@ -9,7 +9,7 @@ next delivery tag and appends its frames to an outbox in that order, and one wri
 the outbox to aiormq's write queue, where `basic_publish` puts its own: the publishes of a loop
 iteration leave in one write, in tag order. aiormq still does the rest: it reads the broker's
 acks, nacks and returns into the confirmation registered here, and fails every pending one when
-the channel closes.
+the channel closes. Every use of aiormq's internals for this is in relay/_aiormq.py.
 
 A nack is answered 503, and the channel that got it is replaced by a new one, at most once every
 RENEW_AFTER_NACK_SECONDS: a quorum queue that rejected a channel's publishes (`overflow:
@@ -26,10 +26,9 @@ from typing import cast
 import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection
-from aiormq.abc import ChannelFrame
 from aiormq.exceptions import DeliveryError, PublishError
 
-from relay import amqp, provision, wire
+from relay import _aiormq, amqp, provision, wire
 from relay.broker import BROKER_ERRORS, keep_connected, until_set
 from relay.errors import BrokerUnavailable, Unroutable
 from relay.providers import Event
@@ -87,7 +86,7 @@ class Publisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         channel.close_callbacks.add(lambda *_: None if renew.is_set() else lost.set())
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-        frame_max = underlay.max_content_size + amqp.FRAME_OVERHEAD
+        frame_max = _aiormq.frame_max(underlay)
         self._frames = amqp.Publish(underlay.number, frame_max, self._settings.broker.exchange)
         self._outbox = []
         writer = asyncio.create_task(self._write(underlay, self._outbox))
@@ -105,12 +104,13 @@ class Publisher:
 
     async def _write(self, channel: aiormq.Channel, outbox: list[bytes]) -> None:
         """Move the outbox to aiormq's write queue, in order, whenever it has something."""
+        queue = _aiormq.outgoing(channel)
         while True:
             await self._wake.wait()
             self._wake.clear()
             payload = b"".join(outbox)
             outbox.clear()
-            await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+            await queue.put(_aiormq.frames(payload))
 
     async def publish(self, event: Event) -> None:
         """Publish persistently and wait for the broker's confirm; raise if not confirmed."""
@@ -126,13 +126,9 @@ class Publisher:
             timestamp=int(received_at.timestamp()),
             headers=wire.webhook_headers(event),
         )
-        confirmation = channel.create_future()  # failed by aiormq if the channel closes
+        confirmation, tag = _aiormq.expect_confirm(channel, message_id)  # failed if it closes
         expiry = asyncio.get_running_loop().call_later(self._timeout, _expire, confirmation)
-        channel.delivery_tag += 1  # the broker numbers publishes in the order they arrive
-        tag = channel.delivery_tag
-        channel.confirmations[tag] = confirmation
-        channel.message_id_delivery_tag[message_id] = tag  # to find a returned message
-        self._outbox.append(payload)
+        self._outbox.append(payload)  # written in tag order
         self._wake.set()
         try:
             await confirmation
@@ -142,14 +138,13 @@ class Publisher:
             self._nacked(channel)
             raise BrokerUnavailable("broker refused the message (nack)") from None
         except TimeoutError:
-            channel.confirmations.pop(tag, None)  # a late ack finds nothing to confirm
+            _aiormq.forget_confirm(channel, tag)
             raise BrokerUnavailable("no confirm within the publish timeout") from None
         except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}") from None
         finally:
             expiry.cancel()
-            if channel.message_id_delivery_tag.get(message_id) == tag:
-                del channel.message_id_delivery_tag[message_id]
+            _aiormq.forget_return(channel, message_id, tag)
 
     def _nacked(self, channel: aiormq.Channel) -> None:
         """Replace the channel that got a nack, unless it is new: at most once per

@@ -117,3 +117,37 @@ def test_no_module_is_named_for_what_it_is_not() -> None:
     names = {p.stem for p in PACKAGE.rglob("*.py")}
 
     assert not names & {"utils", "util", "common", "helpers", "misc", "manager"}
+
+
+# Names of aiormq's and aiohttp's internals relay uses, and the one module each may be used in
+# (tests/test_fences.py checks they are still there). `delivery_tag` is public on a message: only
+# counting a channel's publishes with it is internal.
+INTERNALS = {
+    "relay._aiormq": {"confirmations", "message_id_delivery_tag", "write_queue",
+                      "max_content_size", "ChannelFrame", "CONTENT_FRAME_SIZE",
+                      "delivery_tag +="},
+    "relay._aiohttp": {"SERVER_SOFTWARE", "web_response", "output_size", "BaseSite", "_runner",
+                       "_server", "_host", "_port", "_reuse_port", "_bound_port"},
+}  # fmt: skip
+
+
+def internals_used(path: Path) -> set[str]:
+    """The names of INTERNALS in `path`, leaving out a class's own attributes (`self._port`)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute):
+            found.add(f"{node.target.attr} +=")
+        elif isinstance(node, ast.Attribute):
+            own = isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"}
+            found |= set() if own else {node.attr}
+        elif isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.alias):
+            found.add(node.name.rsplit(".", 1)[-1])
+    return found & set().union(*INTERNALS.values())
+
+
+def test_only_the_adapters_use_the_libraries_internals() -> None:
+    used = {module_name(p): names for p in PACKAGE.rglob("*.py") if (names := internals_used(p))}
+
+    assert used == INTERNALS
