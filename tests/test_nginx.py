@@ -354,7 +354,7 @@ async def test_webhooks_through_nginx_reach_both_ingresses_and_are_delivered_onc
     assert [sum(line.upstreams == (port,) for line in lines) for port in ports] == accepted
     # and the handler gets every one once, each invoice's in the order accepted
     tally = await provider.ledger.delivered(
-        lambda: http_deliveries(http_handler), timeout=DELIVERY_SECONDS
+        lambda: http_deliveries(http_handler), balanced.config.settings, timeout=DELIVERY_SECONDS
     )
     print(f"tally: {tally.line()}")
     assert tally.ok, str(tally)
@@ -400,7 +400,7 @@ async def test_an_ingress_killed_under_load_loses_no_webhook_it_accepted(
     assert await survivor.accepted() > 0
     # and every accepted webhook is delivered, each invoice's in order
     tally = await provider.ledger.delivered(
-        lambda: http_deliveries(http_handler), timeout=DELIVERY_SECONDS
+        lambda: http_deliveries(http_handler), balanced.config.settings, timeout=DELIVERY_SECONDS
     )
     print(f"tally: {tally.line()}")
     assert tally.ok, str(tally)
@@ -472,7 +472,7 @@ async def test_a_sigtermed_ingress_fails_readyz_first_drains_and_nginx_passes_th
     assert all(line.upstreams[0] == f"127.0.0.1:{draining.port}" for line in passed_on)
     # and every accepted webhook is delivered, each invoice's in order, the held one too
     tally = await provider.ledger.delivered(
-        lambda: http_deliveries(http_handler), timeout=DELIVERY_SECONDS
+        lambda: http_deliveries(http_handler), balanced.config.settings, timeout=DELIVERY_SECONDS
     )
     print(f"tally: {tally.line()}")
     assert tally.ok, str(tally)
