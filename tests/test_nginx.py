@@ -46,7 +46,7 @@ from tests.processes import (
     http_deliveries,
     in_background,
 )
-from tests.support import ROOT, activity, eventually, signed_body
+from tests.support import ROOT, activity, eventually, missing_tool, signed_body
 
 pytestmark = pytest.mark.rabbit
 
@@ -170,7 +170,7 @@ async def nginx(tmp_path: Path) -> AsyncIterator[StartNginx]:
     those ports, once it answers; stopped after the test, its error log printed."""
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
     if binary is None:
-        pytest.skip(f"nginx is not installed ({INSTALL}): the load-balancer tests need it")
+        missing_tool(f"nginx is not installed ({INSTALL}): the load-balancer tests need it")
     started: list[Nginx] = []
 
     async def start(*upstreams: int) -> Nginx:
