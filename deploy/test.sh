@@ -3,9 +3,15 @@
 source "$(dirname "$0")/setup.sh"
 ensure_venv "[test,dev,examples]"
 ensure_rabbitmq
-# nginx: tests/test_nginx.py balances two ingresses with it; docker-compose and prometheus
-# (promtool) validate deploy/ offline (tests/test_deploy.py).
+# nginx: tests/test_nginx.py balances two ingresses with it; docker-compose, prometheus
+# (promtool) and kubectl validate deploy/ offline (tests/test_deploy.py). kubectl is Debian's
+# kubernetes-client unless one is installed already (Kubernetes' own `kubectl` package puts the
+# same file in place, and the two conflict).
 apt_install nginx docker-compose prometheus || exit 1
+command -v kubectl >/dev/null || apt_install kubernetes-client || exit 1
+# Every tool the suite uses is installed now: a test that finds one missing fails, not skips
+# (tests/support.py, missing_tool).
+export RELAY_TEST_STRICT_TOOLS=1
 cd "$ROOT"
 # Each step on its own line: under `set -e` a failing step stops the command (in `a && b`
 # it would not).

@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import time
 import tomllib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -424,23 +425,125 @@ class Ledger:
         )
 
     async def delivered(
-        self, deliveries: Callable[[], Deliveries], *, timeout: float, interval: float = 0.1
+        self,
+        deliveries: Callable[[], Deliveries],
+        drained: Settings | Callable[[], Awaitable[bool]],
+        *,
+        timeout: float,
+        interval: float = 0.1,
     ) -> Tally:
-        """Wait until every accepted id is delivered; the tally then. Fails with the tally."""
+        """Wait until every accepted id is delivered, then until the partitions hold no message,
+        ready or unacknowledged; the tally then. Fails with the tally at the deadline (`timeout`,
+        for both waits together).
 
-        def everything_delivered() -> Tally | None:
-            tally = self.check(deliveries())
-            return tally if tally.lost == 0 else None
+        Taking the tally as soon as nothing is lost would miss repeats still on their way (a
+        message a worker delivered but had not acked when it stopped comes again): a bound on
+        `duplicates` could then pass with duplicates still coming. Once the partitions are empty
+        nothing more can be delivered (a handler has a delivery before the worker acks it).
+        `drained` is the settings, whose handlers' partitions are read with `partitions_empty`,
+        or a probe of its own (e.g. of a cluster's node).
+        """
+        empty = partitions_empty(drained) if isinstance(drained, Settings) else drained
+        deadline = time.monotonic() + timeout
+
+        def everything_delivered() -> bool:
+            return self.check(deliveries()).lost == 0
 
         try:
-            tally: Tally = await eventually(
-                everything_delivered, timeout=timeout, interval=interval
-            )
+            await eventually(everything_delivered, timeout=timeout, interval=interval)
         except AssertionError:
             raise AssertionError(
                 f"not all delivered within {timeout}s: {self.check(deliveries())}"
             ) from None
-        return tally
+        try:
+            await eventually(
+                empty, timeout=max(0.0, deadline - time.monotonic()), interval=interval
+            )
+        except AssertionError:
+            raise AssertionError(
+                f"all delivered, but the partitions still held messages (a repeat may still "
+                f"come) after {timeout}s: {empty}; {self.check(deliveries())}"
+            ) from None
+        return self.check(deliveries())
+
+
+# The messages a quorum queue holds now, ready plus unacknowledged, from its Raft state on its
+# leader. The management API's and `rabbitmqctl list_queues`' figures of a quorum queue are sampled
+# (on the queue's tick, then by the statistics collector): they lag by up to ~10 s and may say 0
+# while a message is in flight; `queue.declare` passive counts only ready messages. A queue that
+# does not exist holds nothing; a figure that cannot be read is `unknown`.
+_MESSAGES_IN = """
+VHost = <<"{vhost}">>,
+[try
+   case rabbit_amqqueue:lookup(rabbit_misc:r(VHost, queue, Name)) of
+     {{ok, Q}} ->
+       {{ok, {{_, Total}}, _}} =
+         ra:leader_query(amqqueue:get_pid(Q), fun rabbit_fifo:query_messages_total/1),
+       {{total, Total}};
+     {{error, not_found}} -> {{total, 0}}
+   end
+ catch _:_ -> unknown
+ end || Name <- [{names}]].
+"""
+
+
+def _binary(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+async def messages_in(
+    queues: Sequence[str], *, vhost: str, rabbitmqctl: Sequence[str] = ("rabbitmqctl",)
+) -> list[int] | str:
+    """How many messages each quorum queue holds now, ready plus unacknowledged; or, if that
+    cannot be read, why not. `rabbitmqctl` is the command that reaches the broker's node."""
+    names = ", ".join(f'<<"{_binary(name)}">>' for name in queues)
+    expression = _MESSAGES_IN.format(vhost=_binary(vhost), names=names)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *rabbitmqctl, "eval", expression,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await asyncio.wait_for(process.communicate(), RABBITMQCTL_SECONDS)
+    except (OSError, TimeoutError) as exc:
+        return f"{rabbitmqctl[0]}: {type(exc).__name__}: {exc}"
+    text = output.decode(errors="replace").strip()
+    totals = re.findall(r"\{total,(\d+)\}", text)
+    if process.returncode != 0 or len(totals) != len(queues):
+        return f"{' '.join(rabbitmqctl)} eval exited {process.returncode}: {text[:300]}"
+    return [int(total) for total in totals]
+
+
+class PartitionsEmpty:
+    """`await probe()`: whether the queues hold no message, ready or unacknowledged, now
+    (`messages_in`); `str(probe)` says what it read last."""
+
+    def __init__(
+        self, queues: Sequence[str], *, vhost: str, rabbitmqctl: Sequence[str] = ("rabbitmqctl",)
+    ) -> None:
+        self.queues, self.vhost, self.rabbitmqctl = list(queues), vhost, tuple(rabbitmqctl)
+        self.last: list[int] | str = "not read yet"
+
+    async def __call__(self) -> bool:
+        self.last = await messages_in(self.queues, vhost=self.vhost, rabbitmqctl=self.rabbitmqctl)
+        return isinstance(self.last, list) and not any(self.last)
+
+    def __str__(self) -> str:
+        if isinstance(self.last, str):
+            return f"could not read {', '.join(self.queues)}: {self.last}"
+        held = {q: n for q, n in zip(self.queues, self.last, strict=True) if n}
+        return f"messages held: {held or 'none'}"
+
+
+def partitions_empty(
+    settings: Settings,
+    *,
+    handlers: Iterable[str] | None = None,
+    rabbitmqctl: Sequence[str] = ("rabbitmqctl",),
+) -> PartitionsEmpty:
+    """A probe of the partitions of `handlers` (names; all of the settings' if None)."""
+    chosen = [h for h in settings.handlers if handlers is None or h.name in set(handlers)]
+    queues = [queue for handler in chosen for queue in handler.queues]
+    return PartitionsEmpty(queues, vhost=settings.broker.vhost, rabbitmqctl=rabbitmqctl)
 
 
 def _first_difference(got: list[str], expected: list[str]) -> int:

@@ -56,6 +56,7 @@ from tests.processes import (
     Tally,
     http_deliveries,
     in_background,
+    partitions_empty,
 )
 
 LOCAL_AMQP = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -129,7 +130,7 @@ class Soak:
             await asyncio.wait_for(sending, SEND_STOP_SECONDS)
             self.say(f"ingress answers: {dict(sender.answers)}; draining")
             # Then everything accepted is delivered, each invoice's in order
-            return await self._drain(sender)
+            return await self._drain(sender, config)
 
     async def _start(self) -> Config:
         config = self.relay.config(
@@ -235,14 +236,17 @@ class Soak:
         for worker in self.workers:
             worker.check_running()
 
-    async def _drain(self, sender: EnvoiceSender) -> Tally:
+    async def _drain(self, sender: EnvoiceSender, config: Config) -> Tally:
         tallies: list[Tally] = []
         deadline = time.monotonic() + DRAIN_SECONDS
         for name, handler in self.handlers.items():
             deliveries = functools.partial(http_deliveries, handler)
             try:
                 tally = await sender.ledger.delivered(
-                    deliveries, timeout=max(1.0, deadline - time.monotonic()), interval=1.0
+                    deliveries,
+                    partitions_empty(config.settings, handlers=[name]),
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    interval=1.0,
                 )
             except AssertionError as exc:
                 self.say(f"{name}: {exc}")

@@ -1,5 +1,5 @@
 """Helpers for relay's tests: polling with a deadline, a TCP proxy to cut the broker, samples,
-an in-process worker, the `relay` command as a subprocess, config files."""
+an in-process worker, the `relay` command as a subprocess, config files, missing tools."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
+import pytest
 from aio_pika.abc import AbstractChannel
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
@@ -45,6 +46,20 @@ def as_written() -> Iterator[None]:
     finally:
         if saved is not None:
             os.environ["RELAY_AMQP_URL"] = saved
+
+
+# Set by deploy/test.sh, which installs every tool the suite uses: then a missing one is a
+# failure, not a skip, so that no check is quietly dropped from the test command's run.
+STRICT_TOOLS_ENV = "RELAY_TEST_STRICT_TOOLS"
+
+
+def missing_tool(what: str) -> NoReturn:
+    """A tool a test needs is not installed (`what` says which, how to install it, and what is
+    left unchecked): under the test command ($RELAY_TEST_STRICT_TOOLS=1) the test fails, else
+    it is skipped, saying so (pytest -ra lists the reason)."""
+    if os.environ.get(STRICT_TOOLS_ENV) == "1":
+        pytest.fail(f"{what} (deploy/test.sh installs it; {STRICT_TOOLS_ENV}=1)")
+    pytest.skip(f"MISSING TOOL: {what}")
 
 
 STOP_WITHIN = 5.0  # seconds a worker may take to stop

@@ -749,7 +749,9 @@ async def test_streams_of_other_retention_than_the_config_stop_nothing_and_are_r
         await relay.worker(config)
         sender = EnvoiceSender.to(config)
         await asyncio.wait_for(sender.send([1], each=3), 20)
-        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=20)
+        await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=20
+        )
         # and `relay topology declare` says how to apply the new retention, changing nothing
         report = await relay_command(
             "topology", "declare", "--config", str(changed), env={"RELAY_AMQP_URL": vhost}

@@ -17,7 +17,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from relay.metrics import MULTIPROCESS_ENV
 from tests.handlers_for_tests import HttpHandler, Request
 from tests.processes import STARTUP_SECONDS, Config, Relay, RelayProcess
 from tests.support import activity, declare_topology, eventually, signed_body
@@ -217,8 +219,11 @@ async def test_ingress_processes_share_a_port_and_their_metrics(relay: Relay) ->
     config = relay.config({"name": "log", "events": ["envoice.#"], "call": "relay.handlers:log"})
     await declare_topology(config.settings)
     ingress = await relay.run("ingress", "--processes", "2", config=config)
+    # (ready: each child connected and read the ids accepted before, else it answers 503)
     await eventually(
-        lambda: publishers_connected(ingress) == 2, timeout=STARTUP_SECONDS, what="ready"
+        lambda: publishers_connected(ingress) == 2 and ingress.logged("accepted ids known") == 2,
+        timeout=STARTUP_SECONDS,
+        what="ready",
     )
     pids = await eventually(lambda: child_pids(ingress.process.pid, 2), what="two children")
 
@@ -231,7 +236,8 @@ async def test_ingress_processes_share_a_port_and_their_metrics(relay: Relay) ->
             aiohttp.ClientSession() as client,
             client.post(config.webhook_url, data=signed_body(source, act)) as response,
         ):
-            answers.append((response.status, (await response.json())["status"]))
+            body = await response.json()
+            answers.append((response.status, body.get("status", body)))
 
     # Then every one is accepted, and /metrics counts all 40 whichever child answers
     assert answers == [(200, "accepted")] * 40
@@ -244,10 +250,33 @@ async def test_ingress_processes_share_a_port_and_their_metrics(relay: Relay) ->
         counted = re.search(r'requests_total\{source="envoice",status="200"\} (\S+)', text)
         assert counted is not None, text[:2000]
         assert float(counted.group(1)) == 40
+    # and each child answered some of them itself (its own metrics file says how many)
+    answered = [accepted_by(pid) for pid in pids]
+    print(f"webhooks accepted by each child: {answered}")
+    assert sum(answered) == 40
+    assert min(answered) > 0, answered  # 40 connections to one child: 1 in 2**39 by chance
 
     # When the parent gets SIGTERM, Then it and both children exit 0
     assert await ingress.terminate() == 0
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)  # noqa: ASYNC240
+
+
+def accepted_by(pid: int) -> float:
+    """The webhooks ingress child `pid` answered 200, from its own file among the children's
+    metrics (prometheus_client's multiprocess mode keeps one per process, in the directory the
+    parent gives them all in its environment)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    prefix = f"{MULTIPROCESS_ENV}=".encode()
+    directory = next(item[len(prefix) :].decode() for item in environ if item.startswith(prefix))
+    own = Path(directory) / f"counter_{pid}.db"
+    assert own.exists(), f"no metrics file of child {pid} in {directory}"
+    metrics = MultiProcessCollector.merge([str(own)])  # type: ignore[no-untyped-call]
+    return sum(
+        float(sample.value)
+        for metric in metrics
+        for sample in metric.samples
+        if sample.name == "relay_ingress_requests_total" and sample.labels.get("status") == "200"
+    )
 
 
 def child_pids(pid: int, count: int) -> list[int] | None:

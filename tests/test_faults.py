@@ -68,11 +68,16 @@ def partitions_delivered_by(worker: RelayProcess) -> set[str]:
 
 
 async def delivered_in_order(
-    sender: EnvoiceSender, deliveries: Callable[[], Deliveries], *, duplicates: int
+    sender: EnvoiceSender,
+    deliveries: Callable[[], Deliveries],
+    settings: Settings,
+    *,
+    duplicates: int,
 ) -> None:
-    """Waits until everything accepted is delivered; asserts nothing was lost or reordered and
-    at most `duplicates` deliveries were repeats (late repeats are reported apart)."""
-    tally = await sender.ledger.delivered(deliveries, timeout=DELIVERY_SECONDS)
+    """Waits until everything accepted is delivered and the partitions of `settings` are empty
+    (no repeat can come after); asserts nothing was lost or reordered and at most `duplicates`
+    deliveries were repeats (late repeats are reported apart)."""
+    tally = await sender.ledger.delivered(deliveries, settings, timeout=DELIVERY_SECONDS)
     print(f"tally: {tally.line()}")  # shown with `pytest -rP`
     assert tally.ok, str(tally)
     assert tally.duplicates <= duplicates, str(tally)
@@ -100,7 +105,7 @@ async def test_a_worker_killed_mid_delivery_then_restarted_loses_and_reorders_no
     # repeating at most, per invoice, the webhook in flight at the kill (the crash window:
     # docs/GUARANTEES.md; one whose ack the broker had not applied is not delivered again)
     await delivered_in_order(
-        sender, lambda: http_deliveries(http_handler), duplicates=len(INVOICES)
+        sender, lambda: http_deliveries(http_handler), config.settings, duplicates=len(INVOICES)
     )
     # and the kill caught deliveries in flight: they came back, as later attempts
     assert any(r.attempt > 1 for r in http_handler.requests)
@@ -131,7 +136,7 @@ async def test_when_the_active_worker_is_killed_the_other_takes_over_its_partiti
     # repeating at most, per invoice, the webhook in flight at the kill (the crash window:
     # docs/GUARANTEES.md; one whose ack the broker had not applied is not delivered again)
     await delivered_in_order(
-        sender, lambda: http_deliveries(http_handler), duplicates=len(INVOICES)
+        sender, lambda: http_deliveries(http_handler), config.settings, duplicates=len(INVOICES)
     )
     assert taken & partitions_delivered_by(standby)
 
@@ -166,7 +171,7 @@ async def test_worker_and_ingress_reconnect_by_themselves_after_a_broker_restart
     # repeating at most, per invoice, the delivery in flight when the broker stopped (the crash
     # window)
     await delivered_in_order(
-        sender, lambda: http_deliveries(http_handler), duplicates=len(INVOICES)
+        sender, lambda: http_deliveries(http_handler), config.settings, duplicates=len(INVOICES)
     )
     assert worker.logged("broker connected") >= 2
 
@@ -202,7 +207,7 @@ async def test_webhooks_sent_through_a_broker_outage_are_refused_or_delivered_in
     # webhook refused with 503 that the ingress had published before its confirm was lost
     # reaches the handler once
     await delivered_in_order(
-        sender, lambda: http_deliveries(http_handler), duplicates=len(INVOICES)
+        sender, lambda: http_deliveries(http_handler), config.settings, duplicates=len(INVOICES)
     )
 
 
@@ -223,7 +228,9 @@ async def test_a_handler_hanging_past_its_timeout_is_retried_while_its_partition
 
     # Then everything is delivered, each invoice's in order
     # with no repeat: a try that hung is not a delivery
-    await delivered_in_order(sender, lambda: http_deliveries(http_handler), duplicates=0)
+    await delivered_in_order(
+        sender, lambda: http_deliveries(http_handler), config.settings, duplicates=0
+    )
     # after the head of each invoice that hung was tried again, each try after the timeout,
     # while no later webhook of its invoice was tried
     firsts = {ids[0] for ids in sender.ledger.accepted.values()}
@@ -276,7 +283,9 @@ async def test_a_python_handler_raising_for_a_while_gets_everything_in_order(
     broken.unlink()
     # Then everything is delivered, each invoice's in order
     # with no repeat: a call that raised is not a delivery
-    await delivered_in_order(sender, lambda: journal_deliveries(journal), duplicates=0)
+    await delivered_in_order(
+        sender, lambda: journal_deliveries(journal), config.settings, duplicates=0
+    )
 
 
 SOAK_LINE = re.compile(

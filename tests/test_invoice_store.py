@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import os
 import socket
 import sqlite3
@@ -33,7 +34,7 @@ from relay.secrets import Secret, standard_webhooks_key
 from relay.settings import HandlerSettings
 from relay.signatures import standard_webhooks_signature
 from relay.worker.delivery import HttpTarget, Outcome, Verdict
-from tests.support import ROOT, activity, eventually, signed_body
+from tests.support import ROOT, activity, eventually, missing_tool, signed_body
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -385,9 +386,8 @@ async def test_a_locked_database_is_answered_503_and_relays_retry_is_applied(
 
 
 async def test_an_unreachable_postgresql_is_answered_503(session: aiohttp.ClientSession) -> None:
-    pytest.importorskip(
-        "psycopg", reason="psycopg (the optional extra `examples`) is not installed"
-    )
+    if importlib.util.find_spec("psycopg") is None:
+        missing_tool("psycopg (the optional extra `examples`) is not installed")
     store = PostgresStore(f"postgresql://relay@127.0.0.1:{free_port()}/invoices", connect_timeout=2)
     server = TestServer(make_app(store, SECRET), host="127.0.0.1")
     await server.start_server()

@@ -34,6 +34,7 @@ from tests.processes import (
     free_port,
     http_deliveries,
     ingress_ready,
+    partitions_empty,
     write_config,
 )
 from tests.support import eventually, queue_depth, run_relay, toml
@@ -245,7 +246,9 @@ async def test_an_ingress_without_the_handler_feeds_a_handler_added_later(
         await asyncio.wait_for(sender.send(range(1, 11), each=1), 60)
 
         # Then the new handler gets every one, once
-        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        tally = await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), worker_config.settings, timeout=30
+        )
     assert tally.accepted == 10
     assert tally.ok, tally
     assert tally.duplicates == 0
@@ -306,7 +309,9 @@ async def test_webhooks_accepted_before_the_first_worker_reach_it_in_order(
 
         # and a worker started afterwards delivers all 600, each invoice in order
         await relay.worker(config)
-        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=60)
+        tally = await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=60
+        )
     assert tally.accepted == 600
     assert tally.ok, tally
     assert tally.duplicates == 0
@@ -334,7 +339,9 @@ async def test_webhooks_accepted_while_the_worker_crash_loops_are_delivered_once
         await relay.worker(config)
 
         # Then all 600 webhooks reach the handler, once each, each invoice in order
-        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=60)
+        tally = await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=60
+        )
     assert tally.accepted == 600
     assert tally.ok, tally
     assert tally.duplicates == 0
@@ -396,7 +403,10 @@ async def test_a_partition_change_leaves_no_binding_behind_to_duplicate_keys(
         # Then 8 keys are each delivered once, and each bucket is bound to one queue
         sender = EnvoiceSender.to(four)
         await asyncio.wait_for(sender.send(range(1, 9), each=2), 60)
-        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        drained = partitions_empty(four.settings, handlers=[four.settings.handlers[0].name])
+        tally = await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), drained, timeout=30
+        )
         handler = four.settings.handlers[0]
         async with Management(four.settings.broker) as api:
             bindings = await api.bindings_from(handler.exchange)
@@ -601,7 +611,9 @@ async def test_partitions_go_4_8_2_under_traffic_and_lose_duplicate_and_reorder_
 
         # Then everything accepted is delivered once, each invoice in acceptance order
         tallies = [
-            await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=60)
+            await sender.ledger.delivered(
+                lambda: http_deliveries(http_handler), eight.settings, timeout=60
+            )
             for sender in senders
         ]
         tally = tallies[0] + tallies[1]

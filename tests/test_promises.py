@@ -187,7 +187,7 @@ async def test_a_worker_sigtermed_mid_delivery_exits_0_and_the_next_delivers_in_
     # and a new worker delivers the rest, each invoice's in order, repeating at most those
     await relay.worker(config)
     tally = await sender.ledger.delivered(
-        lambda: http_deliveries(http_handler), timeout=DELIVERY_SECONDS
+        lambda: http_deliveries(http_handler), config.settings, timeout=DELIVERY_SECONDS
     )
     print(f"tally: {tally.line()}; in flight at SIGTERM: {in_flight}")
     assert tally.ok, str(tally)
@@ -212,7 +212,7 @@ async def test_an_ingress_sigtermed_with_publishes_in_flight_loses_none_it_accep
     # Then it drained and exited 0; every webhook it answered 200 is delivered, in order
     assert ingress.logged("ingress draining") == 1
     tally = await sender.ledger.delivered(
-        lambda: http_deliveries(http_handler), timeout=DELIVERY_SECONDS
+        lambda: http_deliveries(http_handler), config.settings, timeout=DELIVERY_SECONDS
     )
     print(f"tally: {tally.line()}; answers {dict(sender.answers)}")
     assert tally.ok, str(tally)

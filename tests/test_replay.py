@@ -92,11 +92,15 @@ async def test_a_replay_since_t_delivers_the_archive_again_in_key_order_while_tr
         await relay.start(config)
         sender = EnvoiceSender.to(config)
         await asyncio.wait_for(sender.send(range(1, 21), each=12), 60)
-        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=30
+        )
         since = datetime.now(UTC)
         first_half = set(deliveries_per_id(http_handler))
         await asyncio.wait_for(sender.send(range(1, 21), each=13), 60)
-        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=30
+        )
         second_half = set(deliveries_per_id(http_handler)) - first_half
         assert (len(first_half), len(second_half)) == (240, 260)
 
@@ -113,8 +117,10 @@ async def test_a_replay_since_t_delivers_the_archive_again_in_key_order_while_tr
         await eventually(lambda: len(live.ledger) >= 100, timeout=30, what="live traffic")
         stop.set()
         await asyncio.wait_for(flowing, 30)
-        await live.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
-        await live.ledger.delivered(lambda: http_deliveries(other), timeout=30)
+        await live.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=30
+        )
+        await live.ledger.delivered(lambda: http_deliveries(other), config.settings, timeout=30)
 
     # Then billing got each archived message since T once more, marked with the replay's id
     [replay_id] = re.findall(r"^replay (\w+): queued (\d+)", replay.output(), re.M)
@@ -205,7 +211,9 @@ async def test_a_handler_added_with_a_backfill_gets_everything_since_t_once_in_k
         await asyncio.wait_for(flowing, 30)
 
         # Then it gets every webhook accepted since, each exactly once, each key in order
-        tally = await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=120)
+        tally = await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=120
+        )
     assert tally.accepted >= 300
     assert tally.ok, tally
     assert tally.duplicates == 0, tally
@@ -222,7 +230,9 @@ async def test_a_dry_run_counts_per_event_and_changes_nothing(
         await relay.start(config)
         sender = EnvoiceSender.to(config)
         await asyncio.wait_for(sender.send(range(1, 4), each=10), 60)
-        await sender.ledger.delivered(lambda: http_deliveries(http_handler), timeout=30)
+        await sender.ledger.delivered(
+            lambda: http_deliveries(http_handler), config.settings, timeout=30
+        )
         name = config.settings.handlers[0].name
 
         # When a dry run asks for the last hour

@@ -39,8 +39,8 @@ from tests.support import activity
 
 EXCHANGE = "relay.activities"
 FRAME_MAX = 131072
-# The ingress's CPU per request, us: about 100-120 on this machine; 117 and 127 in README
-# ("Cost" of the archive), 146 in docs/PERFORMANCE.md's table.
+# The ingress's CPU per request, us: about 100-120 on this machine; 117 and 127 in
+# docs/OPERATIONS.md ("Cost" of the archive), 146 in docs/PERFORMANCE.md's table.
 INGRESS_US = (100.0, 120.0, 146.0)
 
 Publish = tuple[bytes, str, str, datetime, dict[str, str]]  # body, routing key, id, time, headers
