@@ -30,8 +30,7 @@ from relay.broker import queue_exists
 from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
 from relay.ops import topology as ops_topology
-from relay.ops.topology import Broker as TopologyBroker
-from relay.ops.topology import Leftover
+from relay.ops.topology import BrokerState, QueueState
 from relay.settings import HandlerSettings
 from relay.topology import Binding
 from relay.worker import partition as partition_module
@@ -390,16 +389,16 @@ async def test_a_record_of_a_channel_gone_is_not_written_again() -> None:
 # --- what `relay topology declare` says about streams -------------------------------------------
 
 
-def broker_with(*queues: Leftover, bound: bool = True) -> TopologyBroker:
+def broker_with(*queues: QueueState, bound: bool = True) -> BrokerState:
     bindings = [Binding("relay.activities", "relay.archive", "queue", "#")] if bound else []
-    return TopologyBroker({}, {q.name: q for q in queues}, bindings)
+    return BrokerState({}, {q.name: q for q in queues}, bindings)
 
 
 def test_a_stream_with_other_retention_is_reported_with_the_policy_and_not_declared() -> None:
     settings = config_from_dict({"archive": {"max_age": "14D", "max_bytes": 500_000_000}})
     have = {"x-queue-type": "stream", "x-max-age": "7D",
             "x-stream-max-segment-size-bytes": 100_000_000}  # fmt: skip
-    broker = broker_with(Leftover("relay.archive", 10, 0, "stream", have))
+    broker = broker_with(QueueState("relay.archive", 10, 0, "stream", have))
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
 
@@ -420,7 +419,7 @@ def test_a_size_limit_the_config_dropped_is_said_to_stay() -> None:
     settings = config_from_dict({})
     have = {"x-queue-type": "stream", "x-max-age": "7D", "x-max-length-bytes": 10**9,
             "x-stream-max-segment-size-bytes": 100_000_000}  # fmt: skip
-    broker = broker_with(Leftover("relay.archive", 10, 0, "stream", have))
+    broker = broker_with(QueueState("relay.archive", 10, 0, "stream", have))
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
     [line] = [line for line in ops_topology.describe(plan, prune=False) if "archive" in line]
@@ -434,7 +433,7 @@ def test_a_size_limit_the_config_dropped_is_said_to_stay() -> None:
 def test_a_stream_with_the_configs_retention_is_neither_declared_nor_reported() -> None:
     settings = config_from_dict({})
     archive = topology.archive_queue(settings.archive)
-    broker = broker_with(Leftover("relay.archive", 10, 0, "stream", archive.arguments))
+    broker = broker_with(QueueState("relay.archive", 10, 0, "stream", archive.arguments))
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
 
@@ -453,10 +452,10 @@ def test_a_removed_handlers_outcome_log_is_never_pruned() -> None:
     settings = config_from_dict({})
     gone = Binding("relay.activities", "relay.gone", "exchange", "envoice.#")
     queues = [
-        Leftover("relay.gone.0", 0, 0, "quorum"),
-        Leftover("relay.gone.outcomes", 0, 0, "stream"),
+        QueueState("relay.gone.0", 0, 0, "quorum"),
+        QueueState("relay.gone.outcomes", 0, 0, "stream"),
     ]
-    broker = TopologyBroker({}, {q.name: q for q in queues}, [gone])
+    broker = BrokerState({}, {q.name: q for q in queues}, [gone])
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
     lines = ops_topology.describe(plan, prune=True)
@@ -471,7 +470,7 @@ def test_a_removed_handlers_outcome_log_is_never_pruned() -> None:
 @pytest.mark.parametrize("bound", [True, False])
 def test_an_archive_the_config_turned_off_is_left_and_reported(bound: bool) -> None:
     settings = config_from_dict({"archive": {"enabled": False}})
-    broker = broker_with(Leftover("relay.archive", 10, 0, "stream"), bound=bound)
+    broker = broker_with(QueueState("relay.archive", 10, 0, "stream"), bound=bound)
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
     lines = ops_topology.describe(plan, prune=True)

@@ -22,7 +22,7 @@ from relay.broker import exchange_exists
 from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
 from relay.ops.management import Management
-from relay.ops.topology import Broker, Leftover, describe, plan
+from relay.ops.topology import BrokerState, QueueState, describe, plan
 from relay.settings import Settings
 from tests.conftest import delete_topology, settings_dict
 from tests.handlers_for_tests import Held, HttpHandler
@@ -49,15 +49,15 @@ def settings_with(**handler: Any) -> Settings:
     return config_from_dict(raw)
 
 
-def on_broker(settings: Settings, **extra_queues: int) -> Broker:
+def on_broker(settings: Settings, **extra_queues: int) -> BrokerState:
     """A broker holding exactly what `settings` describe, plus queues with message counts."""
     described = topology.describe(settings)
     queues = {
-        q.name: Leftover(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"), q.arguments)
+        q.name: QueueState(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"), q.arguments)
         for q in described.queues
     }
-    queues.update({name: Leftover(name, n, 0) for name, n in extra_queues.items()})
-    return Broker({e.name: e.type for e in described.exchanges}, queues, described.bindings)
+    queues.update({name: QueueState(name, n, 0) for name, n in extra_queues.items()})
+    return BrokerState({e.name: e.type for e in described.exchanges}, queues, described.bindings)
 
 
 def test_nothing_to_do_when_the_broker_matches_the_config() -> None:
@@ -109,10 +109,10 @@ def test_a_partition_change_moves_buckets_and_keeps_the_queues_it_no_longer_uses
 def test_a_classic_dead_letter_queue_is_converted_once_no_worker_consumes() -> None:
     settings = settings_with(partitions=2)
     broker = on_broker(settings)
-    broker.queues["relay.h.dlq"] = Leftover("relay.h.dlq", 3, 0, "classic")  # an older relay's
+    broker.queues["relay.h.dlq"] = QueueState("relay.h.dlq", 3, 0, "classic")  # an older relay's
 
     idle = plan(topology.describe(settings), broker, settings.broker.exchange)
-    broker.queues["relay.h.1"] = Leftover("relay.h.1", 0, 2, "quorum")
+    broker.queues["relay.h.1"] = QueueState("relay.h.1", 0, 2, "quorum")
     busy = plan(topology.describe(settings), broker, settings.broker.exchange)
 
     assert [(c.queue, c.type, c.busy, c.old) for c in idle.convert] == [
@@ -181,7 +181,7 @@ def test_another_deployments_objects_are_not_touched() -> None:
     )
     broker.bindings.append(foreign)
     broker.bindings.append(topology.Binding("relay.theirs", "relay.other", "exchange", "#"))
-    broker.queues["relay.other.0"] = Leftover("relay.other.0", 3, 1)
+    broker.queues["relay.other.0"] = QueueState("relay.other.0", 3, 1)
 
     changes = plan(topology.describe(settings), broker, settings.broker.exchange)
 

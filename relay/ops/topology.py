@@ -46,8 +46,9 @@ TURN_SECONDS = 120.0  # how long a run waits for another to finish
 
 
 @dataclass(frozen=True, slots=True)
-class Leftover:
-    """A queue relay declared once that the config no longer uses."""
+class QueueState:
+    """A queue as the broker has it (a leftover: one relay declared once that the config no
+    longer uses)."""
 
     name: str
     messages: int  # ready and unacknowledged
@@ -57,11 +58,11 @@ class Leftover:
 
 
 @dataclass(frozen=True, slots=True)
-class Broker:
+class BrokerState:
     """What the broker has, as far as relay is concerned."""
 
     exchanges: dict[str, str]  # name -> type
-    queues: dict[str, Leftover]
+    queues: dict[str, QueueState]
     bindings: list[Binding]
 
 
@@ -112,11 +113,11 @@ class Plan:
     declare: Topology = field(default_factory=Topology)  # what is missing
     unbind: list[Binding] = field(default_factory=list)  # owned bindings the config lacks
     legacy: list[Binding] = field(default_factory=list)  # relay-p<N> bindings: --prune removes
-    leftovers: list[Leftover] = field(default_factory=list)
+    leftovers: list[QueueState] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
     convert: list[Conversion] = field(default_factory=list)
     retention: list[Retention] = field(default_factory=list)  # streams kept as they are
-    unused_archive: Leftover | None = None  # the archive is off in the config, on the broker not
+    unused_archive: QueueState | None = None  # the archive is off in the config, on the broker not
     archive_bound: bool = False  # ... and still bound to the main exchange
 
     @property
@@ -130,7 +131,9 @@ class Plan:
         )
 
 
-def plan(desired: Topology, broker: Broker, main_exchange: str, change: str = "change") -> Plan:
+def plan(
+    desired: Topology, broker: BrokerState, main_exchange: str, change: str = "change"
+) -> Plan:
     """The changes that take `broker` to `desired` (pure: no I/O).
 
     Only this config's objects are considered: its main exchange, and the handler exchanges the
@@ -181,7 +184,7 @@ def plan(desired: Topology, broker: Broker, main_exchange: str, change: str = "c
     )
 
 
-def _retention_changes(desired: Topology, broker: Broker) -> list[Retention]:
+def _retention_changes(desired: Topology, broker: BrokerState) -> list[Retention]:
     """The config's streams that the broker has with other retention arguments."""
     changes = []
     for queue in desired.queues:
@@ -198,7 +201,7 @@ def _retention(arguments: dict[str, Any]) -> dict[str, str]:
     return {k: str(arguments[k]) for k in RETENTION if k in arguments}
 
 
-def _conversions(desired: Topology, broker: Broker) -> list[Conversion]:
+def _conversions(desired: Topology, broker: BrokerState) -> list[Conversion]:
     """The config's dead-letter queues that the broker has with another type (classic, from an
     older relay), or whose conversion was interrupted (its CONVERTING queue is left)."""
     conversions = []
@@ -222,7 +225,7 @@ def _conversions(desired: Topology, broker: Broker) -> list[Conversion]:
     return conversions
 
 
-def _moves(desired: Topology, broker: Broker, change: str) -> list[Move]:
+def _moves(desired: Topology, broker: BrokerState, change: str) -> list[Move]:
     """Per handler, the buckets whose partition changes (a bucket bound nowhere yet moves not)."""
     moves = []
     for exchange in sorted({e.name for e in desired.exchanges if e.type == "headers"}):
@@ -341,7 +344,7 @@ def _retention_line(change: Retention, vhost: str) -> str:
     return line
 
 
-def _unused_archive_line(archive: Leftover, bound: bool, vhost: str) -> str:
+def _unused_archive_line(archive: QueueState, bound: bool, vhost: str) -> str:
     line = f"= stream {archive.name} is kept though the config turns the archive off"
     if bound:
         line += (
@@ -374,7 +377,7 @@ def _binding_lines(sign: str, bindings: Iterable[Binding]) -> list[str]:
 # --- reading the broker and applying a plan ---------------------------------------------------
 
 
-async def read(api: Management, desired: Topology, main_exchange: str) -> Broker:
+async def read(api: Management, desired: Topology, main_exchange: str) -> BrokerState:
     """What the broker has of this config's objects: the exchanges it describes and the handler
     exchanges the main exchange is bound to (a removed handler's among them), their bindings,
     and every `relay.` queue."""
@@ -385,7 +388,7 @@ async def read(api: Management, desired: Topology, main_exchange: str) -> Broker
     for name in sorted(exchanges.keys() - {main_exchange}):
         bindings += [_binding(b) for b in await api.bindings_from(name)]
     queues = {
-        q["name"]: Leftover(
+        q["name"]: QueueState(
             q["name"],
             int(q.get("messages_ready") or 0) + int(q.get("messages_unacknowledged") or 0),
             int(q.get("consumers") or 0),
@@ -395,7 +398,7 @@ async def read(api: Management, desired: Topology, main_exchange: str) -> Broker
         for q in await api.queues()
         if q["name"].startswith("relay.")
     }
-    return Broker(exchanges, queues, bindings)
+    return BrokerState(exchanges, queues, bindings)
 
 
 def _binding(raw: dict[str, Any]) -> Binding:
