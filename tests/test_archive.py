@@ -39,6 +39,7 @@ from relay.worker.handler import HandlerDeliveries
 from relay.worker.outcomes import OutcomeLog
 from relay.worker.partition import Delivery, Partition
 from tests.conftest import AMQP_URL, MakeSettings, Publish, StartWorker, settings_dict
+from tests.fakes import caught_up
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import (
     Config,
@@ -274,9 +275,7 @@ def a_partition(broker: Broker) -> tuple[Partition, HandlerDeliveries, Channel]:
     handler: HandlerSettings = settings.handlers[0]
     deliveries = HandlerDeliveries(handler, None, settings.repeats)  # type: ignore[arg-type]
     partition = Partition(handler, 1, deliveries)
-    read = asyncio.get_running_loop().create_future()
-    read.set_result(None)
-    partition._caught_up = read  # its outcome log read to the end (there is no broker here)
+    caught_up(partition)  # its outcome log read to the end (there is no broker here)
     channel = Channel()
     partition._channel = channel
     deliveries.partitions.append(partition)

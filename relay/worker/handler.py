@@ -155,7 +155,7 @@ class HandlerDeliveries:
             handler=self.handler.name,
             key=delivery.key,
             bucket=delivery.bucket,
-            partition=delivery.partition.queue,
+            partition=delivery.queue,
             attempts=delivery.attempt,
             status=outcome.status,
             reason=dead_letter,
@@ -226,9 +226,7 @@ class HandlerDeliveries:
         return None
 
     async def _deliver(self, delivery: Delivery) -> None:
-        partition = delivery.partition
-        partition.started()
-        try:
+        with delivery.in_flight:
             delivery.attempts += 1
             if delivery.first_attempt is None:
                 delivery.first_attempt = datetime.now(UTC)
@@ -251,11 +249,9 @@ class HandlerDeliveries:
             else:
                 self._tries.pop(delivery.message_id, None)
                 dead = decision.reason if decision.fate is Fate.DEAD_LETTER else None
-                await partition.settle(delivery, outcome, dead)
+                await delivery.settle(outcome, dead)
             self._record_state(outcome)
             self._wake.set()  # the policy may let more start now
-        finally:
-            partition.finished()
 
     def _remember_tries(self, delivery: Delivery) -> None:
         """Keep `delivery`'s tries for when it comes again after a channel cut, as the newest;
@@ -273,7 +269,7 @@ class HandlerDeliveries:
 
     def _logged(self, delivery: Delivery, outcome: Outcome, fate: Fate, delay: float) -> None:
         fields = {
-            "partition": delivery.partition.queue,
+            "partition": delivery.queue,
             "message_id": delivery.message_id,
             "key": delivery.key,
             "attempt": delivery.attempt,

@@ -7,6 +7,10 @@ deliveries, hands the head of every key to the handler's deliveries at once, ack
 when its outcome is final (delivered, or dead-lettered with a confirm) and recorded in the
 handler's outcome log (confirmed), and never nacks: a stop, a crash or a cut returns the unacked
 rest in order.
+
+A partition knows its handler's deliveries only as a `Scheduler` (below); they know a message
+only as a `Delivery`, which settles through its own partition: imports point one way, from
+relay/worker/handler.py to here.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
+import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
@@ -27,11 +32,9 @@ from relay import wire
 from relay.broker import BROKER_ERRORS, until_set
 from relay.settings import HandlerSettings
 from relay.worker.changes import Changes, Fence
+from relay.worker.decided import Decided
 from relay.worker.delivery import Outcome
 from relay.worker.keys import KeyQueues
-
-if TYPE_CHECKING:
-    from relay.worker.handler import HandlerDeliveries
 
 log = structlog.get_logger()
 
@@ -42,6 +45,60 @@ DRAIN_MARGIN_SECONDS = 5.0  # beyond a handler's timeout, how long in-flight del
 ACKS_SETTLE_SECONDS = 0.5
 ACK_QUEUE_SECONDS = 1.0
 WRITE_RETRY_SECONDS = 1.0  # a dead letter or outcome record the broker did not confirm
+
+
+class Scheduler(Protocol):
+    """What a partition needs of its handler's deliveries (HandlerDeliveries in
+    relay/worker/handler.py): to be handed each key's head, to write what a final outcome
+    needs written, and to know what partition changes released."""
+
+    decided: Decided  # the handler's outcome log as read, for repeats
+
+    def ready(self, delivery: Delivery) -> None:
+        """`delivery` is its key's head: deliver it as soon as the policy allows."""
+
+    def forget(self, delivery: Delivery) -> None:
+        """`delivery` no longer waits for another try (final, or its channel closed)."""
+
+    def released(self, change: str, bucket: int) -> frozenset[str] | None:
+        """If `change` released `bucket`: the ids it delivered from elsewhere."""
+
+    def is_released(self, change: str, bucket: int) -> bool: ...
+
+    async def dead_letter(self, delivery: Delivery, outcome: Outcome, reason: str) -> None:
+        """Publish `delivery`'s dead letter, confirmed."""
+
+    async def record_outcome(
+        self, delivery: Delivery, outcome: Outcome, dead_letter: str | None
+    ) -> None:
+        """Append `delivery`'s final outcome to the handler's outcome log, confirmed."""
+
+    async def record(self, message: aio_pika.Message) -> None:
+        """Append a record to relay.state, confirmed."""
+
+
+class InFlight:
+    """A partition's deliveries in flight: `with in_flight:` around each; a stop waits for
+    them to end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def drained(self, seconds: float) -> None:
+        """Until none is in flight, or for `seconds` at most."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), seconds)
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +125,21 @@ class Delivery:
         return self.generation != self.partition.generation
 
     @property
+    def queue(self) -> str:
+        """The queue it came from."""
+        return self.partition.queue
+
+    @property
+    def in_flight(self) -> InFlight:
+        """Its partition's deliveries in flight, to count it among them while it is."""
+        return self.partition.in_flight
+
+    async def settle(self, outcome: Outcome, dead_letter: str | None) -> None:
+        """Its outcome is final: dead-letter it (when `dead_letter` says why), record the
+        outcome, ack it, go on with its key (Partition.settle)."""
+        await self.partition.settle(self, outcome, dead_letter)
+
+    @property
     def replay(self) -> str:
         """The id of the replay from the archive sending it again, if one does."""
         replayed = (self.properties.headers or {}).get(wire.REPLAYED_HEADER)
@@ -90,17 +162,16 @@ class Delivery:
 class Partition:
     handler: HandlerSettings
     index: int
-    deliveries: HandlerDeliveries
+    deliveries: Scheduler
     replay_queue: str = ""  # set: a replay's queue (relay/replays.py), not partition `index`
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: consumed no more
     generation: int = 0
     active: bool = False  # has had deliveries on its current channel
-    in_flight: int = 0
+    in_flight: InFlight = field(default_factory=InFlight)
     _keys: KeyQueues[Delivery] = field(default_factory=KeyQueues)
     _changes: Changes[Delivery] = field(default_factory=Changes)
     _blocked: list[Delivery] = field(default_factory=list)  # key heads a change holds
     _channel: Any = None  # the aiormq channel
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Future[None]] = field(default_factory=set)
     # this channel's read of the handler's outcome log up to its end, before its first decision
     _caught_up: asyncio.Future[None] | None = None
@@ -312,20 +383,8 @@ class Partition:
             if not delivery.stale:
                 await self._next_of_key(delivery)
 
-    def started(self) -> None:
-        self.in_flight += 1
-        self._idle.clear()
-
-    def finished(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            self._idle.set()
-
     async def _drained(self) -> None:
-        if self.in_flight:
-            timeout = self.handler.timeout_seconds + DRAIN_MARGIN_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout)
+        await self.in_flight.drained(self.handler.timeout_seconds + DRAIN_MARGIN_SECONDS)
 
     def _forget_window(self) -> None:
         self.generation += 1

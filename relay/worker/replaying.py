@@ -89,7 +89,7 @@ class Replays:
         if partition is None:
             return False
         partition.ended.set()
-        partition.deliveries.partitions.remove(partition)
+        self._deliveries[partition.handler.name].partitions.remove(partition)
         self._partitions.remove(partition)
         return True
 

@@ -76,7 +76,7 @@ class Worker:
                 for i in range(h.partitions)
             ]
             for partition in self._partitions:
-                partition.deliveries.partitions.append(partition)
+                self._deliveries[partition.handler.name].partitions.append(partition)
             await keep_connected(
                 self._settings.broker.urls, self._session, what="worker", until=self._stopping
             )
