@@ -24,8 +24,8 @@ from relay import wire
 from relay.config import from_dict as config_from_dict
 from relay.settings import HandlerSettings
 from relay.worker.delivery import Outcome, Verdict
-from relay.worker.handler import HandlerDeliveries
 from relay.worker.partition import Partition
+from relay.worker.scheduler import HandlerScheduler
 from tests.conftest import settings_dict
 
 OK = Outcome(Verdict.SUCCESS, "HTTP 200", 200)
@@ -337,7 +337,7 @@ class Rig:
     connection: FakeConnection
     publish: FakePublish
     target: FakeTarget
-    deliveries: HandlerDeliveries
+    scheduler: HandlerScheduler
     partition: Partition
     over: asyncio.Event
     consuming: asyncio.Future[None] | None = None
@@ -367,12 +367,12 @@ class Rig:
 
     async def stop(self) -> None:
         """Stop, and close the channel at once (no wait for late acks to settle)."""
-        self.deliveries.halt()
+        self.scheduler.halt()
         self.over.set()
         if self.consuming is not None:
             self.channel.cut()
             await self.consuming
-        await self.deliveries.stop()
+        await self.scheduler.stop()
 
 
 async def a_rig(script: dict[str, list[Outcome]] | None = None, **options: Any) -> Rig:
@@ -381,7 +381,7 @@ async def a_rig(script: dict[str, list[Outcome]] | None = None, **options: Any) 
     changed = Changed()
     queue = FakeQueue(changed)
     target = FakeTarget(changed, script)
-    deliveries = HandlerDeliveries(handler, target, repeats)
+    deliveries = HandlerScheduler(handler, target, repeats)
     partition = Partition(handler, 0, deliveries)
     deliveries.partitions.append(partition)
     publish = FakePublish(changed)

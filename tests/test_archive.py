@@ -35,9 +35,9 @@ from relay.settings import HandlerSettings
 from relay.topology import Binding
 from relay.worker import partition as partition_module
 from relay.worker.delivery import Outcome, Verdict
-from relay.worker.handler import HandlerDeliveries
 from relay.worker.outcomes import OutcomeLog
 from relay.worker.partition import Delivery, Partition
+from relay.worker.scheduler import HandlerScheduler
 from tests.conftest import AMQP_URL, MakeSettings, Publish, StartWorker, settings_dict
 from tests.fakes import caught_up
 from tests.handlers_for_tests import HttpHandler
@@ -268,12 +268,12 @@ class Channel:
         self.acked.append(tag)
 
 
-def a_partition(broker: Broker) -> tuple[Partition, HandlerDeliveries, Channel]:
+def a_partition(broker: Broker) -> tuple[Partition, HandlerScheduler, Channel]:
     billing = {"name": "billing", "events": ["envoice.#"], "url": "http://127.0.0.1:9/"}
     raw = settings_dict("unit", handlers=[{**billing, "partitions": 2}])
     settings = config_from_dict(raw)
     handler: HandlerSettings = settings.handlers[0]
-    deliveries = HandlerDeliveries(handler, None, settings.repeats)  # type: ignore[arg-type]
+    deliveries = HandlerScheduler(handler, None, settings.repeats)  # type: ignore[arg-type]
     partition = Partition(handler, 1, deliveries)
     caught_up(partition)  # its outcome log read to the end (there is no broker here)
     channel = Channel()

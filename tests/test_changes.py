@@ -31,9 +31,9 @@ def test_a_hold_marks_the_buckets_and_is_acked_once_they_are_released() -> None:
     assert (acks, passed) == ([], None)
     assert (changes.holder(1), changes.holder(2), changes.holder(3)) == ("c1", "c1", None)
     released.add(1)
-    assert changes.released("c1", lambda c, b: b in released) == []  # 2 still held
+    assert changes.holds_released("c1", lambda c, b: b in released) == []  # 2 still held
     released.add(2)
-    assert changes.released("c1", lambda c, b: b in released) == [7]
+    assert changes.holds_released("c1", lambda c, b: b in released) == [7]
     assert changes.holder(1) == "c1"  # later arrivals are still checked against duplicates
 
 
@@ -91,7 +91,7 @@ def test_a_replay_marker_fences_what_came_before_and_holds_what_comes_after() ->
     # what arrives after it is held by the replay's `after` change
     assert (changes.holder(1), changes.holder(2)) == ("r.after", None)
     # and the marker is acked once, when `after` is released
-    assert changes.released("r.after", lambda c, b: c == "r.after") == [9]
+    assert changes.holds_released("r.after", lambda c, b: c == "r.after") == [9]
 
 
 def test_a_replay_marker_with_nothing_before_it_fences_at_once() -> None:

@@ -45,7 +45,7 @@ async def test_other_keys_go_on_while_a_key_waits_for_its_retry() -> None:
     await turns()
 
     assert rig.target.calls == [("a1", 1), ("b1", 1), ("b2", 1)]  # a2 waits behind a1
-    assert rig.deliveries.policy.current_state() is wire.State.RETRYING
+    assert rig.scheduler.policy.current_state() is wire.State.RETRYING
     await rig.stop()
 
 
@@ -138,7 +138,7 @@ async def test_a_poison_message_is_dead_lettered_after_max_attempts_while_others
     assert rig.target.called("a1") == 3
     assert ("a1", "dead-lettered") in rig.publish.recorded()
     assert rig.queue.acked.index("a1") < rig.queue.acked.index("a2")
-    assert not rig.deliveries.policy.parked
+    assert not rig.scheduler.policy.parked
     await rig.stop()
 
 
@@ -176,7 +176,7 @@ async def test_the_attempt_counts_on_from_the_brokers_delivery_count() -> None:
 @pytest.mark.timeout(5)
 async def test_a_repeat_is_acked_without_delivery() -> None:
     rig = await a_rig()
-    rig.deliveries.decided.add("a1")  # its outcome is in the handler's outcome log
+    rig.scheduler.decided.add("a1")  # its outcome is in the handler's outcome log
 
     rig.queue.put("a1")
     rig.queue.put("a2")
@@ -203,7 +203,7 @@ async def test_a_copy_of_a_delivered_message_is_a_repeat() -> None:
 @pytest.mark.timeout(5)
 async def test_a_replayed_message_is_delivered_even_if_its_outcome_is_recorded() -> None:
     rig = await a_rig()
-    rig.deliveries.decided.add("a1")
+    rig.scheduler.decided.add("a1")
 
     rig.queue.put("a1", headers={wire.REPLAYED_HEADER: "replay-1"})
     await rig.until(lambda: rig.queue.acked == ["a1"])
@@ -231,7 +231,7 @@ async def test_an_outage_parks_the_handler_and_a_probes_success_resumes_it() -> 
     # other message followed
     assert rig.target.calls[:3] == [("a1", 1), ("b1", 1), ("a1", 2)]
     assert len(rig.target.calls) == 5  # no try beyond the probe and the other's retry
-    assert not rig.deliveries.policy.parked
+    assert not rig.scheduler.policy.parked
     assert rig.publish.to(".dlq") == []  # an outage dead-letters nothing
 
     def states() -> list[str]:  # recorded in relay.state, in the background
@@ -283,7 +283,7 @@ async def test_a_hold_keeps_its_buckets_messages_until_released_and_skips_duplic
     await turns()
     assert rig.target.calls == [("b1", 1)]
 
-    await rig.deliveries.release("c1", [bucket], ["a0"])
+    await rig.scheduler.take_release("c1", [bucket], ["a0"])
     await rig.until(lambda: len(rig.queue.acked) == 4)
 
     assert rig.target.calls == [("b1", 1), ("a1", 1)]

@@ -125,7 +125,7 @@ class Changes(Generic[T]):
         self._fences = [f for f in self._fences if f.waiting]
         return passed
 
-    def released(self, change: str, released: Callable[[str, int], bool]) -> list[int]:
+    def holds_released(self, change: str, released: Callable[[str, int], bool]) -> list[int]:
         """A release of `change` arrived: the tags of the HOLD markers now wholly released."""
         done = [
             (m, tag)

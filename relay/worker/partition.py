@@ -10,7 +10,7 @@ rest in order.
 
 A partition knows its handler's deliveries only as a `Scheduler` (below); they know a message
 only as a `Delivery`, which settles through its own partition: imports point one way, from
-relay/worker/handler.py to here.
+relay/worker/scheduler.py to here.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ WRITE_RETRY_SECONDS = 1.0  # a dead letter or outcome record the broker did not 
 
 
 class Scheduler(Protocol):
-    """What a partition needs of its handler's deliveries (HandlerDeliveries in
-    relay/worker/handler.py): to be handed each key's head, to write what a final outcome
+    """What a partition needs of its handler's deliveries (HandlerScheduler in
+    relay/worker/scheduler.py): to be handed each key's head, to write what a final outcome
     needs written, and to know what partition changes released."""
 
     decided: Decided  # the handler's outcome log as read, for repeats
@@ -60,7 +60,7 @@ class Scheduler(Protocol):
     def forget(self, delivery: Delivery) -> None:
         """`delivery` no longer waits for another try (final, or its channel closed)."""
 
-    def released(self, change: str, bucket: int) -> frozenset[str] | None:
+    def release_of(self, change: str, bucket: int) -> frozenset[str] | None:
         """If `change` released `bucket`: the ids it delivered from elsewhere."""
 
     def is_released(self, change: str, bucket: int) -> bool: ...
@@ -162,7 +162,7 @@ class Delivery:
 class Partition:
     handler: HandlerSettings
     index: int
-    deliveries: Scheduler
+    scheduler: Scheduler
     replay_queue: str = ""  # set: a replay's queue (relay/replays.py), not partition `index`
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set: consumed no more
     generation: int = 0
@@ -245,7 +245,7 @@ class Partition:
         """`delivery` is its key's head: deliver it, unless a partition change holds it (or
         made it a duplicate: delivered from its old partition, or by a replay)."""
         if delivery.held_by is not None:
-            duplicates = self.deliveries.released(delivery.held_by, delivery.bucket)
+            duplicates = self.scheduler.release_of(delivery.held_by, delivery.bucket)
             if duplicates is None:
                 self._blocked.append(delivery)
                 return
@@ -263,19 +263,19 @@ class Partition:
                           partition=self.queue, message_id=delivery.message_id)  # fmt: skip
                 await self._finish(delivery)
                 return
-        self.deliveries.ready(delivery)
+        self.scheduler.ready(delivery)
 
     async def _is_repeat(self, delivery: Delivery) -> bool | None:
         """Whether the handler's outcome log records an outcome of `delivery`'s id, read up to
         its end as of this channel's first decision (None: the channel closed first)."""
         if self._caught_up is None:
-            self._caught_up = asyncio.ensure_future(self.deliveries.decided.caught_up())
+            self._caught_up = asyncio.ensure_future(self.scheduler.decided.caught_up())
         caught_up = self._caught_up
         await asyncio.wait({caught_up})  # cancelled when the window is forgotten
         if caught_up.cancelled() or delivery.stale:
             return None
         caught_up.result()
-        return self.deliveries.decided.is_repeat(delivery.message_id)
+        return self.scheduler.decided.is_repeat(delivery.message_id)
 
     async def settle(self, delivery: Delivery, outcome: Outcome, dead_letter: str | None) -> None:
         """`delivery`'s outcome is final: dead-letter it (when `dead_letter` says why), record
@@ -284,17 +284,17 @@ class Partition:
         outcome is recorded (a crash in between: it comes again, and the record says what
         became of it). A step the broker does not confirm (a stream's leader lost in a cluster,
         say) is tried again while the channel lasts: its key waits, the others go on."""
-        self.deliveries.forget(delivery)
+        self.scheduler.forget(delivery)
         if dead_letter is not None and not await self._until_written(
             "dead letter",
             delivery,
-            lambda: self.deliveries.dead_letter(delivery, outcome, dead_letter),
+            lambda: self.scheduler.dead_letter(delivery, outcome, dead_letter),
         ):
             return
         if not await self._until_written(
             "outcome",
             delivery,
-            lambda: self.deliveries.record_outcome(delivery, outcome, dead_letter),
+            lambda: self.scheduler.record_outcome(delivery, outcome, dead_letter),
         ):
             return
         await self._finish(delivery)
@@ -339,7 +339,7 @@ class Partition:
     # --- partition changes --------------------------------------------------------------------
 
     async def _take_marker(self, marker: wire.Marker, tag: int) -> None:
-        acks, passed = self._changes.marker(marker, tag, self._keys, self.deliveries.is_released)
+        acks, passed = self._changes.marker(marker, tag, self._keys, self.scheduler.is_released)
         for ack in acks:
             await self._ack(ack)
         if passed is not None:
@@ -348,11 +348,11 @@ class Partition:
     def _pass(self, fence: Fence[Delivery]) -> None:
         """Every earlier message of the fence's buckets is done: release them (retried until
         the record is written, while this channel lasts), then ack the markers."""
-        task = asyncio.ensure_future(self._release(fence, self.generation))
+        task = asyncio.ensure_future(self._write_release(fence, self.generation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _release(self, fence: Fence[Delivery], generation: int) -> None:
+    async def _write_release(self, fence: Fence[Delivery], generation: int) -> None:
         record = wire.release_record(
             handler=self.handler.name,
             change=fence.change,
@@ -361,7 +361,7 @@ class Partition:
         )
         while generation == self.generation:
             try:
-                await self.deliveries.record(record)
+                await self.scheduler.record(record)
             except (*BROKER_ERRORS, TimeoutError) as exc:
                 log.warning("release not written, trying again", error=repr(exc),
                             partition=self.queue, change=fence.change)  # fmt: skip
@@ -373,9 +373,9 @@ class Partition:
                 await self._ack(tag)
             return
 
-    async def released(self, change: str, buckets: frozenset[int]) -> None:
+    async def on_release(self, change: str, buckets: frozenset[int]) -> None:
         """A release of `change` arrived: deliver what its buckets held here."""
-        for tag in self._changes.released(change, self.deliveries.is_released):
+        for tag in self._changes.holds_released(change, self.scheduler.is_released):
             await self._ack(tag)
         free = [d for d in self._blocked if d.held_by == change and d.bucket in buckets]
         self._blocked = [d for d in self._blocked if d not in free]
@@ -392,7 +392,7 @@ class Partition:
             self._caught_up.cancel()
             self._caught_up = None
         for delivery in self._keys:
-            self.deliveries.forget(delivery)
+            self.scheduler.forget(delivery)
         self._keys.clear()
         self._changes.clear()
         self._blocked.clear()

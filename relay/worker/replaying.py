@@ -17,8 +17,8 @@ from aio_pika.abc import AbstractConnection
 from relay import replays
 from relay.broker import BROKER_ERRORS, give_turn, take_turn, until_set
 from relay.replays import Replay
-from relay.worker.handler import HandlerDeliveries
 from relay.worker.partition import Partition
+from relay.worker.scheduler import HandlerScheduler
 
 log = structlog.get_logger()
 
@@ -29,7 +29,7 @@ class Replays:
     def __init__(
         self,
         exchange: str,
-        deliveries: dict[str, HandlerDeliveries],
+        deliveries: dict[str, HandlerScheduler],
         partitions: list[Partition],
     ) -> None:
         self._exchange = exchange  # the archive's messages of this relay were published to it

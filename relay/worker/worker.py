@@ -22,9 +22,9 @@ from relay import metrics, provision, topology, wire
 from relay.broker import BROKER_ERRORS, keep_connected, queue_exists, until_set
 from relay.settings import Settings
 from relay.worker.delivery import CallTarget, HttpTarget, Target
-from relay.worker.handler import HandlerDeliveries
 from relay.worker.partition import Partition
 from relay.worker.replaying import Replays
+from relay.worker.scheduler import HandlerScheduler
 
 log = structlog.get_logger()
 
@@ -49,7 +49,7 @@ class Worker:
         }
         self._stopping = asyncio.Event()
         self._over: asyncio.Event | None = None
-        self._deliveries: dict[str, HandlerDeliveries] = {}
+        self._deliveries: dict[str, HandlerScheduler] = {}
         self._partitions: list[Partition] = []
         self.ready = asyncio.Event()  # set while consuming
 
@@ -69,7 +69,7 @@ class Worker:
         async with aiohttp.ClientSession(auto_decompress=False, connector=connector) as session:
             for h in self._handlers:
                 target = self._targets.get(h.name) or HttpTarget(h, session)
-                self._deliveries[h.name] = HandlerDeliveries(h, target, self._settings.repeats)
+                self._deliveries[h.name] = HandlerScheduler(h, target, self._settings.repeats)
             self._partitions = [
                 Partition(h, i, self._deliveries[h.name])
                 for h in self._handlers
@@ -155,7 +155,9 @@ class Worker:
             if record is None or deliveries is None:
                 continue
             if record["kind"] == "release":
-                await deliveries.release(record["change"], record["buckets"], record["duplicates"])
+                await deliveries.take_release(
+                    record["change"], record["buckets"], record["duplicates"]
+                )
             elif record["kind"] == "layout":
                 for index in range(int(record["partitions"])):
                     partition = await self._partition(connection, deliveries, index)
@@ -164,7 +166,7 @@ class Worker:
             await replaying.take(record, connection, over, consume)
 
     async def _partition(
-        self, connection: AbstractConnection, deliveries: HandlerDeliveries, index: int
+        self, connection: AbstractConnection, deliveries: HandlerScheduler, index: int
     ) -> Partition | None:
         """Partition `index` of the handler, if its queue exists (made the first time)."""
         for partition in deliveries.partitions:

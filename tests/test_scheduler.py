@@ -1,4 +1,4 @@
-"""A handler's deliveries in one worker, against fakes (no broker): the tries of failed messages
+"""A handler's scheduler in one worker, against fakes (no broker): the tries of failed messages
 it remembers across channel cuts stay bounded."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 from pamqp.commands import Basic
 
 from relay.config import from_dict as config_from_dict
-from relay.worker import handler as handler_module
+from relay.worker import scheduler as scheduler_module
 from relay.worker.delivery import Outcome, Verdict
-from relay.worker.handler import HandlerDeliveries
 from relay.worker.partition import Delivery, Partition
+from relay.worker.scheduler import HandlerScheduler
 from tests.conftest import settings_dict
 
 
@@ -23,11 +23,11 @@ class Failing:
         return Outcome(Verdict.TRANSIENT, "HTTP 503", status=503)
 
 
-def deliveries_and_partition() -> tuple[HandlerDeliveries, Partition]:
+def deliveries_and_partition() -> tuple[HandlerScheduler, Partition]:
     billing = {"name": "billing", "events": ["envoice.#"], "url": "http://127.0.0.1:9/"}
     settings = config_from_dict(settings_dict("unit", handlers=[billing]))
     handler = settings.handlers[0]
-    deliveries = HandlerDeliveries(handler, Failing(), settings.repeats)
+    deliveries = HandlerScheduler(handler, Failing(), settings.repeats)
     partition = Partition(handler, 0, deliveries)
     deliveries.partitions.append(partition)
     return deliveries, partition
@@ -42,7 +42,7 @@ def a_delivery(partition: Partition, message_id: str) -> Delivery:
 
 
 async def fail_after_a_cut(
-    deliveries: HandlerDeliveries, partition: Partition, message_id: str
+    deliveries: HandlerScheduler, partition: Partition, message_id: str
 ) -> Delivery:
     """Deliver `message_id` once, failing, while its channel closes (its partition moved
     elsewhere): it waits for no retry here."""
@@ -57,7 +57,7 @@ async def fail_after_a_cut(
 async def test_the_tries_of_failed_messages_are_remembered_up_to_a_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(handler_module, "TRIES_REMEMBERED", 3)
+    monkeypatch.setattr(scheduler_module, "TRIES_REMEMBERED", 3)
     deliveries, partition = deliveries_and_partition()
 
     # When five messages fail and their partition moves elsewhere, none coming back

@@ -40,7 +40,7 @@ TRIES_REMEMBERED = 10_000
 Publish = Callable[[aio_pika.Message, str], Awaitable[None]]  # (message, queue): confirmed
 
 
-class HandlerDeliveries:
+class HandlerScheduler:
     def __init__(self, handler: HandlerSettings, target: Target, repeats: RepeatsSettings) -> None:
         self.handler = handler
         self.policy = HandlerPolicy(handler)
@@ -97,24 +97,24 @@ class HandlerDeliveries:
             delivery.failed = False
             self.policy.retrying(-1)
 
-    def released(self, change: str, bucket: int) -> frozenset[str] | None:
+    def release_of(self, change: str, bucket: int) -> frozenset[str] | None:
         """If `change` released `bucket`: the ids it delivered from elsewhere."""
         release = self._releases.get(change)
         if release is None or bucket not in release[0]:
             return None
         required = self._requires.get(change)
-        if required is not None and self.released(required, bucket) is None:
+        if required is not None and self.release_of(required, bucket) is None:
             return None
         return frozenset(release[1])
 
     def is_released(self, change: str, bucket: int) -> bool:
-        return self.released(change, bucket) is not None
+        return self.release_of(change, bucket) is not None
 
     def require(self, change: str, required: str) -> None:
         """`change` counts as released for a bucket only once `required` has released it too."""
         self._requires[change] = required
 
-    async def release(self, change: str, buckets: list[int], duplicates: list[str]) -> None:
+    async def take_release(self, change: str, buckets: list[int], duplicates: list[str]) -> None:
         """A release record: `change` released `buckets` (in relay.state, from any worker)."""
         known, ids = self._releases.setdefault(change, (set(), set()))
         known.update(buckets)
@@ -122,7 +122,7 @@ class HandlerDeliveries:
         waiting = [change, *(c for c, required in self._requires.items() if required == change)]
         for partition in list(self.partitions):
             for each in waiting:
-                await partition.released(each, frozenset(buckets))
+                await partition.on_release(each, frozenset(buckets))
 
     async def record(self, message: aio_pika.Message) -> None:
         """Append a record to relay.state, confirmed."""
