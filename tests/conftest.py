@@ -33,6 +33,8 @@ from tests.support import (
     toml,
 )
 
+pytest_plugins = ["tests.fixtures"]  # `relay` and `broker`: they need tests/processes.py
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="also run the tests marked long")

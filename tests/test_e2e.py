@@ -11,7 +11,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from tests.processes import STARTUP_SECONDS, Config, Relay, RelayProcess
 from tests.support import activity, declare_topology, eventually, signed_body
 
 pytestmark = pytest.mark.rabbit
-
-
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    """Config files and relay processes; after the test, processes still running are killed,
-    every output is printed (pytest shows it when the test fails), the queues deleted."""
-    async with Relay(tmp_path) as relay:
-        yield relay
 
 
 # --- helpers ----------------------------------------------------------------------------------

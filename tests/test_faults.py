@@ -10,7 +10,7 @@ import itertools
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +44,6 @@ DELIVERY_SECONDS = 45.0  # for everything accepted to be delivered after a fault
 START = 2 * STARTUP_SECONDS  # relay.start: the ingress ready, then the workers consuming
 POLL = 10.0  # eventually()'s default deadline
 MARGIN = 20.0  # the rest: sending, fixtures
-
-
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    async with Relay(tmp_path) as relay:
-        yield relay
-
-
-@pytest.fixture
-async def broker(relay: Relay) -> AsyncIterator[Broker]:
-    """The local RabbitMQ app, for the test to stop: started again after it, even if it fails
-    (and before `relay` deletes the test's queues, hence the dependency)."""
-    broker = Broker()
-    try:
-        yield broker
-    finally:
-        await broker.restore()
 
 
 def partitions_delivered_by(worker: RelayProcess) -> set[str]:

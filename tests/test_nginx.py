@@ -318,12 +318,6 @@ async def accepted(provider: EnvoiceSender, count: int) -> None:
     )
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    async with Relay(tmp_path) as relay:
-        yield relay
-
-
 # --- tests ------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ import asyncio
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -157,12 +156,6 @@ async def test_an_id_accepted_before_is_answered_duplicate_and_not_published_aga
 
 
 # --- SIGTERM with work in flight ------------------------------------------------------------
-
-
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    async with Relay(tmp_path) as relay:
-        yield relay
 
 
 @pytest.mark.rabbit

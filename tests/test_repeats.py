@@ -42,12 +42,6 @@ DELIVERY_SECONDS = 30.0
 STORE_SECRET = "whsec_" + base64.b64encode(b"invoice-store-test-secret-32-bytes").decode()
 
 
-@pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
-    async with Relay(tmp_path) as relay:
-        yield relay
-
-
 def first_id() -> int:
     return time.time_ns() // 1000  # unique across runs on the shared vhost
 
@@ -243,17 +237,6 @@ async def test_a_worker_killed_during_a_stream_of_repeats_repeats_no_more_than_i
     print(f"delivered {len(delivered)} ids, {len(twice)} twice")
     assert len(twice) <= 10, twice
     assert max(delivered.values()) <= 2
-
-
-@pytest.fixture
-async def broker(relay: Relay) -> AsyncIterator[Broker]:
-    """The local RabbitMQ app, for the test to stop: started again after it, even if it fails
-    (and before `relay` deletes the test's queues, hence the dependency)."""
-    broker = Broker()
-    try:
-        yield broker
-    finally:
-        await broker.restore()
 
 
 @pytest.fixture
