@@ -26,27 +26,31 @@ import aio_pika
 import aiohttp
 
 from relay import wire
-from tests.bench.common import AMQP_URL, STARTUP_SECONDS, BenchError, Child, free_port, memory_kb
+from tests.bench.common import (
+    AMQP_URL,
+    SOURCE_CONFIG,
+    STARTUP_SECONDS,
+    BenchError,
+    Child,
+    free_port,
+    memory_kb,
+)
 
 BATCH = 64  # records a message
 IN_FLIGHT = 200  # messages awaiting their confirm
 READ_SECONDS = 600.0  # for the worker to read the log
 
-CONFIG = """[broker]
-exchange = "relay.bench-{tag}"
-[worker]
+CONFIG = (
+    SOURCE_CONFIG
+    + """[worker]
 metrics_port = {metrics}
-[[sources]]
-name = "envoice"
-path = "/webhooks/envoice"
-scheme = "envoice"
-secrets = ["bench-secret"]
 [[handlers]]
 name = "{handler}"
 events = ["envoice.#"]
 url = "http://127.0.0.1:9/"
 partitions = 1
 """
+)
 
 
 async def fill(queue: str, handler: str, ids: int) -> None:
@@ -81,7 +85,10 @@ async def measure(directory: Path, ids: int) -> tuple[float, float]:
     tag = uuid.uuid4().hex[:8]
     handler, metrics = f"remembered{tag}", free_port()
     config = directory / f"{tag}.toml"
-    config.write_text(CONFIG.format(tag=tag, metrics=metrics, handler=handler))
+    config.write_text(
+        CONFIG.format(exchange=f"relay.bench-{tag}", port=free_port(), path="/webhooks/envoice",
+                      secret="bench-secret", metrics=metrics, handler=handler)
+    )  # fmt: skip
     declare = await Child.start("topology", directory / f"{tag}-topology.log", "-m", "relay",
                                 "topology", "declare", "--config", str(config))  # fmt: skip
     if await asyncio.wait_for(declare.process.wait(), STARTUP_SECONDS) != 0:
