@@ -2,18 +2,23 @@
 uses all its cores.
 
 The parent starts N `relay ingress --reuse-port` children: the kernel spreads new connections
-over them (SO_REUSEPORT), each has its own broker connection and duplicate window, and their
+over them (SO_REUSEPORT), each has its own broker connection and memory of accepted ids, and their
 metrics are summed through prometheus_client's multiprocess mode, so /metrics is whole whichever
 child answers. A stop signal reaches every child, which drains and exits; if a child exits on
 its own, the parent stops the others and exits with that child's code, for the service manager
-to restart the whole (the same contract as one process).
+to restart the whole (the same contract as one process). A parent killed outright (kill -9)
+cannot stop them: the kernel sends each child SIGTERM then (PR_SET_PDEATHSIG, on Linux), so none
+is left serving the port alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import os
+import signal
 import sys
 import tempfile
 
@@ -30,7 +35,14 @@ async def supervise(count: int, argv: list[str], stopping: asyncio.Event) -> int
     with tempfile.TemporaryDirectory(prefix="relay-metrics-") as metrics:
         env = {**os.environ, MULTIPROCESS_ENV: metrics}
         children = [
-            await asyncio.create_subprocess_exec(sys.executable, "-m", "relay", *argv, env=env)
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relay",
+                *argv,
+                env=env,
+                preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
+            )
             for _ in range(count)
         ]
         log.info("ingress processes started", pids=[child.pid for child in children])
@@ -49,3 +61,15 @@ async def supervise(count: int, argv: list[str], stopping: asyncio.Event) -> int
     if first is not None:
         return first.returncode or 1
     return max(codes, key=abs)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In a child, before it runs: SIGTERM it when its parent dies (Linux; elsewhere nothing),
+    and end it at once if the parent died already."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)

@@ -270,6 +270,33 @@ def accepted_by(pid: int) -> float:
     )
 
 
+@pytest.mark.timeout(STARTUP_SECONDS + 40)
+async def test_ingress_processes_stop_when_their_parent_is_killed(relay: Relay) -> None:
+    # Given `relay ingress --processes 2`, both children serving
+    config = relay.config({"name": "log", "events": ["envoice.#"], "call": "relay.handlers:log"})
+    ingress = await relay.run("ingress", "--processes", "2", config=config)
+    pids = await eventually(
+        lambda: child_pids(ingress.process.pid, 2), timeout=STARTUP_SECONDS, what="two children"
+    )
+
+    # When the parent is killed outright (no chance to stop them)
+    await ingress.kill()
+
+    # Then both children stop by themselves (the kernel's SIGTERM: they drain and exit)
+    await eventually(
+        lambda: not any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids),
+        timeout=30,
+        what="the children gone",
+    )
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def child_pids(pid: int, count: int) -> list[int] | None:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(child) for child in children] if len(children) == count else None
