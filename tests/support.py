@@ -4,6 +4,7 @@ an in-process worker, the `relay` command as a subprocess, config files, missing
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
@@ -463,3 +465,14 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"no TOML for {value!r}")
+
+
+def management(url: str) -> aiohttp.ClientSession:
+    """The management API of the broker at AMQP `url`, as its user."""
+    parts = urlsplit(url)
+    login = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
+    return aiohttp.ClientSession(
+        base_url=f"http://{parts.hostname}:15672",
+        headers={"Authorization": "Basic " + base64.b64encode(login.encode()).decode()},
+        timeout=aiohttp.ClientTimeout(10),
+    )

@@ -6,19 +6,16 @@ retention, create-only declaration, and `relay topology declare`'s report."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import re
 import tomllib
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aio_pika
-import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
@@ -56,6 +53,7 @@ from tests.support import (
     events_per_invoice,
     eventually,
     handler,
+    management,
     relay_command,
     running_ingress,
     signed_body,
@@ -481,38 +479,6 @@ def test_an_archive_the_config_turned_off_is_left_and_reported(bound: bool) -> N
 
 
 # --- on the real broker -----------------------------------------------------------------------
-
-
-def management(url: str) -> aiohttp.ClientSession:
-    """The management API of the broker at AMQP `url`, as its user."""
-    parts = urlsplit(url)
-    login = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
-    return aiohttp.ClientSession(
-        base_url=f"http://{parts.hostname}:15672",
-        headers={"Authorization": "Basic " + base64.b64encode(login.encode()).decode()},
-        timeout=aiohttp.ClientTimeout(10),
-    )
-
-
-@pytest.fixture
-async def vhost() -> AsyncIterator[str]:
-    """A vhost of the test's own, so that relay.archive there is the test's (the suite's vhost
-    shares one between its tests): its AMQP URL. Deleted after the test, with all it holds."""
-    suite = urlsplit(AMQP_URL)
-    name = f"relay-test-archive-{uuid.uuid4().hex[:8]}"
-    async with management(AMQP_URL) as api:
-        async with api.put(f"/api/vhosts/{name}") as created:
-            created.raise_for_status()
-        grant = {"configure": ".*", "write": ".*", "read": ".*"}
-        async with api.put(
-            f"/api/permissions/{name}/{suite.username or 'guest'}", json=grant
-        ) as granted:
-            granted.raise_for_status()
-        try:
-            yield suite._replace(path=f"/{name}").geturl()
-        finally:
-            async with api.delete(f"/api/vhosts/{name}") as deleted:
-                deleted.raise_for_status()
 
 
 async def set_policy(url: str, name: str, pattern: str, definition: dict[str, Any]) -> None:

@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import subprocess
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,7 +30,7 @@ from tests.processes import (
     ingress_ready,
     write_config,
 )
-from tests.support import AMQP_URL, eventually
+from tests.support import eventually
 
 # --- without a broker -------------------------------------------------------------------------
 
@@ -247,25 +244,12 @@ async def test_a_dry_run_counts_per_event_and_changes_nothing(
     assert len(http_handler.accepted()) == 30
 
 
-@pytest.fixture
-def own_vhost() -> Iterator[str]:
-    """An AMQP URL of a vhost of the test's own: its relay.archive is the test's alone."""
-    vhost = f"relay-replay-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*",
-                    ".*"], check=True, timeout=60)  # fmt: skip
-    try:
-        yield f"{AMQP_URL.rsplit('/', 1)[0]}/{vhost}"
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=True, timeout=60)
-
-
 @pytest.mark.rabbit
 @pytest.mark.timeout(180)
 async def test_a_replay_from_before_what_the_archive_kept_says_how_far_back_it_reaches(
-    tmp_path: Path, own_vhost: str
+    tmp_path: Path, vhost: str
 ) -> None:
-    async with Relay(tmp_path, url=own_vhost) as relay:
+    async with Relay(tmp_path, url=vhost) as relay:
         # Given an archive that keeps a second, in segments of a few messages
         config = relay.config(
             {"name": "h", "events": ["envoice.#"], "url": "http://127.0.0.1:9/"},
@@ -280,7 +264,7 @@ async def test_a_replay_from_before_what_the_archive_kept_says_how_far_back_it_r
             # (a consumer at `first` while retention deletes a segment may lose its connection
             # with INTERNAL_ERROR on RabbitMQ 3.10.8: docs/RABBITMQ.md; then look again)
             with contextlib.suppress(*BROKER_ERRORS):
-                async with await aio_pika.connect(own_vhost) as connection:
+                async with await aio_pika.connect(vhost) as connection:
                     return await replays.archive_reach(connection)
             return None
 

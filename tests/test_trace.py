@@ -354,19 +354,27 @@ async def test_a_webhook_delivered_after_a_503_is_traced_with_its_time_and_2_att
     ]
 
 
+async def one_webhook(
+    relay: Relay, http_handler: HttpHandler, status: int, *, invoice: int
+) -> tuple[Config, datetime, str, str]:
+    """relay running a billing handler that answers `status`, and one webhook of `invoice`
+    accepted: (config, a time before it, its message id, the handler's name)."""
+    http_handler.default = status
+    config = relay.config(billing_handler(http_handler))
+    await relay.start(config)
+    since = datetime.now(UTC)
+    message_id = await post(config, new_id(), invoice=invoice)
+    return config, since, message_id, config.settings.handlers[0].name
+
+
 @pytest.mark.rabbit
 @pytest.mark.timeout(60)
 async def test_a_dead_lettered_webhook_is_traced_with_its_reason_and_status(
     tmp_path: Path, http_handler: HttpHandler
 ) -> None:
     async with Relay(tmp_path) as relay:
-        # Given a handler that rejects everything with 422
-        http_handler.default = 422
-        config = relay.config(billing_handler(http_handler))
-        await relay.start(config)
-        since = datetime.now(UTC)
-        message_id = await post(config, new_id(), invoice=5)
-        name = config.settings.handlers[0].name
+        # Given a handler that rejects everything with 422, and a webhook
+        config, since, message_id, name = await one_webhook(relay, http_handler, 422, invoice=5)
 
         # When it has been dead-lettered
         async def dead() -> Journey | None:
@@ -393,12 +401,7 @@ async def test_a_dead_letter_replayed_and_delivered_is_listed_after_its_original
 ) -> None:
     async with Relay(tmp_path) as relay:
         # Given a webhook dead-lettered with 422
-        http_handler.default = 422
-        config = relay.config(billing_handler(http_handler))
-        await relay.start(config)
-        since = datetime.now(UTC)
-        message_id = await post(config, new_id(), invoice=6)
-        name = config.settings.handlers[0].name
+        config, since, message_id, name = await one_webhook(relay, http_handler, 422, invoice=6)
         await eventually(lambda: http_handler.of(message_id), timeout=20, what="tried")
 
         # When the handler is fixed and its dead letters replayed
