@@ -271,11 +271,18 @@ class FakePublish:
 
 
 class FakeTarget:
-    """A handler: answers each id from its script of outcomes (then OK), in the order called;
-    a test may hold an id's deliveries (`hold`) until it lets them go (`let_go`)."""
+    """A handler: answers each id from its script of outcomes (then `otherwise`, OK unless
+    given), in the order called; a test may hold an id's deliveries (`hold`) until it lets them
+    go (`let_go`)."""
 
-    def __init__(self, changed: Changed, script: dict[str, list[Outcome]] | None = None) -> None:
+    def __init__(
+        self,
+        changed: Changed,
+        script: dict[str, list[Outcome]] | None = None,
+        otherwise: Outcome = OK,
+    ) -> None:
         self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.otherwise = otherwise
         self.calls: list[tuple[str, int]] = []  # (id, attempt)
         self.delivered: list[str] = []  # ids answered with success
         self.in_flight = 0
@@ -301,7 +308,7 @@ class FakeTarget:
             if held is not None:
                 await held.wait()
             script = self.script.get(message_id)
-            outcome = script.pop(0) if script else OK
+            outcome = script.pop(0) if script else self.otherwise
         finally:
             self.in_flight -= 1
         if outcome.verdict is Verdict.SUCCESS:

@@ -6,28 +6,16 @@ from __future__ import annotations
 import pytest
 from pamqp.commands import Basic
 
-from relay.config import from_dict as config_from_dict
 from relay.worker import scheduler as scheduler_module
-from relay.worker.delivery import Outcome, Verdict
 from relay.worker.partition import Delivery, Partition
 from relay.worker.scheduler import HandlerScheduler
-from tests.conftest import settings_dict
-
-
-class Failing:
-    """A target that fails every delivery, transiently."""
-
-    async def deliver(
-        self, body: bytes, message_id: str, attempt: int, replay: str = ""
-    ) -> Outcome:
-        return Outcome(Verdict.TRANSIENT, "HTTP 503", status=503)
+from tests.fakes import UNAVAILABLE, Changed, FakeTarget, a_handler
 
 
 def deliveries_and_partition() -> tuple[HandlerScheduler, Partition]:
-    billing = {"name": "billing", "events": ["envoice.#"], "url": "http://127.0.0.1:9/"}
-    settings = config_from_dict(settings_dict("unit", handlers=[billing]))
-    handler = settings.handlers[0]
-    deliveries = HandlerScheduler(handler, Failing(), settings.repeats)
+    """A handler whose every delivery fails transiently, and one partition of it."""
+    handler, repeats = a_handler()
+    deliveries = HandlerScheduler(handler, FakeTarget(Changed(), otherwise=UNAVAILABLE), repeats)
     partition = Partition(handler, 0, deliveries)
     deliveries.partitions.append(partition)
     return deliveries, partition
