@@ -401,7 +401,9 @@ def test_a_stream_with_other_retention_is_reported_with_the_policy_and_not_decla
 
     assert "relay.archive" not in {q.name for q in plan.declare.queues}
     [line] = [
-        line for line in ops_topology.describe(plan, prune=False, vhost="prod") if "archive" in line
+        line
+        for line in ops_topology.plan_lines(plan, prune=False, vhost="prod")
+        if "archive" in line
     ]
     assert line == (
         "= stream relay.archive keeps its retention (x-max-age 7D, x-stream-max-segment-size-bytes "
@@ -419,7 +421,7 @@ def test_a_size_limit_the_config_dropped_is_said_to_stay() -> None:
     broker = broker_with(QueueState("relay.archive", 10, 0, "stream", have))
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
-    [line] = [line for line in ops_topology.describe(plan, prune=False) if "archive" in line]
+    [line] = [line for line in ops_topology.plan_lines(plan, prune=False) if "archive" in line]
 
     assert line.endswith(
         "the broker refuses to change a stream's arguments (x-max-length-bytes stays: a policy "
@@ -435,7 +437,7 @@ def test_a_stream_with_the_configs_retention_is_neither_declared_nor_reported() 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
 
     assert plan.retention == []
-    assert ops_topology.describe(plan, prune=False) == [
+    assert ops_topology.plan_lines(plan, prune=False) == [
         "+ exchange relay.activities (topic)",
         "+ exchange relay.unrouted (fanout)",
         "+ queue relay.unrouted",
@@ -455,7 +457,7 @@ def test_a_removed_handlers_outcome_log_is_never_pruned() -> None:
     broker = BrokerState({}, {q.name: q for q in queues}, [gone])
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
-    lines = ops_topology.describe(plan, prune=True)
+    lines = ops_topology.plan_lines(plan, prune=True)
 
     assert "- queue relay.gone.0 (empty)" in lines
     assert (
@@ -470,7 +472,7 @@ def test_an_archive_the_config_turned_off_is_left_and_reported(bound: bool) -> N
     broker = broker_with(QueueState("relay.archive", 10, 0, "stream"), bound=bound)
 
     plan = ops_topology.plan(topology.describe(settings), broker, "relay.activities")
-    lines = ops_topology.describe(plan, prune=True)
+    lines = ops_topology.plan_lines(plan, prune=True)
 
     assert plan.unbind == []
     [line] = [line for line in lines if "relay.archive" in line]

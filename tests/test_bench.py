@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relay.ops.bench import BadAnswer, Load, check_delivery, parse_response, percentile
+from relay.ops.bench import BadReply, Load, check_delivery, parse_response, percentile
 from tests.processes import STARTUP_SECONDS, Config, Relay, free_port, ingress_ready
 from tests.support import Completed, declare_topology, eventually, relay_command
 
@@ -66,12 +66,12 @@ def test_an_answer_without_length_ends_at_eof() -> None:
     ],
 )
 def test_answers_relay_bench_cannot_read_are_errors(data: bytes, error: str) -> None:
-    with pytest.raises(BadAnswer, match=error):
+    with pytest.raises(BadReply, match=error):
         parse_response(data)
 
 
 def test_a_connection_closed_mid_answer_is_an_error() -> None:
-    with pytest.raises(BadAnswer, match="closed in the middle"):
+    with pytest.raises(BadReply, match="closed in the middle"):
         parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", eof=True)
 
 

@@ -22,7 +22,7 @@ from relay.broker import exchange_exists
 from relay.config import from_dict as config_from_dict
 from relay.config import load as load_config
 from relay.ops.management import Management
-from relay.ops.topology import BrokerState, QueueState, describe, plan
+from relay.ops.topology import BrokerState, QueueState, plan, plan_lines
 from relay.settings import Settings
 from tests.conftest import delete_topology, settings_dict
 from tests.handlers_for_tests import Held, HttpHandler
@@ -50,7 +50,7 @@ def settings_with(**handler: Any) -> Settings:
 
 
 def on_broker(settings: Settings, **extra_queues: int) -> BrokerState:
-    """A broker holding exactly what `settings` describe, plus queues with message counts."""
+    """A broker holding exactly what `settings` plan_lines, plus queues with message counts."""
     described = topology.describe(settings)
     queues = {
         q.name: QueueState(q.name, 0, 0, q.arguments.get("x-queue-type", "classic"), q.arguments)
@@ -66,7 +66,7 @@ def test_nothing_to_do_when_the_broker_matches_the_config() -> None:
     changes = plan(topology.describe(settings), on_broker(settings), settings.broker.exchange)
 
     assert changes.empty
-    assert describe(changes, prune=False) == []
+    assert plan_lines(changes, prune=False) == []
 
 
 def test_a_partition_change_moves_buckets_and_keeps_the_queues_it_no_longer_uses() -> None:
@@ -92,7 +92,7 @@ def test_a_partition_change_moves_buckets_and_keeps_the_queues_it_no_longer_uses
         "relay.h.3": list(range(3, 64, 4)),
     }
     assert move.partitions == 4  # queues 2 and 3 still hold messages to consume
-    assert describe(changes, prune=False) == [
+    assert plan_lines(changes, prune=False) == [
         "+ bind relay.h -> relay.h.0 buckets " + " ".join(str(b) for b in range(2, 64, 4)),
         "+ bind relay.h -> relay.h.1 buckets " + " ".join(str(b) for b in range(3, 64, 4)),
         "- bind relay.h -> relay.h.2 buckets " + " ".join(str(b) for b in range(2, 64, 4)),
@@ -119,10 +119,10 @@ def test_a_classic_dead_letter_queue_is_converted_once_no_worker_consumes() -> N
         ("relay.h.dlq", "quorum", 0, True)
     ]
     assert not idle.declare.queues  # it is converted, not declared
-    assert describe(idle, prune=False) == [
+    assert plan_lines(idle, prune=False) == [
         "~ queue relay.h.dlq becomes a quorum queue, its messages moved in order"
     ]
-    assert describe(busy, prune=False) == [
+    assert plan_lines(busy, prune=False) == [
         "= queue relay.h.dlq stays as it is until it can become a quorum queue: stop the workers "
         "of its handler (2 consumer(s) on its partitions), then run `relay topology declare` again"
     ]
@@ -134,7 +134,7 @@ def test_a_leftover_holding_messages_is_never_pruned() -> None:
 
     changes = plan(topology.describe(settings), broker, settings.broker.exchange)
 
-    lines = describe(changes, prune=True)
+    lines = plan_lines(changes, prune=True)
     assert "- queue relay.h.2 (empty)" in lines
     assert any(
         line.startswith("= queue relay.h.1 is no longer used: 7 message(s)") for line in lines
@@ -149,7 +149,7 @@ def test_a_removed_pattern_is_unbound() -> None:
     assert [(b.destination, b.routing_key) for b in changes.unbind] == [
         ("relay.h", "envoice.overdue")
     ]
-    assert describe(changes, prune=False) == [
+    assert plan_lines(changes, prune=False) == [
         f"- bind {new.broker.exchange} -> relay.h on 'envoice.overdue'"
     ]
 
@@ -166,7 +166,7 @@ def test_legacy_partition_bindings_stay_until_pruned() -> None:
 
     assert changes.legacy == [legacy]
     assert not changes.unbind
-    assert describe(changes, prune=False) == [
+    assert plan_lines(changes, prune=False) == [
         "= 1 legacy relay-p<N> binding(s) kept for ingresses older than buckets: "
         "--prune removes them"
     ]

@@ -103,7 +103,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.sources:
         raise ConfigError("sources: none configured")
     source = settings.source(args.source) if args.source else settings.sources[0]
-    target = Target.from_url(args.url or f"http://127.0.0.1:{settings.ingress.port}{source.path}")
+    target = Endpoint.from_url(args.url or f"http://127.0.0.1:{settings.ingress.port}{source.path}")
     seconds = None if args.count else args.duration or DEFAULT_SECONDS
     load = Load(concurrency=args.concurrency, keys=args.keys, count=args.count, seconds=seconds,
                 rate=args.rate, ordered=args.e2e)  # fmt: skip
@@ -125,11 +125,11 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
 # --- HTTP -------------------------------------------------------------------------------------
 
 
-class BadAnswer(RelayError):
+class BadReply(RelayError):
     """The target's answer is not an HTTP/1.x response that relay bench reads."""
 
 
-class Answer(NamedTuple):
+class Reply(NamedTuple):
     status: int
     body: bytes
     close: bool  # the server closes the connection after it
@@ -140,26 +140,26 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d\d\d)")
 _HEADER = re.compile(rb"\r\n(content-length|connection|transfer-encoding)[ \t]*:[ \t]*([^\r]*)")
 
 
-def parse_response(data: bytes | bytearray, *, eof: bool = False) -> Answer | None:
+def parse_response(data: bytes | bytearray, *, eof: bool = False) -> Reply | None:
     """The first response in `data`; None while incomplete. With `eof` (the server closed the
     connection) an answer without Content-Length ends there, and an incomplete one raises."""
     end = data.find(b"\r\n\r\n")
     status_line = _STATUS_LINE.match(data)
     if end < 0 or status_line is None:
         if eof or (status_line is None and len(data) >= 12):
-            raise BadAnswer(f"not an HTTP/1.x answer: {bytes(data[:40])!r}")
+            raise BadReply(f"not an HTTP/1.x answer: {bytes(data[:40])!r}")
         return None
     status, close, length = int(status_line[2]), status_line[1] == b"0", None
     for name, value in _HEADER.findall(bytes(data[:end]).lower()):
         value = value.strip()
         if name == b"content-length":
             if not value.isdigit():
-                raise BadAnswer(f"bad Content-Length {value[:20]!r}")
+                raise BadReply(f"bad Content-Length {value[:20]!r}")
             length = int(value)
         elif name == b"connection":
             close = value == b"close"
         else:
-            raise BadAnswer("Transfer-Encoding is not read: answer with a Content-Length")
+            raise BadReply("Transfer-Encoding is not read: answer with a Content-Length")
     start = end + 4
     if length is None and (status < 200 or status in (204, 304)):
         length = 0
@@ -167,13 +167,13 @@ def parse_response(data: bytes | bytearray, *, eof: bool = False) -> Answer | No
         length, close = len(data) - start, True
     if length is None or len(data) - start < length:
         if eof:
-            raise BadAnswer("connection closed in the middle of an answer")
+            raise BadReply("connection closed in the middle of an answer")
         return None
-    return Answer(status, bytes(data[start : start + length]), close, start + length)
+    return Reply(status, bytes(data[start : start + length]), close, start + length)
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class Endpoint:
     """Where the webhooks go."""
 
     host: str
@@ -183,7 +183,7 @@ class Target:
     tls: ssl.SSLContext | None
 
     @classmethod
-    def from_url(cls, url: str) -> Target:
+    def from_url(cls, url: str) -> Endpoint:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise OptionError(f"--url: expected an http:// or https:// URL, got {url!r}")
@@ -208,17 +208,17 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._waiter: asyncio.Future[Answer] | None = None
+        self._waiter: asyncio.Future[Reply] | None = None
 
     @classmethod
-    async def open(cls, target: Target) -> Connection:
+    async def open(cls, target: Endpoint) -> Connection:
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(cls, target.host, target.port, ssl=target.tls)
         return connection
 
-    async def post(self, request: bytes) -> Answer:
+    async def post(self, request: bytes) -> Reply:
         assert self._transport is not None
-        waiter: asyncio.Future[Answer] = self._loop.create_future()
+        waiter: asyncio.Future[Reply] = self._loop.create_future()
         self._waiter = waiter
         late = TimeoutError(f"no answer within {REQUEST_TIMEOUT_SECONDS:g} s")
         timer = self._loop.call_later(REQUEST_TIMEOUT_SECONDS, self._fail, late)
@@ -249,7 +249,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             answer = parse_response(self._buffer, eof=eof)
-        except BadAnswer as exc:
+        except BadReply as exc:
             self._fail(exc)
             return
         if answer is not None:
@@ -293,7 +293,7 @@ class Load:
 class Signer:
     """A source's signed webhooks as whole requests, per ordering key; made ahead if asked."""
 
-    def __init__(self, source: SourceSettings, target: Target, keys: int) -> None:
+    def __init__(self, source: SourceSettings, target: Endpoint, keys: int) -> None:
         self._source, self._target = source, target
         self._sample = PROVIDERS[source.scheme].sample
         self._ids = itertools.count(time.time_ns() // 1000)  # unique across runs: no duplicates
@@ -316,7 +316,7 @@ class Signer:
         return self._target.request(sample)
 
 
-async def send_load(load: Load, target: Target, signer: Signer, report: BenchReport) -> None:
+async def send_load(load: Load, target: Endpoint, signer: Signer, report: BenchReport) -> None:
     """Send `load` to `target`, recording each answer in `report`."""
     start = time.perf_counter()
     end = start + load.seconds if load.seconds is not None else math.inf
@@ -338,7 +338,7 @@ async def send_load(load: Load, target: Target, signer: Signer, report: BenchRep
                 if http is None or http.closed:
                     http = await Connection.open(target)
                 answer = await http.post(request)
-            except (OSError, TimeoutError, BadAnswer) as exc:
+            except (OSError, TimeoutError, BadReply) as exc:
                 report.failed(exc)
                 await asyncio.sleep(FAILED_PAUSE_SECONDS)
                 continue
@@ -391,7 +391,7 @@ def _load_line(report: BenchReport) -> Callable[[], str]:
 
 
 async def bench(
-    load: Load, target: Target, signer: Signer, report: BenchReport, *, quiet: bool
+    load: Load, target: Endpoint, signer: Signer, report: BenchReport, *, quiet: bool
 ) -> None:
     async with progress(_load_line(report), quiet=quiet):
         await send_load(load, target, signer, report)
@@ -414,7 +414,7 @@ def _ms(seconds: list[float], prefix: str = "") -> dict[str, float]:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Delivery:
+class Arrivals:
     """How the accepted webhooks reached the sink (--e2e)."""
 
     delivered: int  # accepted webhooks that arrived at least once
@@ -436,9 +436,10 @@ def check_delivery(
     sent_at: dict[str, float],
     arrivals: Sequence[tuple[str, float]],
     start: float,
-) -> Delivery:
-    """Arrivals (message id, time) against the ids accepted per key in order and when each was
-    sent. Ids never accepted are left out: the ingress may publish a webhook it answered 503."""
+) -> Arrivals:
+    """The arrivals (message id, time) checked against the ids accepted per key in order and
+    when each was sent. Ids never accepted are left out: the ingress may publish a webhook it
+    answered 503."""
     first: dict[str, float] = {}
     duplicates = 0
     for message_id, at in arrivals:
@@ -448,7 +449,7 @@ def check_delivery(
             first[message_id] = at
     rank = {message_id: n for n, message_id in enumerate(first)}
     arrived = [[i for i in ids if i in rank] for ids in accepted.values()]
-    return Delivery(
+    return Arrivals(
         delivered=len(first),
         seconds=max(first.values(), default=start) - start,
         latencies=[at - sent_at[i] for i, at in first.items()],
@@ -472,9 +473,9 @@ class BenchReport:
     signed_late: int = 0  # webhooks signed during the run
     accepted: dict[int, list[str]] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
-    delivery: Delivery | None = None
+    delivery: Arrivals | None = None
 
-    def answered(self, answer: Answer, key: int, started: float, now: float) -> None:
+    def answered(self, answer: Reply, key: int, started: float, now: float) -> None:
         self.latencies.append(now - started)
         try:
             said = orjson.loads(answer.body) if answer.body else None
@@ -629,7 +630,7 @@ async def end_to_end(
     settings: Settings,
     source: SourceSettings,
     load: Load,
-    target: Target,
+    target: Endpoint,
     signer: Signer,
     report: BenchReport,
     *,

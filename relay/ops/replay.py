@@ -41,14 +41,14 @@ def parse_time(text: str, now: datetime) -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Replayed:
     replay: str  # "" for a dry run
     queued: Counter[str]  # per routing key
 
 
 async def replay(
     settings: Settings, handler: HandlerSettings, wanted: Replay, *, dry_run: bool
-) -> Outcome:
+) -> Replayed:
     """Queue `wanted` for its handler (or only count it, with `dry_run`); progress on stderr."""
     connection = await connect(settings.broker)
     async with connection:
@@ -64,7 +64,7 @@ async def replay(
             async for message in replays.read_archive(connection, exchange, wanted.since):
                 if wanted.wants(handler, message):
                     counted[message.routing_key or ""] += 1
-            return Outcome("", counted)
+            return Replayed("", counted)
         what = "another replay of this handler"
         await wait_for_turn(connection, wanted.turn, give_up_after=TURN_SECONDS, what=what)
         try:
@@ -79,7 +79,7 @@ async def replay(
             progress.done()
         finally:
             await give_turn(connection, wanted.turn)
-    return Outcome(wanted.id, queued)
+    return Replayed(wanted.id, queued)
 
 
 class _Progress:

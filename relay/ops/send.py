@@ -55,7 +55,7 @@ GOT_THROUGH = ("accepted", "duplicate")
 
 
 @dataclass(frozen=True, slots=True)
-class Webhook:
+class Activity:
     """One activity of the history: all `Provider.sample` needs to make it again."""
 
     order: int  # its place in the history, from 1
@@ -104,10 +104,12 @@ async def send(
     past = read_history(catch_up) if catch_up is not None else []
     start = max((webhook.order for webhook in past), default=0)
     first = time.time_ns() // 1000 if first_id is None else first_id  # time-based: unique
-    per_invoice: dict[int, list[Webhook]] = {}
+    per_invoice: dict[int, list[Activity]] = {}
     for i in range(count):
         invoice = 1 + i % invoices
-        per_invoice.setdefault(invoice, []).append(Webhook(start + 1 + i, first + i, invoice, None))
+        per_invoice.setdefault(invoice, []).append(
+            Activity(start + 1 + i, first + i, invoice, None)
+        )
 
     timeout = aiohttp.ClientTimeout(total=30)
     with _appending(record) as history:
@@ -141,7 +143,7 @@ class Sender:
         self._provider: Provider = PROVIDERS[source.scheme]
         self._source, self._url, self._session = source, url, session
         self._retry_for, self._outage_catch_up, self._history = retry_for, outage_catch_up, history
-        self._sent: list[Webhook] = []  # each once, in the order first sent: the catch-up's
+        self._sent: list[Activity] = []  # each once, in the order first sent: the catch-up's
         self._sent_ids: set[int] = set()
         self._failing = False  # a try failed since the last catch-up
         self._open = asyncio.Event()  # cleared while a catch-up runs: nothing else is sent
@@ -150,11 +152,11 @@ class Sender:
         self._idle = asyncio.Event()  # set while none is
         self._idle.set()
 
-    async def deliver_all(self, webhooks: list[Webhook]) -> None:
+    async def deliver_all(self, webhooks: list[Activity]) -> None:
         for webhook in webhooks:  # one after the other: the ingress accepts them in this order
             await self.deliver(webhook, new=True)
 
-    async def deliver(self, webhook: Webhook, *, new: bool) -> None:
+    async def deliver(self, webhook: Activity, *, new: bool) -> None:
         """Send one webhook until it is answered or given up; record it if `new`; then, if it got
         through after a failure, the outage catch-up."""
         await self._wait_open()
@@ -186,7 +188,7 @@ class Sender:
         finally:
             self._open.set()
 
-    async def _answer(self, webhook: Webhook, *, wait_while_closed: bool) -> Answer:
+    async def _answer(self, webhook: Activity, *, wait_while_closed: bool) -> Answer:
         """POST it; while the answer is transient, again with backoff for up to `retry_for`."""
         loop = asyncio.get_running_loop()
         give_up_at: float | None = None  # retry_for after the first failure
@@ -210,7 +212,7 @@ class Sender:
         while not self._open.is_set():  # a catch-up may start before a woken waiter runs
             await self._open.wait()
 
-    async def _post(self, webhook: Webhook) -> Answer:
+    async def _post(self, webhook: Activity) -> Answer:
         self._posting += 1
         self._idle.clear()
         try:
@@ -220,7 +222,7 @@ class Sender:
             if not self._posting:
                 self._idle.set()
 
-    async def _post_once(self, webhook: Webhook) -> Answer:
+    async def _post_once(self, webhook: Activity) -> Answer:
         request = self._provider.sample(
             self._source,
             event_id=webhook.event_id,
@@ -251,7 +253,7 @@ class Sender:
         if answer.what not in (("accepted",) if new else GOT_THROUGH):
             self.report.unexpected += 1
 
-    def _record(self, webhook: Webhook, answer: str) -> dict[str, Any]:
+    def _record(self, webhook: Activity, answer: str) -> dict[str, Any]:
         """The history's line for a webhook: the event as the ingress reads it, and its answer."""
         assert webhook.occurred is not None
         at = webhook.occurred
@@ -271,7 +273,7 @@ class Sender:
         }
 
 
-def read_history(path: Path) -> list[Webhook]:
+def read_history(path: Path) -> list[Activity]:
     """The webhooks a `record` file holds, in its order; OptionError naming the file, and the
     line, of what is wrong."""
     try:
@@ -296,7 +298,7 @@ def read_history(path: Path) -> list[Webhook]:
             )
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise OptionError(f"{where}: {name!r} missing or not {what}")
-        history.append(Webhook(entry["order"], entry["id"], entry["invoice"], entry["occurred"]))
+        history.append(Activity(entry["order"], entry["id"], entry["invoice"], entry["occurred"]))
     return history
 
 

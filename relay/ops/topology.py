@@ -271,7 +271,7 @@ def _key(b: Binding) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
 # --- describing a plan ------------------------------------------------------------------------
 
 
-def describe(plan: Plan, *, prune: bool, vhost: str = "/") -> list[str]:
+def plan_lines(plan: Plan, *, prune: bool, vhost: str = "/") -> list[str]:
     """One line per change, bucket bindings grouped per queue."""
     lines = [f"+ exchange {e.name} ({e.type})" for e in plan.declare.exchanges]
     lines += [f"+ queue {q.name}" for q in plan.declare.queues]
@@ -520,7 +520,7 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
     vhost = settings.broker.vhost
     if dry_run:
         changes = await _plan(settings, desired)
-        return describe(changes, prune=prune, vhost=vhost) + _backfill_lines(settings, changes)
+        return plan_lines(changes, prune=prune, vhost=vhost) + _backfill_lines(settings, changes)
     connection = await connect(settings.broker)
     async with connection:
         turn, what = (
@@ -543,7 +543,7 @@ async def converge(settings: Settings, *, dry_run: bool, prune: bool) -> list[st
                     await convert(connection, conversion)
         except ChannelPreconditionFailed as exc:  # e.g. a queue with other arguments
             raise RelayError(f"the broker refused a change: {exc}") from None
-    return describe(changes, prune=prune, vhost=vhost) + _backfill_lines(settings, changes)
+    return plan_lines(changes, prune=prune, vhost=vhost) + _backfill_lines(settings, changes)
 
 
 def _backfills(settings: Settings, plan: Plan) -> list[HandlerSettings]:

@@ -17,13 +17,13 @@ from relay.errors import BadPayload, BadSignature, ConfigError
 from relay.providers.base import Event, Request
 from relay.providers.payload import (
     check_reference,
-    describe,
     event_name,
     header,
     identifier,
     lookup,
     parse_json,
     place,
+    reference_name,
     rfc3339,
     unix_time,
     within_tolerance,
@@ -116,16 +116,18 @@ def parse(request: Request, source: SourceSettings, now: float) -> Event:
     body = parse_json(request.body)
     if not isinstance(body, dict):
         raise BadPayload("body must be a JSON object")
-    event_id = identifier(lookup(recipe.id_path, request, body), describe(recipe.id_path))
+    event_id = identifier(lookup(recipe.id_path, request, body), reference_name(recipe.id_path))
     key_path = recipe.key_path
     return Event(
         id=event_id,
         source=source.name,
-        name=event_name(lookup(recipe.event_path, request, body), describe(recipe.event_path)),
+        name=event_name(
+            lookup(recipe.event_path, request, body), reference_name(recipe.event_path)
+        ),
         type=None,
         key=event_id
         if key_path is None
-        else identifier(lookup(key_path, request, body), describe(key_path)),
+        else identifier(lookup(key_path, request, body), reference_name(key_path)),
         occurred_at=None if timestamp is None else rfc3339(timestamp),
         data=body,
         data_json=request.body,

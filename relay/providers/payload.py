@@ -118,7 +118,7 @@ def lookup(reference: str, request: Request, body: Any) -> Any:
     return value
 
 
-def describe(reference: str) -> str:
+def reference_name(reference: str) -> str:
     """A reference as errors name it: `X-Topic` for a header, `body.data.id` for a path."""
     return reference[7:] if reference.startswith("header:") else f"body.{reference}"
 

@@ -15,13 +15,13 @@ from relay.errors import BadPayload, BadSignature, ConfigError
 from relay.providers.base import Event, Request
 from relay.providers.payload import (
     check_reference,
-    describe,
     event_name,
     header,
     identifier,
     lookup,
     parse_json,
     place,
+    reference_name,
     rfc3339,
     unix_time,
     within_tolerance,
@@ -91,11 +91,13 @@ def parse(request: Request, source: SourceSettings, now: float) -> Event:
     return Event(
         id=identifier(msg_id, "webhook-id"),
         source=source.name,
-        name=event_name(lookup(recipe.event_path, request, body), describe(recipe.event_path)),
+        name=event_name(
+            lookup(recipe.event_path, request, body), reference_name(recipe.event_path)
+        ),
         type=None,
         key=msg_id
         if key_path is None
-        else identifier(lookup(key_path, request, body), describe(key_path)),
+        else identifier(lookup(key_path, request, body), reference_name(key_path)),
         occurred_at=occurred_at if isinstance(occurred_at, str) else rfc3339(timestamp),
         data=body,
         data_json=request.body,
