@@ -23,6 +23,7 @@ from aiormq.exceptions import (
     InvalidFrameError,
     ProbableAuthenticationError,
 )
+from pamqp.common import FieldTable
 
 from relay import _aiormq, metrics
 from relay.errors import BrokerUnavailable, RelayError
@@ -90,7 +91,7 @@ async def keep_connected(
     while not until.is_set():
         url, turn = urls[turn % len(urls)], turn + 1
         try:
-            connection = await aio_pika.connect(url, timeout=5)
+            connection = await aio_pika.connect(url, timeout=5, client_properties=named(what))
         except BROKER_ERRORS as exc:
             failed += 1
             wait = delay if failed % len(urls) == 0 else 0.0
@@ -227,10 +228,17 @@ async def give_turn(connection: AbstractConnection, name: str) -> None:
         await channel.close()
 
 
-async def another_connection(connection: AbstractConnection) -> AbstractConnection:
+def named(what: str) -> FieldTable:
+    """Client properties that name a connection "relay <what>" in the broker's connection list
+    (management UI, `rabbitmqctl list_connections client_properties`)."""
+    return {"connection_name": f"relay {what}"}
+
+
+async def another_connection(connection: AbstractConnection, what: str) -> AbstractConnection:
     """A second connection to the node `connection` is connected to: for publishes, which must
     stay off a connection that consumes (a block stops the broker reading acks too)."""
-    return await aio_pika.connect(_aiormq.underlay(connection).url, timeout=CONNECT_SECONDS)
+    url = _aiormq.underlay(connection).url
+    return await aio_pika.connect(url, timeout=CONNECT_SECONDS, client_properties=named(what))
 
 
 async def close_quietly(connection: AbstractConnection) -> None:

@@ -100,7 +100,7 @@ class Worker:
         self._over = over
         if self._stopping.is_set():
             return
-        publishing = await another_connection(connection)
+        publishing = await another_connection(connection, "worker publishing")
         publishing.close_callbacks.add(lambda *_: over.set())
         self.blocked.watch(publishing)
         try:
@@ -117,8 +117,19 @@ class Worker:
         publisher.close_callbacks.add(lambda *_: over.set())
 
         async def publish(message: aio_pika.Message, queue: str) -> None:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                await publisher.default_exchange.publish(message, queue, mandatory=True)
+            """Confirmed within PUBLISH_TIMEOUT_SECONDS, or TimeoutError (then the caller tries
+            again); while the broker blocks the connection, it waits on: a copy sent again
+            would be a duplicate dead letter or record once the block ends."""
+            sending = asyncio.ensure_future(
+                publisher.default_exchange.publish(message, queue, mandatory=True)
+            )
+            try:
+                while not (await asyncio.wait({sending}, timeout=PUBLISH_TIMEOUT_SECONDS))[0]:
+                    if self.blocked.reason is None:
+                        raise TimeoutError
+            finally:
+                sending.cancel()
+            sending.result()
 
         await provision.create_missing(
             connection, publisher, self._settings, self._handlers, by="worker"
