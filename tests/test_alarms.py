@@ -201,9 +201,10 @@ async def test_the_worker_delivers_through_a_block_and_loses_no_dead_letter_or_r
         # blocks its publishing connection, not the one it consumes and acks on
         await eventually(lambda: running.worker.blocked.reason, timeout=ALARM_SECONDS,
                          what="the worker's publishing blocked")  # fmt: skip
-        states = await eventually(_publishing_blocked, timeout=ALARM_SECONDS,
+        states = await eventually(_worker_blocked, timeout=ALARM_SECONDS,
                                   what="the broker's view of the worker's connections")  # fmt: skip
         assert states["relay worker"] != "blocked", states
+        assert states["relay worker publishing"] == "blocked", states
         assert await depth(channel, the_handler.queues) == 0  # every one delivered: none ready
         assert blocked_gauge("worker") == 1
 
@@ -217,6 +218,9 @@ async def test_the_worker_delivers_through_a_block_and_loses_no_dead_letter_or_r
     assert running.worker.blocked.reason is None
 
 
-async def _publishing_blocked() -> dict[str, str] | None:
+async def _worker_blocked() -> dict[str, str] | None:
+    """The states of the connections, once one of the worker's is blocked (the management API
+    updates them every few seconds)."""
     states = await connection_states()
-    return states if states.get("relay worker publishing") == "blocked" else None
+    worker = (states.get("relay worker"), states.get("relay worker publishing"))
+    return states if "blocked" in worker else None
