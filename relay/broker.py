@@ -23,7 +23,9 @@ from aiormq.exceptions import (
     InvalidFrameError,
     ProbableAuthenticationError,
 )
+from pamqp.common import FieldTable
 
+from relay import _aiormq, metrics
 from relay.errors import BrokerUnavailable, RelayError
 from relay.settings import BrokerSettings, masked
 
@@ -37,10 +39,44 @@ BROKER_ERRORS = (AMQPError, OSError, asyncio.TimeoutError, RuntimeError)
 Session = Callable[[AbstractConnection, asyncio.Event], Awaitable[None]]
 
 
+class Blocked:
+    """Whether the broker blocks a connection's publishes, and why: RabbitMQ does so to every
+    publishing connection while a node is over its memory or disk watermark (a resource alarm),
+    and then stops reading the whole connection once it publishes. Each change is logged once,
+    with the broker's reason, and exported as relay_broker_blocked{component}."""
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+        self.reason: str | None = None  # set while blocked
+        self._gauge = metrics.BROKER_BLOCKED.labels(component)
+        self._gauge.set(0)
+
+    def watch(self, connection: AbstractConnection) -> None:
+        """Follow `connection`'s blocks (a new connection starts unblocked)."""
+        self.changed(None)
+        _aiormq.on_blocked(_aiormq.underlay(connection), self.changed)
+
+    def changed(self, reason: str | None) -> None:
+        if reason == self.reason:
+            return
+        self.reason = reason
+        self._gauge.set(reason is not None)
+        if reason is not None:
+            log.warning("broker blocked publishing", component=self.component, reason=reason)
+        else:
+            log.info("broker unblocked publishing", component=self.component)
+
+
 async def keep_connected(
-    urls: Sequence[str], session: Session, *, what: str, until: asyncio.Event | None = None
+    urls: Sequence[str],
+    session: Session,
+    *,
+    what: str,
+    until: asyncio.Event | None = None,
+    blocked: Blocked | None = None,
 ) -> None:
-    """Run `session(connection, over)` on each new connection until `until` is set (or cancelled).
+    """Run `session(connection, over)` on each new connection until `until` is set (or cancelled);
+    `blocked` follows each connection's blocks by the broker.
 
     `over` is set when the connection drops; the session may set it too. A session runs until it
     returns, typically after awaiting `over`; then the connection is closed and, unless `until`
@@ -55,7 +91,7 @@ async def keep_connected(
     while not until.is_set():
         url, turn = urls[turn % len(urls)], turn + 1
         try:
-            connection = await aio_pika.connect(url, timeout=5)
+            connection = await aio_pika.connect(url, timeout=5, client_properties=named(what))
         except BROKER_ERRORS as exc:
             failed += 1
             wait = delay if failed % len(urls) == 0 else 0.0
@@ -69,6 +105,8 @@ async def keep_connected(
         over = asyncio.Event()
         connection.close_callbacks.add(lambda *_, over=over: over.set())
         log.info("broker connected", component=what, broker=masked(url))
+        if blocked is not None:
+            blocked.watch(connection)
         try:
             await session(connection, over)
             delay = 0.2
@@ -77,7 +115,9 @@ async def keep_connected(
             await until_set(asyncio.sleep(delay), until)
             delay = min(delay * 2, MAX_RECONNECT_DELAY)
         finally:
-            await asyncio.shield(_close(connection))
+            await asyncio.shield(close_quietly(connection))
+            if blocked is not None:
+                blocked.changed(None)  # the next connection starts unblocked
         if not until.is_set():
             log.warning("broker connection lost", component=what)
 
@@ -188,7 +228,20 @@ async def give_turn(connection: AbstractConnection, name: str) -> None:
         await channel.close()
 
 
-async def _close(connection: AbstractConnection) -> None:
+def named(what: str) -> FieldTable:
+    """Client properties that name a connection "relay <what>" in the broker's connection list
+    (management UI, `rabbitmqctl list_connections client_properties`)."""
+    return {"connection_name": f"relay {what}"}
+
+
+async def another_connection(connection: AbstractConnection, what: str) -> AbstractConnection:
+    """A second connection to the node `connection` is connected to: for publishes, which must
+    stay off a connection that consumes (a block stops the broker reading acks too)."""
+    url = _aiormq.underlay(connection).url
+    return await aio_pika.connect(url, timeout=CONNECT_SECONDS, client_properties=named(what))
+
+
+async def close_quietly(connection: AbstractConnection) -> None:
     with contextlib.suppress(*BROKER_ERRORS):
         await asyncio.wait_for(connection.close(), timeout=5)
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests, publishes, deliveries, handler states, queue depths."""
+"""Prometheus metrics: requests, publishes, deliveries, handler states, queue depths, broker
+blocks."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ QUEUE_DEPTH = Gauge("relay_queue_messages", "Messages ready in a relay queue", [
 HANDLER_STATE = Gauge(
     "relay_handler_state", "1 for the handler's current state in this worker, else 0",
     ["handler", "state"],
+)  # fmt: skip
+
+BROKER_BLOCKED = Gauge(
+    "relay_broker_blocked", "1 while the broker blocks this process's publishing connection "
+    "(a memory or disk alarm), by component (publisher: the ingress; worker)", ["component"],
+    multiprocess_mode="livemax",
 )  # fmt: skip
 
 

@@ -11,6 +11,12 @@ iteration leave in one write, in tag order. aiormq still does the rest: it reads
 acks, nacks and returns into the confirmation registered here, and fails every pending one when
 the channel closes. Every use of aiormq's internals for this is in relay/_aiormq.py.
 
+While the broker blocks the connection (a memory or disk alarm, relay.broker.Blocked), a publish
+fails at once instead of waiting out `publish_timeout_seconds`: the ingress answers 503 with
+Retry-After. Publishes already written when the block comes keep waiting for their confirm: the
+broker confirms them once it unblocks, or they time out into a 503; either way no webhook is
+answered 200 before the broker confirmed it.
+
 A nack is answered 503, and the channel that got it is replaced by a new one, at most once every
 RENEW_AFTER_NACK_SECONDS: a quorum queue that rejected a channel's publishes (`overflow:
 reject-publish`) may go on rejecting that channel after the limit is gone (docs/RABBITMQ.md).
@@ -29,7 +35,7 @@ from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import DeliveryError, PublishError
 
 from relay import _aiormq, amqp, provision, wire
-from relay.broker import BROKER_ERRORS, keep_connected, until_set
+from relay.broker import BROKER_ERRORS, Blocked, keep_connected, until_set
 from relay.errors import BrokerUnavailable, Unroutable
 from relay.providers import Event
 from relay.settings import Settings
@@ -52,6 +58,7 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self._renew = asyncio.Event()  # set: replace the channel
         self._opened = 0.0  # loop time the channel opened
+        self.blocked = Blocked("publisher")
 
     @property
     def ready(self) -> bool:
@@ -59,7 +66,9 @@ class Publisher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(
-            keep_connected(self._settings.broker.urls, self._session, what="publisher")
+            keep_connected(
+                self._settings.broker.urls, self._session, what="publisher", blocked=self.blocked
+            )
         )
 
     async def stop(self) -> None:
@@ -117,6 +126,8 @@ class Publisher:
         channel, frames = self._channel, self._frames
         if channel is None or frames is None:
             raise BrokerUnavailable("broker not connected")
+        if self.blocked.reason is not None:
+            raise BrokerUnavailable(f"broker blocked publishing: {self.blocked.reason}")
         received_at = datetime.now(UTC)
         message_id = event.message_id
         payload = frames.frames(

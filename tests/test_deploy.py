@@ -412,6 +412,15 @@ FIRING: list[tuple[str, list[tuple[str, str]], str, dict[str, str]]] = [
         "20m",
         {"instance": "i1", "severity": "warning"},
     ),
+    (
+        "BrokerBlocked",
+        [
+            ('relay_broker_blocked{component="publisher",instance="i1"}', "0x5 1x20"),
+            ('relay_broker_blocked{component="publisher",instance="i2"}', "0x5 1x20"),
+        ],
+        "10m",
+        {"component": "publisher", "severity": "page"},
+    ),
 ]
 
 
@@ -445,6 +454,7 @@ def test_prometheus_alerts_fire_on_their_series(tmp_path: Path) -> None:
         ('relay_ingress_requests_total{source="envoice",status="200"}', "0+100x30"),
         ('relay_ingress_requests_total{source="envoice",status="503"}', "0x20 1x10"),
         ('up{job="relay-ingress",instance="i1:8081"}', "1x30"),
+        ('relay_broker_blocked{component="worker",instance="w1"}', "0x20 1 0x9"),  # 1 min only
     ]
     tests.append(
         {

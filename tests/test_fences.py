@@ -201,3 +201,30 @@ async def test_a_limited_site_serves_names_relay_and_refuses_over_its_limit() ->
             await writer.wait_closed()
     finally:
         await runner.cleanup()
+
+
+async def test_aiormq_hands_the_brokers_blocks_to_the_handlers_relay_wraps() -> None:
+    # Given an aiormq connection (never connected) that relay follows the blocks of
+    connection = aiormq.Connection("amqp://guest:guest@127.0.0.1:1/never-connected")
+    assert connection._client_properties()["capabilities"].get("connection.blocked") is True, moved(
+        "aiormq", "no longer advertises the connection.blocked capability"
+    )
+    source = inspect.getsource(aiormq.Connection)
+    for handler in ("__handle_connection_blocked(frame)", "__handle_connection_unblocked(frame)"):
+        assert f"self.{handler}" in source, moved("aiormq", f"its reader no longer calls {handler}")
+    changes: list[str | None] = []
+    _aiormq.on_blocked(connection, changes.append)
+    connection.connected.set()  # as its reader does when it starts
+
+    # When the reader hands it Connection.Blocked, then Connection.Unblocked
+    await getattr(connection, _aiormq.BLOCKED_HANDLER)(Connection.Blocked(reason="low on memory"))
+    waiting = asyncio.ensure_future(connection.ready())
+    await asyncio.sleep(0)
+    waited = not waiting.done()
+    await getattr(connection, _aiormq.UNBLOCKED_HANDLER)(Connection.Unblocked())
+
+    # Then relay heard both, with the broker's reason, and aiormq still did its own part:
+    # ready() (which opening a channel awaits) waited while blocked, and returns once unblocked
+    assert changes == ["low on memory", None]
+    assert waited, moved("aiormq", "ready() no longer waits while blocked")
+    await asyncio.wait_for(waiting, 1)

@@ -117,7 +117,7 @@ def test_no_module_is_named_for_what_it_is_not() -> None:
 INTERNALS = {
     "relay._aiormq": {"confirmations", "message_id_delivery_tag", "write_queue",
                       "max_content_size", "ChannelFrame", "CONTENT_FRAME_SIZE",
-                      "delivery_tag +="},
+                      "delivery_tag +=", "BLOCKED_HANDLER", "UNBLOCKED_HANDLER"},
     "relay._aiohttp": {"SERVER_SOFTWARE", "web_response", "output_size", "BaseSite", "_runner",
                        "_server", "_host", "_port", "_reuse_port", "_bound_port"},
 }  # fmt: skip

@@ -4,6 +4,12 @@ Building, running and test-running are separate: `Worker(settings)` builds (and 
 on a `call` that cannot be imported), `run()` blocks, `async_run()` is awaitable (tests).
 Shutdown: stop taking deliveries, let those in flight finish (up to each handler's timeout),
 return the rest to the head of their queues by closing the channels, then the connection.
+
+The worker's publishes (dead letters, outcome and state records, replay fills) go on a
+connection of their own: during a memory or disk alarm the broker blocks a connection once it
+publishes and then reads nothing more from it, acks included. So consuming and acking go on
+while the broker is blocked; a message whose dead letter or outcome record waits for the broker
+is acked only once that is confirmed (Partition.settle), so it is never lost.
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from relay import metrics, provision, topology, wire
-from relay.broker import BROKER_ERRORS, keep_connected, queue_exists, until_set
+from relay.broker import (
+    BROKER_ERRORS,
+    Blocked,
+    another_connection,
+    close_quietly,
+    keep_connected,
+    queue_exists,
+    until_set,
+)
 from relay.settings import Settings
 from relay.worker.delivery import CallTarget, HttpTarget, Target
 from relay.worker.partition import Partition
@@ -52,6 +66,7 @@ class Worker:
         self._deliveries: dict[str, HandlerScheduler] = {}
         self._partitions: list[Partition] = []
         self.ready = asyncio.Event()  # set while consuming
+        self.blocked = Blocked("worker")  # its publishing connection's
 
     def stop(self) -> None:
         """Stop taking deliveries; in-flight ones finish, the rest go back to their queues."""
@@ -85,12 +100,36 @@ class Worker:
         self._over = over
         if self._stopping.is_set():
             return
-        publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        publishing = await another_connection(connection, "worker publishing")
+        publishing.close_callbacks.add(lambda *_: over.set())
+        self.blocked.watch(publishing)
+        try:
+            await self._consume(connection, publishing, over)
+        finally:
+            await asyncio.shield(close_quietly(publishing))
+            self.blocked.changed(None)  # the next connection starts unblocked
+
+    async def _consume(
+        self, connection: AbstractConnection, publishing: AbstractConnection, over: asyncio.Event
+    ) -> None:
+        """Consume on `connection`, publish on `publishing`, until `over`."""
+        publisher = await publishing.channel(publisher_confirms=True, on_return_raises=True)
         publisher.close_callbacks.add(lambda *_: over.set())
 
         async def publish(message: aio_pika.Message, queue: str) -> None:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                await publisher.default_exchange.publish(message, queue, mandatory=True)
+            """Confirmed within PUBLISH_TIMEOUT_SECONDS, or TimeoutError (then the caller tries
+            again); while the broker blocks the connection, it waits on: a copy sent again
+            would be a duplicate dead letter or record once the block ends."""
+            sending = asyncio.ensure_future(
+                publisher.default_exchange.publish(message, queue, mandatory=True)
+            )
+            try:
+                while not (await asyncio.wait({sending}, timeout=PUBLISH_TIMEOUT_SECONDS))[0]:
+                    if self.blocked.reason is None:
+                        raise TimeoutError
+            finally:
+                sending.cancel()
+            sending.result()
 
         await provision.create_missing(
             connection, publisher, self._settings, self._handlers, by="worker"
@@ -113,7 +152,9 @@ class Worker:
         replaying = Replays(self._settings.broker.exchange, self._deliveries, self._partitions)
         background = [
             asyncio.ensure_future(self._watch_depths(connection, over)),
-            asyncio.ensure_future(self._follow_records(connection, over, consume, replaying)),
+            asyncio.ensure_future(
+                self._follow_records(connection, publishing, over, consume, replaying)
+            ),
         ]
         try:
             await over.wait()
@@ -131,12 +172,14 @@ class Worker:
     async def _follow_records(
         self,
         connection: AbstractConnection,
+        publishing: AbstractConnection,
         over: asyncio.Event,
         consume: Callable[[Partition], None],
         replaying: Replays,
     ) -> None:
         """Follows relay.state from its start: releases of partition changes, layouts whose
-        partitions may still hold messages (consumed while they exist), and replays."""
+        partitions may still hold messages (consumed while they exist), and replays (filled on
+        `publishing`)."""
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=500)  # a stream consumer needs a prefetch
         stream = await channel.get_queue(topology.STATE_STREAM, ensure=False)
@@ -163,7 +206,7 @@ class Worker:
                     partition = await self._partition(connection, deliveries, index)
                     if partition is not None:
                         consume(partition)
-            await replaying.take(record, connection, over, consume)
+            await replaying.take(record, publishing, over, consume)
 
     async def _partition(
         self, connection: AbstractConnection, deliveries: HandlerScheduler, index: int
