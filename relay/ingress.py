@@ -50,19 +50,32 @@ class EventPublisher(Protocol):
     async def publish(self, event: Event) -> None: ...
 
 
+SHED = "shed"  # what Acceptor.accept says of an event it did not publish: too many in flight
+
+
 class Acceptor:
     """Publishes each new event once; repeats of an id accepted by any ingress process within
     the horizon answer `duplicate` (relay/accepted.py).
 
     The publish runs in the request's own task: aiohttp does not cancel a handler whose client
     went away, so the publish completes and its id is remembered either way.
+
+    At most `max_in_flight` publishes run at once: a new event beyond them is `shed` before its
+    publish starts (so it is never half-published), while a repeat, or a copy of an id being
+    published, costs no publish and is answered as before. Past capacity, waiting in line only
+    makes every answer slow, and the provider's timeout then retries into the same line.
     """
 
-    def __init__(self, publisher: EventPublisher, accepted: AcceptedIds) -> None:
+    def __init__(
+        self, publisher: EventPublisher, accepted: AcceptedIds, max_in_flight: int
+    ) -> None:
         self.publisher = publisher
         self.accepted = accepted
+        self.max_in_flight = max_in_flight
+        self.shedding = False  # since the bound was reached, until half of it is free again
         # ids being published; a future once a concurrent request with the same id waits
         self._in_flight: dict[str, asyncio.Future[None] | None] = {}
+        metrics.MAX_IN_FLIGHT.set(max_in_flight)
 
     async def accept(self, event: Event) -> str:
         message_id = event.message_id
@@ -75,7 +88,11 @@ class Acceptor:
                 waiter = self._in_flight[message_id] = asyncio.get_running_loop().create_future()
             await asyncio.shield(waiter)  # raises what the publish raised
             return "duplicate"
+        if len(self._in_flight) >= self.max_in_flight:
+            self._shed()
+            return SHED
         self._in_flight[message_id] = None
+        metrics.PUBLISHES_IN_FLIGHT.inc()
         try:
             started = time.perf_counter()
             await self.publisher.publish(event)
@@ -83,15 +100,30 @@ class Acceptor:
             self.accepted.add(accepted)
         except BaseException as exc:
             waiter = self._in_flight.pop(message_id)
+            self._published()
             if waiter is not None:
                 waiter.set_exception(
                     exc if isinstance(exc, Exception) else BrokerUnavailable("stopped")
                 )
             raise
         waiter = self._in_flight.pop(message_id)
+        self._published()
         if waiter is not None:
             waiter.set_result(None)
         return "accepted"
+
+    def _shed(self) -> None:
+        """Log the start of shedding once, not each shed request (thousands a second)."""
+        if not self.shedding:
+            self.shedding = True
+            log.warning("shedding load: publishes in flight at max_in_flight, answering 503",
+                        max_in_flight=self.max_in_flight)  # fmt: skip
+
+    def _published(self) -> None:
+        metrics.PUBLISHES_IN_FLIGHT.dec()
+        if self.shedding and len(self._in_flight) <= self.max_in_flight // 2:
+            self.shedding = False
+            log.info("shedding stopped", max_in_flight=self.max_in_flight)
 
 
 class InFlight:
@@ -176,7 +208,7 @@ def _add_operational_routes(app: web.Application, ingress: web.Application) -> N
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
     accepted = AcceptedIds(app[SETTINGS], follow=isinstance(publisher, Publisher))
-    app[ACCEPTOR] = Acceptor(publisher, accepted)
+    app[ACCEPTOR] = Acceptor(publisher, accepted, app[SETTINGS].ingress.max_in_flight)
     publisher.start()
     accepted.start()
     yield
@@ -188,6 +220,7 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
     """The handler of a source's path: the hot path, so everything per source is bound once."""
     parse = PROVIDERS[source.scheme].parse
     accepted = metrics.REQUESTS.labels(source.name, "200")
+    shed = metrics.REQUESTS.labels(source.name, "503"), metrics.SHED.labels(source.name)
 
     async def receive(request: web.Request) -> web.Response:
         app = request.app
@@ -203,6 +236,10 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
                 raise
         finally:
             in_flight.leave()
+        if status == SHED:  # not logged one by one: Acceptor logs when shedding starts
+            for counter in shed:
+                counter.inc()
+            return _error(503, "overloaded: too many webhooks in flight", retry_after=True)
         accepted.inc()
         answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
         response = web.Response(body=answer + b"}", headers=JSON_HEADERS)

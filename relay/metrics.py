@@ -13,6 +13,19 @@ REQUESTS = Counter(
     "relay_ingress_requests_total", "Webhook requests answered, by source and status",
     ["source", "status"],
 )  # fmt: skip
+SHED = Counter(
+    "relay_ingress_shed_total", "Webhook requests answered 503 at once, unpublished, because "
+    "max_in_flight publishes were in flight (also counted as 503 in requests_total)", ["source"],
+)  # fmt: skip
+# Both summed over the processes of `relay ingress --processes N`, so the two compare
+PUBLISHES_IN_FLIGHT = Gauge(
+    "relay_ingress_publishes_in_flight", "Publishes awaiting the broker's confirm",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+MAX_IN_FLIGHT = Gauge(
+    "relay_ingress_max_in_flight", "The bound on publishes in flight (ingress.max_in_flight)",
+    multiprocess_mode="livesum",
+)  # fmt: skip
 PUBLISH_SECONDS = Histogram(
     "relay_publish_seconds", "Time from publish to broker confirm",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
