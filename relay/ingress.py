@@ -51,6 +51,7 @@ class EventPublisher(Protocol):
 
 
 SHED = "shed"  # what Acceptor.accept says of an event it did not publish: too many in flight
+OVERLOADED = "overloaded: too many webhooks in flight"
 
 
 class Acceptor:
@@ -220,7 +221,7 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
     """The handler of a source's path: the hot path, so everything per source is bound once."""
     parse = PROVIDERS[source.scheme].parse
     accepted = metrics.REQUESTS.labels(source.name, "200")
-    shed = metrics.REQUESTS.labels(source.name, "503"), metrics.SHED.labels(source.name)
+    shed = metrics.REQUESTS.labels(source.name, metrics.SHED)
 
     async def receive(request: web.Request) -> web.Response:
         app = request.app
@@ -237,9 +238,9 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
         finally:
             in_flight.leave()
         if status == SHED:  # not logged one by one: Acceptor logs when shedding starts
-            for counter in shed:
-                counter.inc()
-            return _error(503, "overloaded: too many webhooks in flight", retry_after=True)
+            shed.inc()
+            # closed: the client's next try opens a connection, refused cheaply while shedding
+            return _closing(_error(503, OVERLOADED, retry_after=True))
         accepted.inc()
         answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
         response = web.Response(body=answer + b"}", headers=JSON_HEADERS)
@@ -388,8 +389,9 @@ async def serve(settings: Settings, stopping: asyncio.Event, *, reuse_port: bool
     try:
         try:
             await LimitedSite(
-                runner, ingress.host, ingress.port, ingress.max_connections, reuse_port
-            ).start()
+                runner, ingress.host, ingress.port, ingress.max_connections, reuse_port,
+                shedding=lambda: ACCEPTOR in app and app[ACCEPTOR].shedding,
+            ).start()  # fmt: skip
             if ingress.admin_port is not None:
                 await admin.setup()
                 await web.TCPSite(
@@ -455,7 +457,9 @@ def _warn_of_development_secrets(settings: Settings) -> None:
 
 class LimitedSite(web.TCPSite):
     """A TCP site that serves at most `max_connections` connections at once; a connection over
-    the limit is answered 503 and closed at once."""
+    the limit is answered 503 and closed at once. So is a new connection while `shedding()`:
+    refused before any HTTP is parsed, a shed request costs a fraction of one read and
+    answered (docs/PERFORMANCE.md, "Overload")."""
 
     def __init__(
         self,
@@ -464,19 +468,23 @@ class LimitedSite(web.TCPSite):
         port: int,
         max_connections: int,
         reuse_port: bool = False,
+        shedding: Callable[[], bool] = lambda: False,
     ):
         super().__init__(runner, host, port, reuse_port=reuse_port or None)
         self._max_connections = max_connections
+        self._shedding = shedding
 
     async def start(self) -> None:
         await _aiohttp.start_site(self, self._connections)
 
     def _connections(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
-        limit = self._max_connections
+        limit, shedding = self._max_connections, self._shedding
 
         def protocol() -> asyncio.BaseProtocol:
             if len(server.connections) >= limit:
                 return _Overloaded()
+            if shedding():
+                return _Shed()
             return server()
 
         return protocol
@@ -491,5 +499,24 @@ class _Overloaded(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.warning("connection refused: too many connections")
+        cast(asyncio.WriteTransport, transport).write(self.ANSWER)
+        transport.close()
+
+
+class _Shed(asyncio.Protocol):
+    """A new connection while the ingress sheds: 503 before its request is read, counted as shed
+    with no source (a source is known by its path, which is never read); logged only when
+    shedding starts (Acceptor)."""
+
+    BODY = orjson.dumps({"error": OVERLOADED})
+    ANSWER = (
+        b"HTTP/1.1 503 Service Unavailable\r\nServer: relay\r\nConnection: close\r\n"
+        b"Retry-After: " + RETRY_AFTER_SECONDS.encode() + b"\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+    )
+    counted = metrics.REQUESTS.labels("", metrics.SHED)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.counted.inc()
         cast(asyncio.WriteTransport, transport).write(self.ANSWER)
         transport.close()

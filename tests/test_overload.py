@@ -8,12 +8,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay import metrics
 from relay.errors import BrokerUnavailable
-from relay.ingress import ACCEPTOR, SETTINGS
+from relay.ingress import ACCEPTOR, OVERLOADED, SETTINGS, LimitedSite
 from relay.providers import Event
 from relay.publisher import Publisher
 from relay.settings import Settings
@@ -85,12 +88,8 @@ async def metrics_text(ingress: Ingress) -> str:
         return await response.text()
 
 
-def shed_total(text: str) -> float:
-    return metric(text, "relay_ingress_shed_total", {"source": "envoice"})
-
-
-def requests_503(text: str) -> float:
-    labels = {"source": "envoice", "status": "503"}
+def requests_total(text: str, status: str) -> float:
+    labels = {"source": "envoice", "status": status}
     return metric(text, "relay_ingress_requests_total", labels)
 
 
@@ -183,6 +182,38 @@ async def test_a_failed_publish_frees_its_place_and_shedding_stops_once_places_f
     assert (await ingress.post(PATH, signed_body(src, activity())))[1]["status"] == "accepted"
 
 
+async def test_while_shedding_a_new_connection_is_503_before_its_request_is_read() -> None:
+    # Given a site whose ingress sheds
+    shedding = True
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = LimitedSite(runner, "127.0.0.1", 0, max_connections=10, shedding=lambda: shedding)
+    try:
+        await site.start()
+        before = metrics.REQUESTS.labels("", metrics.SHED)._value.get()
+
+        # When a client connects (and sends nothing)
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        answer = await reader.read()  # the server closes
+        writer.close()
+
+        # Then it is a JSON 503 with Retry-After, counted as shed with no source
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert b"\r\nRetry-After: " in head
+        assert orjson.loads(body) == {"error": OVERLOADED}
+        assert metrics.REQUESTS.labels("", metrics.SHED)._value.get() == before + 1
+
+        # And once shedding stops, connections are served again
+        shedding = False
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 404 ")
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
 # --- on the broker --------------------------------------------------------------------------
 
 
@@ -218,9 +249,10 @@ async def test_overload_sheds_the_extra_webhooks_and_stores_every_accepted_one(
         accepted = [answer["status"] for _, answer, _ in await asyncio.gather(*held)]
         after = await metrics_text(ingress)
 
-    # And the shed counter counts exactly those 503s, and only the accepted ones are stored
+    # And exactly those 503s are counted as shed (not as the broker's 503s), and only the
+    # accepted ones are stored
     assert accepted == ["accepted"] * BOUND
-    assert shed_total(after) - shed_total(before) == 3 * BOUND
-    assert requests_503(after) - requests_503(before) == 3 * BOUND
+    assert requests_total(after, "shed") - requests_total(before, "shed") == 3 * BOUND
+    assert requests_total(after, "503") == requests_total(before, "503")
     queue = await channel.declare_queue(settings.handlers[0].queues[0], passive=True)
     assert queue.declaration_result.message_count == BOUND
