@@ -129,7 +129,8 @@ async def capacity(
     lua.write_text(POST_LUA)
     rates = []
     for round_ in range(args.rounds):
-        write_bodies(config, bodies, 20_000 * int(args.seconds))
+        # more than the ingress answers in a run (so no body is sent twice), few to sign
+        write_bodies(config, bodies, int(20_000 * (args.cpu or 1) * args.seconds))
         child = await start_ingress(config, directory, port, group, f"capacity-{round_}")
         try:
             result = await run_wrk(
