@@ -390,7 +390,7 @@ async def serve(settings: Settings, stopping: asyncio.Event, *, reuse_port: bool
         try:
             await LimitedSite(
                 runner, ingress.host, ingress.port, ingress.max_connections, reuse_port,
-                shedding=lambda: ACCEPTOR in app and app[ACCEPTOR].shedding,
+                shedding=_shedding(app) if ingress.admin_port is not None else lambda: False,
             ).start()  # fmt: skip
             if ingress.admin_port is not None:
                 await admin.setup()
@@ -431,6 +431,13 @@ async def _drain(
             await app[IN_FLIGHT].finished()
     except TimeoutError:
         log.warning("ingress drain timed out", seconds=seconds)
+
+
+def _shedding(app: web.Application) -> Callable[[], bool]:
+    """Whether the ingress `app` sheds: then its site refuses new connections before reading
+    them. Only with `admin_port` set: else /healthz, /readyz and /metrics share the webhook port,
+    and refusing their connections would fail a liveness probe under load."""
+    return lambda: ACCEPTOR in app and app[ACCEPTOR].shedding
 
 
 def runner_options(ingress: IngressSettings) -> dict[str, Any]:

@@ -92,21 +92,21 @@ def cpu_limited(share: float) -> Iterator[Path | None]:
 
 
 async def start_ingress(
-    config: Path, directory: Path, port: int, group: Path | None, name: str
+    config: Path, directory: Path, admin_port: int, group: Path | None, name: str
 ) -> Child:
     child = await Child.start(name, directory / f"{name}.log", "-m", "relay", "ingress",
                               "--config", str(config), "--log-level", "warning")  # fmt: skip
     if group is not None:
         (group / "cgroup.procs").write_text(str(child.process.pid))
     async with aiohttp.ClientSession() as session:
-        await wait_ok(session, f"http://127.0.0.1:{port}/readyz", child)
+        await wait_ok(session, f"http://127.0.0.1:{admin_port}/readyz", child)
     return child
 
 
-async def shed_total(port: int) -> float:
+async def shed_total(admin_port: int) -> float:
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+        session.get(f"http://127.0.0.1:{admin_port}/metrics") as response,
     ):
         text = await response.text()
     return sum(
@@ -131,7 +131,7 @@ async def capacity(
     for round_ in range(args.rounds):
         # more than the ingress answers in a run (so no body is sent twice), few to sign
         write_bodies(config, bodies, int(20_000 * (args.cpu or 1) * args.seconds))
-        child = await start_ingress(config, directory, port, group, f"capacity-{round_}")
+        child = await start_ingress(config, directory, args.admin_port, group, f"capacity-{round_}")
         try:
             result = await run_wrk(
                 f"http://127.0.0.1:{port}{PATH}", bodies, lua, args.seconds, args.connections
@@ -156,7 +156,7 @@ async def open_loop(
 ) -> dict[str, Any]:
     bodies = directory / "open-bodies"
     write_bodies(config, bodies, int(rate * args.seconds) + 1)
-    child = await start_ingress(config, directory, port, group, f"open-{rate:.0f}")
+    child = await start_ingress(config, directory, args.admin_port, group, f"open-{rate:.0f}")
     try:
         rss_start = memory_kb(child.process.pid, "VmRSS") / 1024
         argv = (sys.executable, "-m", "tests.bench.openloop", "--port", str(port),
@@ -169,7 +169,7 @@ async def open_loop(
         child.check_alive()
         rss_end = memory_kb(child.process.pid, "VmRSS") / 1024
         rss_peak = memory_kb(child.process.pid, "VmHWM") / 1024
-        shed = await shed_total(port)
+        shed = await shed_total(args.admin_port)
     finally:
         await child.stop()
     result: dict[str, Any] = orjson.loads(output.splitlines()[-1])
@@ -193,7 +193,10 @@ def line(label: str, r: dict[str, Any], seconds: float) -> str:
 
 async def run(args: argparse.Namespace, directory: Path, group: Path | None) -> str:
     port, exchange = free_port(), f"relay.benchmark-{uuid.uuid4().hex[:8]}"
-    base = SOURCE_CONFIG.format(exchange=exchange, port=port, path=PATH, secret=SECRET)
+    args.admin_port = free_port()  # /metrics apart: while shedding, the webhook port refuses
+    base = SOURCE_CONFIG.format(exchange=exchange, port=port, path=PATH, secret=SECRET).replace(
+        "[ingress]\n", f"[ingress]\nadmin_port = {args.admin_port}\n"
+    )
     off = directory / "off.toml"
     off.write_text(base.replace("[ingress]\n", f"[ingress]\nmax_in_flight = {HUGE}\n"))
     await declare_topology(off)
