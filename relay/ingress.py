@@ -50,19 +50,33 @@ class EventPublisher(Protocol):
     async def publish(self, event: Event) -> None: ...
 
 
+SHED = "shed"  # what Acceptor.accept says of an event it did not publish: too many in flight
+OVERLOADED = "overloaded: too many webhooks in flight"
+
+
 class Acceptor:
     """Publishes each new event once; repeats of an id accepted by any ingress process within
     the horizon answer `duplicate` (relay/accepted.py).
 
     The publish runs in the request's own task: aiohttp does not cancel a handler whose client
     went away, so the publish completes and its id is remembered either way.
+
+    At most `max_in_flight` publishes run at once: a new event beyond them is `shed` before its
+    publish starts (so it is never half-published), while a repeat, or a copy of an id being
+    published, costs no publish and is answered as before. Past capacity, waiting in line only
+    makes every answer slow, and the provider's timeout then retries into the same line.
     """
 
-    def __init__(self, publisher: EventPublisher, accepted: AcceptedIds) -> None:
+    def __init__(
+        self, publisher: EventPublisher, accepted: AcceptedIds, max_in_flight: int
+    ) -> None:
         self.publisher = publisher
         self.accepted = accepted
+        self.max_in_flight = max_in_flight
+        self.shedding = False  # since the bound was reached, until half of it is free again
         # ids being published; a future once a concurrent request with the same id waits
         self._in_flight: dict[str, asyncio.Future[None] | None] = {}
+        metrics.MAX_IN_FLIGHT.set(max_in_flight)
 
     async def accept(self, event: Event) -> str:
         message_id = event.message_id
@@ -75,7 +89,11 @@ class Acceptor:
                 waiter = self._in_flight[message_id] = asyncio.get_running_loop().create_future()
             await asyncio.shield(waiter)  # raises what the publish raised
             return "duplicate"
+        if len(self._in_flight) >= self.max_in_flight:
+            self._shed()
+            return SHED
         self._in_flight[message_id] = None
+        metrics.PUBLISHES_IN_FLIGHT.inc()
         try:
             started = time.perf_counter()
             await self.publisher.publish(event)
@@ -83,15 +101,30 @@ class Acceptor:
             self.accepted.add(accepted)
         except BaseException as exc:
             waiter = self._in_flight.pop(message_id)
+            self._published()
             if waiter is not None:
                 waiter.set_exception(
                     exc if isinstance(exc, Exception) else BrokerUnavailable("stopped")
                 )
             raise
         waiter = self._in_flight.pop(message_id)
+        self._published()
         if waiter is not None:
             waiter.set_result(None)
         return "accepted"
+
+    def _shed(self) -> None:
+        """Log the start of shedding once, not each shed request (thousands a second)."""
+        if not self.shedding:
+            self.shedding = True
+            log.warning("shedding load: publishes in flight at max_in_flight, answering 503",
+                        max_in_flight=self.max_in_flight)  # fmt: skip
+
+    def _published(self) -> None:
+        metrics.PUBLISHES_IN_FLIGHT.dec()
+        if self.shedding and len(self._in_flight) <= self.max_in_flight // 2:
+            self.shedding = False
+            log.info("shedding stopped", max_in_flight=self.max_in_flight)
 
 
 class InFlight:
@@ -176,7 +209,7 @@ def _add_operational_routes(app: web.Application, ingress: web.Application) -> N
 async def _broker(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
     accepted = AcceptedIds(app[SETTINGS], follow=isinstance(publisher, Publisher))
-    app[ACCEPTOR] = Acceptor(publisher, accepted)
+    app[ACCEPTOR] = Acceptor(publisher, accepted, app[SETTINGS].ingress.max_in_flight)
     publisher.start()
     accepted.start()
     yield
@@ -188,6 +221,7 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
     """The handler of a source's path: the hot path, so everything per source is bound once."""
     parse = PROVIDERS[source.scheme].parse
     accepted = metrics.REQUESTS.labels(source.name, "200")
+    shed = metrics.REQUESTS.labels(source.name, metrics.SHED)
 
     async def receive(request: web.Request) -> web.Response:
         app = request.app
@@ -203,6 +237,10 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
                 raise
         finally:
             in_flight.leave()
+        if status == SHED:  # not logged one by one: Acceptor logs when shedding starts
+            shed.inc()
+            # closed: the client's next try opens a connection, refused cheaply while shedding
+            return _closing(_error(503, OVERLOADED, retry_after=True))
         accepted.inc()
         answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
         response = web.Response(body=answer + b"}", headers=JSON_HEADERS)
@@ -351,8 +389,9 @@ async def serve(settings: Settings, stopping: asyncio.Event, *, reuse_port: bool
     try:
         try:
             await LimitedSite(
-                runner, ingress.host, ingress.port, ingress.max_connections, reuse_port
-            ).start()
+                runner, ingress.host, ingress.port, ingress.max_connections, reuse_port,
+                shedding=_shedding(app) if ingress.admin_port is not None else lambda: False,
+            ).start()  # fmt: skip
             if ingress.admin_port is not None:
                 await admin.setup()
                 await web.TCPSite(
@@ -394,6 +433,13 @@ async def _drain(
         log.warning("ingress drain timed out", seconds=seconds)
 
 
+def _shedding(app: web.Application) -> Callable[[], bool]:
+    """Whether the ingress `app` sheds: then its site refuses new connections before reading
+    them. Only with `admin_port` set: else /healthz, /readyz and /metrics share the webhook port,
+    and refusing their connections would fail a liveness probe under load."""
+    return lambda: ACCEPTOR in app and app[ACCEPTOR].shedding
+
+
 def runner_options(ingress: IngressSettings) -> dict[str, Any]:
     """How the HTTP server runs: raw bodies, bounded idle time, a drain on shutdown."""
     return {
@@ -418,7 +464,9 @@ def _warn_of_development_secrets(settings: Settings) -> None:
 
 class LimitedSite(web.TCPSite):
     """A TCP site that serves at most `max_connections` connections at once; a connection over
-    the limit is answered 503 and closed at once."""
+    the limit is answered 503 and closed at once. So is a new connection while `shedding()`:
+    refused before any HTTP is parsed, a shed request costs a fraction of one read and
+    answered (docs/PERFORMANCE.md, "Overload")."""
 
     def __init__(
         self,
@@ -427,19 +475,23 @@ class LimitedSite(web.TCPSite):
         port: int,
         max_connections: int,
         reuse_port: bool = False,
+        shedding: Callable[[], bool] = lambda: False,
     ):
         super().__init__(runner, host, port, reuse_port=reuse_port or None)
         self._max_connections = max_connections
+        self._shedding = shedding
 
     async def start(self) -> None:
         await _aiohttp.start_site(self, self._connections)
 
     def _connections(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
-        limit = self._max_connections
+        limit, shedding = self._max_connections, self._shedding
 
         def protocol() -> asyncio.BaseProtocol:
             if len(server.connections) >= limit:
                 return _Overloaded()
+            if shedding():
+                return _Shed()
             return server()
 
         return protocol
@@ -454,5 +506,24 @@ class _Overloaded(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.warning("connection refused: too many connections")
+        cast(asyncio.WriteTransport, transport).write(self.ANSWER)
+        transport.close()
+
+
+class _Shed(asyncio.Protocol):
+    """A new connection while the ingress sheds: 503 before its request is read, counted as shed
+    with no source (a source is known by its path, which is never read); logged only when
+    shedding starts (Acceptor)."""
+
+    BODY = orjson.dumps({"error": OVERLOADED})
+    ANSWER = (
+        b"HTTP/1.1 503 Service Unavailable\r\nServer: relay\r\nConnection: close\r\n"
+        b"Retry-After: " + RETRY_AFTER_SECONDS.encode() + b"\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+    )
+    counted = metrics.REQUESTS.labels("", metrics.SHED)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.counted.inc()
         cast(asyncio.WriteTransport, transport).write(self.ANSWER)
         transport.close()

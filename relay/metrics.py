@@ -11,8 +11,19 @@ from prometheus_client.multiprocess import MultiProcessCollector
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `relay ingress --processes N`
 
 REQUESTS = Counter(
-    "relay_ingress_requests_total", "Webhook requests answered, by source and status",
+    "relay_ingress_requests_total", "Webhook requests answered, by source and status (an HTTP "
+    "status; `shed`: 503 at once, max_in_flight publishes in flight; `client_closed`)",
     ["source", "status"],
+)  # fmt: skip
+SHED = "shed"  # the status label of webhooks shed (answered 503 unpublished): not a broker 503
+# Both summed over the processes of `relay ingress --processes N`, so the two compare
+PUBLISHES_IN_FLIGHT = Gauge(
+    "relay_ingress_publishes_in_flight", "Publishes awaiting the broker's confirm",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+MAX_IN_FLIGHT = Gauge(
+    "relay_ingress_max_in_flight", "The bound on publishes in flight (ingress.max_in_flight)",
+    multiprocess_mode="livesum",
 )  # fmt: skip
 PUBLISH_SECONDS = Histogram(
     "relay_publish_seconds", "Time from publish to broker confirm",

@@ -75,6 +75,9 @@ class IngressSettings:
     body_timeout_seconds: float = 10.0  # a body not received by then: 408
     keepalive_seconds: float = 30.0  # idle connections, and headers of a new one, close after
     max_connections: int = 1000  # more connections at once are refused
+    # publishes in flight per process; new webhooks beyond get 503 at once (docs/PERFORMANCE.md,
+    # "Overload", derives it)
+    max_in_flight: int = 256
     drain_seconds: float = 10.0
 
 
@@ -367,7 +370,7 @@ def _broker_urls(t: _Table) -> tuple[str, ...]:
 def _ingress(t: _Table) -> IngressSettings:
     t.only(
         "host", "port", "admin_host", "admin_port", "max_body_bytes", "body_timeout_seconds",
-        "keepalive_seconds", "max_connections", "drain_seconds",
+        "keepalive_seconds", "max_connections", "max_in_flight", "drain_seconds",
     )  # fmt: skip
     d = IngressSettings()  # the defaults
     return IngressSettings(
@@ -383,6 +386,7 @@ def _ingress(t: _Table) -> IngressSettings:
             "keepalive_seconds", d.keepalive_seconds, minimum=1, integer=False
         ),
         max_connections=t.number("max_connections", d.max_connections, minimum=1),
+        max_in_flight=t.number("max_in_flight", d.max_in_flight, minimum=1),
         drain_seconds=t.number("drain_seconds", d.drain_seconds, minimum=0, integer=False),
     )
 

@@ -29,7 +29,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from relay import topology
-from relay.ingress import create_app, not_ready, runner_options
+from relay.ingress import EventPublisher, create_app, not_ready, runner_options
 from relay.providers import PROVIDERS, Event, Request
 from relay.settings import Settings, SourceSettings
 from relay.worker import Worker
@@ -181,7 +181,7 @@ async def declare_topology(settings: Settings) -> None:
 
 @contextlib.asynccontextmanager
 async def running_ingress(
-    settings: Settings, *, ready: bool = True, publisher: FakePublisher | None = None
+    settings: Settings, *, ready: bool = True, publisher: EventPublisher | None = None
 ) -> AsyncIterator[Ingress]:
     """The ingress app on a loopback port, with a client; waits for the broker when `ready`.
     With a `publisher`, no broker is involved; without, the settings' whole topology is declared

@@ -421,6 +421,16 @@ FIRING: list[tuple[str, list[tuple[str, str]], str, dict[str, str]]] = [
         "10m",
         {"component": "publisher", "severity": "page"},
     ),
+    (
+        "IngressShedding",
+        [
+            ('relay_ingress_requests_total{source="envoice",status="200"}', "0+100x30"),
+            ('relay_ingress_requests_total{source="envoice",status="shed"}', "0x10 0+20x20"),
+            ('relay_ingress_requests_total{source="",status="shed"}', "0x30"),
+        ],
+        "20m",
+        {"severity": "warning"},
+    ),
 ]
 
 
