@@ -50,10 +50,10 @@ class Child:
         self.name, self.process, self.log = name, process, log
 
     @classmethod
-    async def start(cls, name: str, log: Path, *argv: str) -> Child:
+    async def start(cls, name: str, log: Path, *argv: str, amqp_url: str = AMQP_URL) -> Child:
         with log.open("wb") as out:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, *argv, cwd=ROOT, env={**os.environ, "RELAY_AMQP_URL": AMQP_URL},
+                sys.executable, *argv, cwd=ROOT, env={**os.environ, "RELAY_AMQP_URL": amqp_url},
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
         return cls(name, process, log)
