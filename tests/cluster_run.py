@@ -27,6 +27,16 @@ the first of an id: informational). One line:
     accepted=... delivered=... lost=0 reordered=0 duplicates=... failover_seconds=...
     ... archived=... archive_lost=0 archive_reordered=0 outcomes=... outcomes_lost=0 ...
 
+`--fault rolling` restarts every node in turn instead (`stop_app`, --seconds down, `start_app`,
+until its partitions' members and streams' replicas are online again, then the next) and adds
+`refused=... refused_bound=...` (answers other than 200 the provider met; more fails the run).
+`--fault partition` cuts the victim off (`deploy/cluster.sh cut`: its inter-node and client
+traffic dropped) until the others see it gone and it paused itself (pause_minority), --seconds
+more, heals it in any case, and adds `detected_seconds paused_seconds cut_seconds
+refused_while_cut longest_without_accept_seconds`, and prints when each relay process lost and
+made its connections; `--victim ingress` cuts off the node of the ingress's publisher.
+`delivered_in_seconds`: from the load's stop until everything accepted was delivered.
+
 Exit 0 only if nothing accepted was lost or reordered, load was accepted after the fault, the
 queues and streams recovered, and neither the archive nor the outcome log misses anything.
 Every wait has a deadline.
@@ -178,6 +188,7 @@ async def run(args: argparse.Namespace) -> int:
             async with in_background(sender.send(INVOICES, stop=stop)):
                 result = await fault(args, sender, partitions, streams, processes)
                 stop.set()
+            stopped = time.monotonic()
             try:
                 # (the partitions read live on a running node: a repeat still on its way counts)
                 on_node = (str(CLUSTER), "ctl", str(result["up"][0]))
@@ -187,9 +198,9 @@ async def run(args: argparse.Namespace) -> int:
                 await sender.ledger.delivered(
                     lambda: http_deliveries(handler), drained_now, timeout=DELIVERY_SECONDS
                 )
-            except AssertionError as undelivered:  # still counted: the line says what is missing
-                print(undelivered, file=sys.stderr)
-            tally = sender.ledger.check(http_deliveries(handler))
+            except AssertionError as undelivered:  # counted after the drain: the line says
+                print(undelivered, file=sys.stderr)  # what is missing even then
+            delivered_in = time.monotonic() - stopped
             # A message is acked only once its outcome record is confirmed (records the broker
             # did not confirm in the failover are written again): wait for the partitions to
             # hold nothing, then every delivered message has its record.
@@ -198,6 +209,7 @@ async def run(args: argparse.Namespace) -> int:
                                  interval=1.0, what="the partitions drained")  # fmt: skip
             except AssertionError as undrained:
                 print(undrained, file=sys.stderr)
+            tally = sender.ledger.check(http_deliveries(handler))
             # the load has stopped and what could be delivered is: the streams are read to their end
             memory = await remembered(
                 result["up"][0], urls, config.settings.broker.exchange, since,
@@ -208,7 +220,8 @@ async def run(args: argparse.Namespace) -> int:
           f"recovered_seconds={result['recovered']:.1f} "
           f"accepted_after_fault={result['accepted_after']} fault={args.fault} "
           f"node={result['node']} streams_recovered_seconds={result['streams_recovered']:.1f} "
-          f"{memory.line()} {result.get('extra', '')}answers={answers}")  # fmt: skip
+          f"{memory.line()} {result.get('extra', '')}delivered_in_seconds={delivered_in:.1f} "
+          f"answers={answers}")  # fmt: skip
     for problem in (*tally.problems, *memory.problems, *result.get("problems", ())):
         print(f"  {problem}", file=sys.stderr)
     held = not result.get("problems")
@@ -376,20 +389,24 @@ async def rolling(
 
 
 def on_node(process: RelayProcess) -> str:
-    """The node of `process`'s latest broker connection (its log's `broker connected`)."""
-    port = urlsplit(str(process.events("broker connected")[-1]["broker"])).port or 0
-    return node(port - 5680)
+    """The node of `process`'s latest connection for its main work (the ingress's publisher, the
+    worker's consumer), from its log's `broker connected`."""
+    component = "publisher" if process.args[0] == "ingress" else "worker"
+    made = [e for e in process.events("broker connected") if e.get("component") == component]
+    return node((urlsplit(str(made[-1]["broker"])).port or 0) - 5680)
 
 
-def connections(process: RelayProcess, since: datetime) -> list[tuple[float, str, str]]:
-    """(seconds after `since`, event, node) of `process`'s connections lost and made since."""
+def connections(process: RelayProcess, since: datetime) -> list[tuple[float, str]]:
+    """(seconds after `since`, "component event port") of `process`'s connections lost and made
+    since."""
     found = []
     for event in ("broker connected", "broker connection lost", "broker unreachable"):
         for entry in process.events(event):
             at = datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00"))
             if at >= since:
-                port = urlsplit(str(entry.get("broker", ""))).port
-                found.append(((at - since).total_seconds(), event, str(port or "")))
+                port = urlsplit(str(entry.get("broker", ""))).port or ""
+                what = f"{entry.get('component')} {event} {port}".strip()
+                found.append(((at - since).total_seconds(), what))
     return sorted(found)
 
 
@@ -450,7 +467,7 @@ async def partition(
                answer.startswith("200")]  # fmt: skip
     stall = max(b - a for a, b in zip([started, *accepts], [*accepts, healed], strict=True))
     moved = {
-        name: [f"{at:.1f}s {event} {port}" for at, event, port in connections(p, cut_at)]
+        name: [f"{at:.1f}s {what}" for at, what in connections(p, cut_at)]
         for name, p in zip(where, processes, strict=True)
     }
     print(f"relay's connections since the cut: {moved}", flush=True)
