@@ -1,7 +1,8 @@
 """relay given several nodes' addresses: it moves to the next when one is lost; and on a real
 three-node RabbitMQ cluster (deploy/cluster.sh) while a node dies, a short run of
 tests/cluster_run.py. That one needs about 1 GB of memory for the three nodes and two free
-minutes; deselect it with `-m "not cluster"` where they do not fit."""
+minutes; deselect it with `-m "not cluster"` where they do not fit. A rolling restart and a node
+cut off (iptables: root and cgroup v2) take about 8 minutes each: they run with --long."""
 
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def test_a_node_cut_off_pauses_and_loses_and_reorders_nothing() -> None:
     print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
 
     # Then everything accepted was delivered, in order, and archived; the node paused itself
-    # and came back; the ingress moved to a node of the majority while the cut lasted
+    # and came back; the provider waited no longer than until the others saw the node gone (the
+    # queues it led then elect a leader among them) and a publish timeout more
     assert done.returncode == 0
     accepted, delivered, lost, reordered, _ = counted(done.stdout)
     assert accepted > 0
@@ -167,9 +169,8 @@ def test_a_node_cut_off_pauses_and_loses_and_reorders_nothing() -> None:
         done.stdout,
     )
     assert found is not None
-    cut, longest = float(found[3]), float(found[5])
-    # 3 missed heartbeats of 10 s (aiormq), a 5 s publish timeout and a reconnection
-    assert longest < 3 * (10 + 1) + 5 + 10 < cut
+    detected, longest = float(found[1]), float(found[5])
+    assert longest < detected + 5 + 10  # the publish timeout, and an election's time
 
 
 def counted(stdout: str) -> tuple[int, int, int, int, int]:
