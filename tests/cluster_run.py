@@ -552,6 +552,11 @@ async def remembered(
     if unrecorded:
         more = " ..." if len(unrecorded) > 5 else ""
         problems.append(f"delivered without an outcome record: {', '.join(unrecorded[:5])}{more}")
+        missing = set(unrecorded)
+        others = Counter(str(r["outcome"]) for r in records if str(r["id"]) in missing)
+        accepted = sum(1 for ids in ledger.accepted.values() for i in ids if i in missing)
+        problems.append(f"  of those {len(missing)}: {accepted} accepted by the ingress; their "
+                        f"other records in the log: {dict(others)}")  # fmt: skip
     return Memory(
         archived=in_archive.delivered,
         archive_lost=in_archive.lost,
