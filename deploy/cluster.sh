@@ -4,20 +4,27 @@
 #   deploy/cluster.sh start           start relay-c1..c3@localhost and cluster them
 #   deploy/cluster.sh stop            stop the three nodes and delete their data
 #   deploy/cluster.sh status          each node, the cluster, relay's queues and their leaders
-#   deploy/cluster.sh run [--seconds N] [--fault stop_app|kill] [--victim partitions|archive|outcomes] [--keep]
-#                                     start, drive relay through a node failure (tests/cluster_run.py),
-#                                     stop (unless --keep); exit code: the run's
+#   deploy/cluster.sh run [--seconds N] [--fault stop_app|kill|rolling|partition]
+#                         [--victim partitions|archive|outcomes] [--keep]
+#                                     start, drive relay through a node failure, a rolling restart
+#                                     or a partition (tests/cluster_run.py), stop (unless --keep);
+#                                     exit code: the run's
 #   deploy/cluster.sh urls            the nodes' AMQP URLs, comma-separated
 #   deploy/cluster.sh ctl N ARGS...   rabbitmqctl ARGS on node N (1-3)
 #   deploy/cluster.sh queues N ARGS   rabbitmq-queues ARGS on node N
 #   deploy/cluster.sh boot N          start node N's VM again after a kill -9 (it rejoins by itself)
+#   deploy/cluster.sh cut N           cut node N off: drop its inter-node and client traffic (iptables)
+#   deploy/cluster.sh heal            remove the cut: exactly the rules `cut` added
 #
-# Node i: AMQP 127.0.0.1:568i, management 127.0.0.1:1568i, distribution 2568i, data under
-# $RELAY_CLUSTER_DIR/c<i> (default /tmp/relay-cluster). The nodes run as the calling user with its
-# ~/.erlang.cookie, register with an epmd of their own on 127.0.0.1:$RELAY_CLUSTER_EPMD_PORT
-# (4381), and read none of /etc/rabbitmq: a RabbitMQ already running here (rabbit@..., 5672,
-# 15672, 25672, epmd 4369) is neither used nor touched. Every wait has a deadline.
+# Node i: AMQP 127.0.0.1:568i, management 127.0.0.1:1568i, distribution 2568i, stream replication
+# 6i00-6i49, data under $RELAY_CLUSTER_DIR/c<i> (default /tmp/relay-cluster), partition handling
+# pause_minority (docs/OPERATIONS.md). Run as root where cgroup v2 is mounted, node i's processes
+# live in the cgroup relay-cluster-c<i> from their start: `cut` tells their connections apart by
+# it. The nodes run as the calling user with its ~/.erlang.cookie, register with an epmd of their
+# own on 127.0.0.1:$RELAY_CLUSTER_EPMD_PORT (4381), and read none of /etc/rabbitmq: a RabbitMQ
+# already running here (rabbit@..., 5672, 15672, 25672, epmd 4369) is neither used nor touched. Every wait has a deadline.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"  # apt_install
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE="${RELAY_CLUSTER_DIR:-/tmp/relay-cluster}"
@@ -34,6 +41,15 @@ node() { echo "relay-c$1@$HOST"; }
 amqp_port() { echo $((5680 + $1)); }
 http_port() { echo $((15680 + $1)); }
 dist_port() { echo $((25680 + $1)); }
+stream_ports() { echo "$((6000 + 100 * $1)):$((6049 + 100 * $1))"; }  # osiris' replication ports
+CUT_CHAIN=RELAY-CLUSTER-CUT
+
+cgroup_root() {  # where cgroup v2 is mounted, if this user may make cgroups there; else nothing
+    local root
+    root=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+    [ -n "$root" ] && [ -w "$root" ] && echo "$root"
+}
+cgroup() { echo "relay-cluster-c$1"; }  # node N's cgroup, as a path under the cgroup v2 root
 
 sbin() {  # the RabbitMQ scripts themselves, not the distribution's wrappers that su to rabbitmq
     if [ -n "${RABBITMQ_SBIN:-}" ]; then echo "$RABBITMQ_SBIN"
@@ -57,6 +73,7 @@ node_env() {
     export RABBITMQ_CTL_DIST_PORT_MIN=$((35690 + 10 * i)) RABBITMQ_CTL_DIST_PORT_MAX=$((35699 + 10 * i))
     export RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log"
     export RABBITMQ_PID_FILE="$dir/pid" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf"
+    export RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
     export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
     export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
     export ERL_EPMD_PORT="$EPMD_PORT" ERL_EPMD_ADDRESS=127.0.0.1
@@ -89,7 +106,13 @@ management.tcp.ip = 127.0.0.1
 management.tcp.port = $(http_port "$i")
 # new quorum queues and streams get their leader on the node leading the fewest
 queue_leader_locator = balanced
+# a node that sees fewer than half of the cluster stops serving until it sees more again
+cluster_partition_handling = pause_minority
 CONF
+    local ports
+    ports=$(stream_ports "$i")
+    # each node's stream replication on ports of its own: `cut` drops them by port
+    echo "[{osiris, [{port_range, {${ports%:*}, ${ports#*:}}}]}]." >"$dir/advanced.config"
     echo "[rabbitmq_management]." >"$dir/enabled_plugins"
 }
 
@@ -103,7 +126,16 @@ launch() {  # launch N: start node N's Erlang VM and the app in the background
     write_node_files "$i"
     rm -f "$BASE/c$i/pid"
     say "starting $(node "$i") (AMQP 127.0.0.1:$(amqp_port "$i"), logs in $BASE/c$i/log)"
-    (node_env "$i"; exec "$(sbin)/rabbitmq-server" -detached)
+    local root
+    root=$(cgroup_root) || true
+    (
+        node_env "$i"
+        if [ -n "$root" ]; then  # the VM and all it starts (and the sockets they open) in node i's
+            mkdir -p "$root/$(cgroup "$i")"
+            echo "$BASHPID" >"$root/$(cgroup "$i")/cgroup.procs"
+        fi
+        exec "$(sbin)/rabbitmq-server" -detached
+    )
 }
 
 await_node() {  # await_node N: until node N's app runs
@@ -149,7 +181,51 @@ start() {
     urls
 }
 
+# Node N cut off from the others and from its clients, as by a broken network: on loopback, every
+# packet to or from its AMQP port; and, told apart by the cgroup of the process that sends it, each
+# connection between it and another node (Erlang distribution, stream replication) dropped at
+# the side that opened it (ports: the other node's), which leaves a TCP connection dead both ways.
+# CLI calls (rabbitmqctl on any node) and the management API still pass. The rules are in a chain
+# of their own, jumped to from OUTPUT: `heal` removes exactly those.
+cut() {
+    local v=$1 p root
+    root=$(cgroup_root) || die "cut needs root and cgroup v2 (the nodes' cgroups)"
+    [ -d "$root/$(cgroup "$v")" ] || die "$(node "$v") runs in no cgroup of its own: restart the cluster as root"
+    apt_install iptables || die "cut needs iptables"
+    iptables -N "$CUT_CHAIN" 2>/dev/null || die "a cut is in place already: deploy/cluster.sh heal"
+    local rules=(
+        "-p tcp --dport $(amqp_port "$v")"
+        "-p tcp --sport $(amqp_port "$v")"
+    )
+    for p in "${NODES[@]}"; do
+        [ "$p" = "$v" ] && continue
+        rules+=(
+            "-m cgroup --path $(cgroup "$v") -p tcp --dport $(dist_port "$p")"
+            "-m cgroup --path $(cgroup "$p") -p tcp --dport $(dist_port "$v")"
+            "-m cgroup --path $(cgroup "$v") -p tcp --dport $(stream_ports "$p")"
+            "-m cgroup --path $(cgroup "$p") -p tcp --dport $(stream_ports "$v")"
+        )
+    done
+    local rule
+    for rule in "${rules[@]}"; do
+        # shellcheck disable=SC2086  # each rule is words
+        iptables -A "$CUT_CHAIN" $rule -j DROP || { heal; die "iptables refused: $rule"; }
+    done
+    iptables -I OUTPUT -o lo -j "$CUT_CHAIN" || { heal; die "iptables refused the jump"; }
+    say "$(node "$v") cut off (iptables chain $CUT_CHAIN, ${#rules[@]} rules)"
+}
+
+heal() {
+    command -v iptables >/dev/null || return 0
+    iptables -n -L "$CUT_CHAIN" >/dev/null 2>&1 || return 0
+    while iptables -D OUTPUT -o lo -j "$CUT_CHAIN" 2>/dev/null; do :; done
+    iptables -F "$CUT_CHAIN"
+    iptables -X "$CUT_CHAIN"
+    say "cut healed (chain $CUT_CHAIN removed)"
+}
+
 stop() {
+    heal
     for i in "${NODES[@]}"; do
         local pidfile="$BASE/c$i/pid"
         [ -s "$pidfile" ] || continue
@@ -168,6 +244,13 @@ stop() {
         [ -x "$epmd" ] || epmd=epmd
         ERL_EPMD_PORT="$EPMD_PORT" timeout 10 "$epmd" -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
         rm -rf "$BASE"
+    fi
+    local root
+    if root=$(cgroup_root); then
+        for i in "${NODES[@]}"; do
+            [ -d "$root/$(cgroup "$i")" ] && { rmdir "$root/$(cgroup "$i")" 2>/dev/null \
+                || say "cgroup $(cgroup "$i") still holds processes: $(cat "$root/$(cgroup "$i")/cgroup.procs")"; }
+        done
     fi
     say "stopped; $BASE removed"
 }
@@ -225,5 +308,7 @@ case "$command" in
     ctl) [ $# -ge 2 ] || die "usage: $0 ctl N ARGS..."; ctl "$@" ;;
     queues) [ $# -ge 2 ] || die "usage: $0 queues N ARGS..."; queues "$@" ;;
     boot) [ $# -eq 1 ] || die "usage: $0 boot N"; boot "$1" ;;
-    *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    cut) [ $# -eq 1 ] || die "usage: $0 cut N"; cut "$1" ;;
+    heal) heal ;;
+    *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -27,6 +27,16 @@ the first of an id: informational). One line:
     accepted=... delivered=... lost=0 reordered=0 duplicates=... failover_seconds=...
     ... archived=... archive_lost=0 archive_reordered=0 outcomes=... outcomes_lost=0 ...
 
+`--fault rolling` restarts every node in turn instead (`stop_app`, --seconds down, `start_app`,
+until its partitions' members and streams' replicas are online again, then the next) and adds
+`refused=... refused_bound=...` (answers other than 200 the provider met; more fails the run).
+`--fault partition` cuts the victim off (`deploy/cluster.sh cut`: its inter-node and client
+traffic dropped) until the others see it gone and it paused itself (pause_minority), --seconds
+more, heals it in any case, and adds `detected_seconds paused_seconds cut_seconds
+refused_while_cut longest_without_accept_seconds`, and prints when each relay process lost and
+made its connections; `--victim ingress` cuts off the node of the ingress's publisher.
+`delivered_in_seconds`: from the load's stop until everything accepted was delivered.
+
 Exit 0 only if nothing accepted was lost or reordered, load was accepted after the fault, the
 queues and streams recovered, and neither the archive nor the outcome log misses anything.
 Every wait has a deadline.
@@ -51,6 +61,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiohttp
@@ -65,6 +76,7 @@ from tests.processes import (
     Ledger,
     PartitionsEmpty,
     Relay,
+    RelayProcess,
     http_deliveries,
     in_background,
 )
@@ -83,6 +95,10 @@ QUIET_SECONDS = 3.0  # past its leader's committed offset, a stream read ends th
 READ_SECONDS = 90.0  # for one stream's read
 READ_PREFETCH = 1000  # a stream consumer needs one; its acks only grant credit
 SKEW_SECONDS = 5.0  # an offset by time starts at a chunk: from a little before the run's start
+PARTITION_SECONDS = 150.0  # for a cut-off node to be seen gone, and to pause (net_ticktime: 60)
+# refusals (503s, errors) a node's restart may cause: while the ingress's connection to it closes
+# and another opens, 20 invoices each sent again every 0.2 s
+REFUSED_PER_RESTART = 200
 COLUMNS = "name,type,leader,node,members,online,messages"
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
 
@@ -151,11 +167,12 @@ def placement(found: dict[str, dict[str, Any]]) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     urls = cluster("urls").split(",")
+    given = [f"{url}?heartbeat={args.heartbeat}" if args.heartbeat else url for url in urls]
     since = datetime.now(UTC)  # the run's start: its archive is read from here
     with tempfile.TemporaryDirectory(prefix="relay-cluster-run-") as directory:
         async with (
             HttpHandler() as handler,
-            Relay(Path(directory), url=",".join(urls), quiet=True) as relay,
+            Relay(Path(directory), url=",".join(given), quiet=True) as relay,
         ):
             handler.latency = 0.005
             config = relay.config(
@@ -165,12 +182,13 @@ async def run(args: argparse.Namespace) -> int:
             billing = config.settings.handlers[0]
             partitions = list(billing.queues)
             streams = [topology.ARCHIVE, billing.outcome_log]
-            await relay.start(config, workers=2)
+            processes = await relay.start(config, workers=2)
             sender = EnvoiceSender.to(config, pause_seconds=0.01)
             stop = asyncio.Event()
             async with in_background(sender.send(INVOICES, stop=stop)):
-                result = await fault(args, sender, partitions, streams)
+                result = await fault(args, sender, partitions, streams, processes)
                 stop.set()
+            stopped = time.monotonic()
             try:
                 # (the partitions read live on a running node: a repeat still on its way counts)
                 on_node = (str(CLUSTER), "ctl", str(result["up"][0]))
@@ -180,9 +198,9 @@ async def run(args: argparse.Namespace) -> int:
                 await sender.ledger.delivered(
                     lambda: http_deliveries(handler), drained_now, timeout=DELIVERY_SECONDS
                 )
-            except AssertionError as undelivered:  # still counted: the line says what is missing
-                print(undelivered, file=sys.stderr)
-            tally = sender.ledger.check(http_deliveries(handler))
+            except AssertionError as undelivered:  # counted after the drain: the line says
+                print(undelivered, file=sys.stderr)  # what is missing even then
+            delivered_in = time.monotonic() - stopped
             # A message is acked only once its outcome record is confirmed (records the broker
             # did not confirm in the failover are written again): wait for the partitions to
             # hold nothing, then every delivered message has its record.
@@ -191,6 +209,7 @@ async def run(args: argparse.Namespace) -> int:
                                  interval=1.0, what="the partitions drained")  # fmt: skip
             except AssertionError as undrained:
                 print(undrained, file=sys.stderr)
+            tally = sender.ledger.check(http_deliveries(handler))
             # the load has stopped and what could be delivered is: the streams are read to their end
             memory = await remembered(
                 result["up"][0], urls, config.settings.broker.exchange, since,
@@ -201,17 +220,24 @@ async def run(args: argparse.Namespace) -> int:
           f"recovered_seconds={result['recovered']:.1f} "
           f"accepted_after_fault={result['accepted_after']} fault={args.fault} "
           f"node={result['node']} streams_recovered_seconds={result['streams_recovered']:.1f} "
-          f"{memory.line()} answers={answers}")  # fmt: skip
-    for problem in (*tally.problems, *memory.problems):
+          f"{memory.line()} {result.get('extra', '')}delivered_in_seconds={delivered_in:.1f} "
+          f"answers={answers}")  # fmt: skip
+    for problem in (*tally.problems, *memory.problems, *result.get("problems", ())):
         print(f"  {problem}", file=sys.stderr)
-    return 0 if tally.ok and memory.ok and result["accepted_after"] > 0 else 1
+    held = not result.get("problems")
+    return 0 if tally.ok and memory.ok and held and result["accepted_after"] > 0 else 1
 
 
 async def fault(
-    args: argparse.Namespace, sender: EnvoiceSender, partitions: list[str], streams: list[str]
+    args: argparse.Namespace,
+    sender: EnvoiceSender,
+    partitions: list[str],
+    streams: list[str],
+    processes: tuple[RelayProcess, ...],
 ) -> dict[str, Any]:
-    """Under `sender`'s load: the fault on the node chosen by --victim, the partitions'
-    failover, the recovery of partitions and streams. What was measured."""
+    """Under `sender`'s load: the fault on the node chosen by --victim (every node in turn, for
+    `rolling`), the partitions' failover, the recovery of partitions and streams. What was
+    measured."""
     await asyncio.sleep(args.warmup)  # the scenario's timeline: load before the fault
     await eventually(lambda: len(sender.ledger) > 0, timeout=FAILOVER_SECONDS, what="traffic")
 
@@ -222,7 +248,11 @@ async def fault(
     what = "a member of every partition and stream on every node"
     found = await eventually(placed, timeout=PLACEMENT_SECONDS, interval=1.0, what=what)
     print(f"placed: {placement(found)}", flush=True)
-    if args.victim == "partitions":
+    if args.fault == "rolling":
+        return await rolling(args, sender, partitions, streams)
+    if args.victim == "ingress":
+        led = on_node(processes[0])
+    elif args.victim == "partitions":
         leaders = Counter(found[q]["leader"] for q in partitions)
         led = leaders.most_common(1)[0][0]
     else:
@@ -230,6 +260,8 @@ async def fault(
     victim = next(i for i in NODES if node(i) == led)
     up = [i for i in NODES if i != victim]
     print(f"{args.fault} {node(victim)} (--victim {args.victim})", flush=True)
+    if args.fault == "partition":
+        return await partition(args, sender, partitions, streams, processes, victim)
     started = time.monotonic()
     if args.fault == "kill":
         base = Path(os.environ.get("RELAY_CLUSTER_DIR", "/tmp/relay-cluster"))
@@ -256,6 +288,34 @@ async def fault(
     started = time.monotonic()
     restart = ("boot", str(victim)) if args.fault == "kill" else ("ctl", str(victim), "start_app")
     await asyncio.to_thread(cluster, *restart)
+    recovered, streams_recovered = await back_online(started, partitions, streams)
+    print(f"{node(victim)} back, every partition's members online in {recovered:.1f} s, "
+          f"every stream's replicas in {streams_recovered:.1f} s", flush=True)  # fmt: skip
+    await asyncio.sleep(args.warmup)  # the scenario's timeline: load on the whole cluster again
+    return {"node": node(victim), "up": up, "failover": failover, "recovered": recovered,
+            "streams_recovered": streams_recovered, "accepted_after": accepted_after}  # fmt: skip
+
+
+async def led_elsewhere(victim: int, partitions: list[str]) -> float:
+    """Seconds until every partition has a leader online on a node other than `victim`."""
+    started = time.monotonic()
+    up = [i for i in NODES if i != victim]
+
+    async def moved() -> bool:
+        found = await queues(up, partitions)
+        return len(found) == len(partitions) and all(
+            q["leader"] != node(victim) and q["leader"] in q["online"] for q in found.values()
+        )
+
+    await eventually(moved, timeout=FAILOVER_SECONDS, what="partitions led elsewhere")
+    return time.monotonic() - started
+
+
+async def back_online(
+    started: float, partitions: list[str], streams: list[str]
+) -> tuple[float, float]:
+    """Seconds since `started` until every partition has its three members online, and until
+    every stream has its three replicas online."""
 
     async def all_online(names: list[str]) -> bool:
         return replicated(await queues(list(NODES), names), names)
@@ -268,11 +328,158 @@ async def fault(
         online_in(partitions, "every partition's members online again"),
         online_in(streams, "every stream's replicas online again"),
     )
-    print(f"{node(victim)} back, every partition's members online in {recovered:.1f} s, "
+    return recovered, streams_recovered
+
+
+# --- a rolling restart ------------------------------------------------------------------------
+
+
+async def rolling(
+    args: argparse.Namespace, sender: EnvoiceSender, partitions: list[str], streams: list[str]
+) -> dict[str, Any]:
+    """Each node in turn, as an upgrade does: wait until stopping it leaves every quorum queue a
+    majority (`rabbitmq-queues check_if_node_is_quorum_critical`), `stop_app`, --seconds down,
+    `start_app`, wait until every partition's members and every stream's replicas are online
+    again. The refusals (answers other than 200) in all: at most REFUSED_PER_RESTART a node."""
+    started = time.monotonic()
+    accepted_before = len(sender.ledger)
+    rounds: list[dict[str, float]] = []
+    for victim in NODES:
+
+        def safe(victim: int = victim) -> bool:
+            try:
+                cluster("queues", str(victim), "check_if_node_is_quorum_critical")
+            except RuntimeError:
+                return False
+            return True
+
+        await eventually(lambda: asyncio.to_thread(safe), timeout=RECOVERY_SECONDS, interval=1.0,
+                         what=f"{node(victim)} not quorum critical")  # fmt: skip
+        stopped = time.monotonic()
+        print(f"stop_app {node(victim)} (rolling)", flush=True)
+        await asyncio.to_thread(cluster, "ctl", str(victim), "stop_app")
+        failover = await led_elsewhere(victim, partitions)
+        await asyncio.sleep(args.seconds)  # the scenario's timeline: this node down
+        restarted = time.monotonic()
+        await asyncio.to_thread(cluster, "ctl", str(victim), "start_app")
+        recovered, streams_recovered = await back_online(restarted, partitions, streams)
+        refused = sender.refused_in(stopped)
+        rounds.append({"failover": failover, "recovered": recovered,
+                       "streams_recovered": streams_recovered, "refused": refused})  # fmt: skip
+        print(f"{node(victim)} restarted: failover {failover:.1f} s, partitions' members online "
+              f"in {recovered:.1f} s, streams' replicas in {streams_recovered:.1f} s, "
+              f"{refused} refused since its stop_app {dict(sender.count(stopped))}",
+              flush=True)  # fmt: skip
+        await asyncio.sleep(args.warmup)  # the scenario's timeline: the whole cluster, then next
+    refused = sender.refused_in(started)
+    bound = REFUSED_PER_RESTART * len(NODES)
+    problems = [f"{refused} refusals in the rolling restart, more than {bound}"] * (refused > bound)
+    return {
+        "node": "each", "up": list(NODES), "accepted_after": len(sender.ledger) - accepted_before,
+        "failover": max(r["failover"] for r in rounds),
+        "recovered": max(r["recovered"] for r in rounds),
+        "streams_recovered": max(r["streams_recovered"] for r in rounds),
+        "extra": f"refused={refused} refused_bound={bound} rolling_seconds="
+                 f"{time.monotonic() - started:.1f} ",
+        "problems": problems,
+    }  # fmt: skip
+
+
+# --- a node cut off ---------------------------------------------------------------------------
+
+
+def on_node(process: RelayProcess) -> str:
+    """The node of `process`'s latest connection for its main work (the ingress's publisher, the
+    worker's consumer), from its log's `broker connected`."""
+    component = "publisher" if process.args[0] == "ingress" else "worker"
+    made = [e for e in process.events("broker connected") if e.get("component") == component]
+    return node((urlsplit(str(made[-1]["broker"])).port or 0) - 5680)
+
+
+def connections(process: RelayProcess, since: datetime) -> list[tuple[float, str]]:
+    """(seconds after `since`, "component event port") of `process`'s connections lost and made
+    since."""
+    found = []
+    for event in ("broker connected", "broker connection lost", "broker unreachable"):
+        for entry in process.events(event):
+            at = datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00"))
+            if at >= since:
+                port = urlsplit(str(entry.get("broker", ""))).port or ""
+                what = f"{entry.get('component')} {event} {port}".strip()
+                found.append(((at - since).total_seconds(), what))
+    return sorted(found)
+
+
+async def partition(
+    args: argparse.Namespace,
+    sender: EnvoiceSender,
+    partitions: list[str],
+    streams: list[str],
+    processes: tuple[RelayProcess, ...],
+    victim: int,
+) -> dict[str, Any]:
+    """Node `victim` cut off (`deploy/cluster.sh cut`) until the other two see it gone and it
+    paused itself (pause_minority), then --seconds more, under load; healed (in any case), and
+    recovered. What the clients saw: their connections lost and made again (their logs), the
+    refusals and the longest time without an accept while cut off."""
+    up = [i for i in NODES if i != victim]
+    where = {p.args[0] + str(n): on_node(p) for n, p in enumerate(processes)}
+    print(f"relay's connections before the cut: {where}", flush=True)
+    cut_at, started = datetime.now(UTC), time.monotonic()
+    accepted_at_cut = len(sender.ledger)
+
+    def asked(i: int, expression: str) -> str:
+        try:
+            return cluster("ctl", str(i), "-q", "eval", expression)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return ""
+
+    def seen_gone() -> bool:
+        running = asked(up[0], "rabbit_nodes:all_running().")
+        return bool(running) and node(victim) not in running
+
+    def paused() -> bool:  # (rabbitmqctl's own connection to the node is not cut)
+        return asked(victim, "rabbit:is_running().") == "false"
+
+    try:
+        await asyncio.to_thread(cluster, "cut", str(victim))
+        await eventually(lambda: asyncio.to_thread(seen_gone), timeout=PARTITION_SECONDS,
+                         interval=1.0, what=f"{node(victim)} seen gone")  # fmt: skip
+        detected = time.monotonic() - started
+        await eventually(lambda: asyncio.to_thread(paused), timeout=PARTITION_SECONDS,
+                         interval=1.0, what=f"{node(victim)} paused")  # fmt: skip
+        paused_after = time.monotonic() - started
+        print(
+            f"{node(victim)} seen gone by {node(up[0])} after {detected:.1f} s, paused itself "
+            f"after {paused_after:.1f} s; cut off {args.seconds:g} s more",
+            flush=True,
+        )
+        await asyncio.sleep(args.seconds)  # the scenario's timeline: load while it is cut off
+    finally:
+        await asyncio.to_thread(cluster, "heal")
+    healed = time.monotonic()
+    accepted_after = len(sender.ledger) - accepted_at_cut
+    recovered, streams_recovered = await back_online(healed, partitions, streams)
+    print(f"{node(victim)} healed, every partition's members online in {recovered:.1f} s, "
           f"every stream's replicas in {streams_recovered:.1f} s", flush=True)  # fmt: skip
     await asyncio.sleep(args.warmup)  # the scenario's timeline: load on the whole cluster again
-    return {"node": node(victim), "up": up, "failover": failover, "recovered": recovered,
-            "streams_recovered": streams_recovered, "accepted_after": accepted_after}  # fmt: skip
+    accepts = [at for at, answer in sender.timeline if started <= at < healed and
+               answer.startswith("200")]  # fmt: skip
+    stall = max(b - a for a, b in zip([started, *accepts], [*accepts, healed], strict=True))
+    moved = {
+        name: [f"{at:.1f}s {what}" for at, what in connections(p, cut_at)]
+        for name, p in zip(where, processes, strict=True)
+    }
+    print(f"relay's connections since the cut: {moved}", flush=True)
+    cut_seconds = healed - started
+    return {
+        "node": node(victim), "up": up, "failover": detected, "recovered": recovered,
+        "streams_recovered": streams_recovered, "accepted_after": accepted_after,
+        "extra": f"detected_seconds={detected:.1f} paused_seconds={paused_after:.1f} "
+                 f"cut_seconds={cut_seconds:.1f} "
+                 f"refused_while_cut={sender.refused_in(started, healed)} "
+                 f"longest_without_accept_seconds={stall:.1f} ",
+    }  # fmt: skip
 
 
 # --- what the streams remember ----------------------------------------------------------------
@@ -345,6 +552,11 @@ async def remembered(
     if unrecorded:
         more = " ..." if len(unrecorded) > 5 else ""
         problems.append(f"delivered without an outcome record: {', '.join(unrecorded[:5])}{more}")
+        missing = set(unrecorded)
+        others = Counter(str(r["outcome"]) for r in records if str(r["id"]) in missing)
+        accepted = sum(1 for ids in ledger.accepted.values() for i in ids if i in missing)
+        problems.append(f"  of those {len(missing)}: {accepted} accepted by the ingress; their "
+                        f"other records in the log: {dict(others)}")  # fmt: skip
     return Memory(
         archived=in_archive.delivered,
         archive_lost=in_archive.lost,
@@ -416,10 +628,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="load with a node down (60)")
     parser.add_argument("--warmup", type=float, default=10.0, help="load before and after (10)")
-    parser.add_argument("--fault", choices=["stop_app", "kill"], default="stop_app")
     parser.add_argument(
-        "--victim", choices=["partitions", "archive", "outcomes"], default="partitions",
-        help="the node leading the most partitions (default), the archive or the outcome log",
+        "--fault", choices=["stop_app", "kill", "rolling", "partition"], default="stop_app",
+        help="stop_app, kill -9, every node restarted in turn (--seconds down each), "
+             "or cut off (--seconds once it paused itself)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--victim", choices=["partitions", "archive", "outcomes", "ingress"], default="partitions",
+        help="the node leading the most partitions (default), the archive, the outcome log, "
+             "or the ingress's connection",
+    )  # fmt: skip
+    parser.add_argument(
+        "--heartbeat", type=int, default=0,
+        help="AMQP heartbeat (s) in the URLs relay is given (?heartbeat=N); 0: relay's default",
     )  # fmt: skip
     return asyncio.run(run(parser.parse_args()))
 

@@ -1,7 +1,8 @@
 """relay given several nodes' addresses: it moves to the next when one is lost; and on a real
 three-node RabbitMQ cluster (deploy/cluster.sh) while a node dies, a short run of
 tests/cluster_run.py. That one needs about 1 GB of memory for the three nodes and two free
-minutes; deselect it with `-m "not cluster"` where they do not fit."""
+minutes; deselect it with `-m "not cluster"` where they do not fit. A rolling restart and a node
+cut off (iptables: root and cgroup v2) take about 8 minutes each: they run with --long."""
 
 from __future__ import annotations
 
@@ -98,3 +99,85 @@ def test_a_killed_node_loses_and_reorders_nothing_and_its_queues_recover() -> No
     archived, archive_lost, archive_reordered, outcomes_lost = map(int, memory.groups())
     assert (archived, archive_lost, archive_reordered) == (accepted, 0, 0)
     assert outcomes_lost == 0
+
+
+ROLLING_SECONDS = 900  # the cluster's start and stop, three restarts of 10 s each and their waits
+
+
+@pytest.mark.fault
+@pytest.mark.cluster
+@pytest.mark.long
+@pytest.mark.timeout(ROLLING_SECONDS + 60)
+def test_a_rolling_restart_under_load_loses_and_reorders_nothing_and_refuses_little() -> None:
+    # Given relay (ingress and two workers given all three nodes) under a provider's load
+    # When each node in turn is stopped (stop_app) for 10 s, started, and its queues and streams
+    # are back in sync before the next
+    done = subprocess.run(
+        [str(ROOT / "deploy" / "cluster.sh"), "run", "--seconds", "10", "--warmup", "10",
+         "--fault", "rolling"],
+        capture_output=True, text=True, timeout=ROLLING_SECONDS, check=False,
+    )  # fmt: skip
+    print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
+
+    # Then everything accepted was delivered once at least, in order, and archived
+    assert done.returncode == 0
+    accepted, delivered, lost, reordered, duplicates = counted(done.stdout)
+    assert accepted > 0
+    assert delivered == accepted
+    assert (lost, reordered) == (0, 0)
+    # a repeat at most of what was in flight (20) on each worker's connection, at each restart
+    assert duplicates <= 3 * 2 * 20
+    # and the provider was refused (503) at most refused_bound times: 200 a restart, what the
+    # 20 invoices sent again every 0.2 s meet in 2 s without an ingress connection
+    found = re.search(r"refused=(\d+) refused_bound=(\d+) ", done.stdout)
+    assert found is not None
+    refused, bound = int(found[1]), int(found[2])
+    assert bound == 3 * 200
+    assert refused <= bound
+
+
+PARTITION_SECONDS = 600  # the cluster's start and stop, the cut seen (net_ticktime 60), 30 s more
+
+
+@pytest.mark.fault
+@pytest.mark.cluster
+@pytest.mark.long
+@pytest.mark.timeout(PARTITION_SECONDS + 60)
+def test_a_node_cut_off_pauses_and_loses_and_reorders_nothing() -> None:
+    # Given relay under load, its ingress connected to the node about to be cut off, with a 10 s
+    # AMQP heartbeat (what docs/OPERATIONS.md advises for clusters)
+    # When that node's inter-node and client traffic is dropped until the others see it gone and
+    # it paused itself (pause_minority), 30 s more, and then the cut is healed
+    done = subprocess.run(
+        [str(ROOT / "deploy" / "cluster.sh"), "run", "--seconds", "30", "--warmup", "10",
+         "--fault", "partition", "--victim", "ingress", "--heartbeat", "10"],
+        capture_output=True, text=True, timeout=PARTITION_SECONDS, check=False,
+    )  # fmt: skip
+    print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
+
+    # Then everything accepted was delivered, in order, and archived; the node paused itself
+    # and came back; the provider waited no longer than until the others saw the node gone (the
+    # queues it led then elect a leader among them) and a publish timeout more
+    assert done.returncode == 0
+    accepted, delivered, lost, reordered, _ = counted(done.stdout)
+    assert accepted > 0
+    assert delivered == accepted
+    assert (lost, reordered) == (0, 0)
+    found = re.search(
+        r"detected_seconds=([\d.]+) paused_seconds=([\d.]+) cut_seconds=([\d.]+) "
+        r"refused_while_cut=(\d+) longest_without_accept_seconds=([\d.]+) ",
+        done.stdout,
+    )
+    assert found is not None
+    detected, longest = float(found[1]), float(found[5])
+    assert longest < detected + 5 + 10  # the publish timeout, and an election's time
+
+
+def counted(stdout: str) -> tuple[int, int, int, int, int]:
+    """accepted, delivered, lost, reordered, duplicates of a cluster run's line."""
+    found = re.search(
+        r"accepted=(\d+) delivered=(\d+) lost=(\d+) reordered=(\d+) duplicates=(\d+) ", stdout
+    )
+    assert found is not None
+    accepted, delivered, lost, reordered, duplicates = (int(g) for g in found.groups())
+    return accepted, delivered, lost, reordered, duplicates
