@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -167,12 +168,13 @@ class Broker:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         amqp = URL(AMQP_URL)
         self.base = URL.build(scheme="http", host=amqp.host or "127.0.0.1", port=15672)
-        self.auth = aiohttp.BasicAuth(amqp.user or "guest", amqp.password or "guest")
+        login = f"{amqp.user or 'guest'}:{amqp.password or 'guest'}".encode()
+        self.headers = {"Authorization": "Basic " + base64.b64encode(login).decode()}
         self.session = session
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         url = self.base.with_path("/api/" + path, encoded=True)
-        async with self.session.request(method, url, json=body, auth=self.auth) as response:
+        async with self.session.request(method, url, json=body, headers=self.headers) as response:
             response.raise_for_status()
             return await response.json(content_type=None) if response.status == 200 else None
 
