@@ -105,8 +105,8 @@ async def test_the_window_holds_at_most_window_unacked_deliveries() -> None:
 
 @pytest.mark.timeout(5)
 async def test_a_key_s_long_backlog_does_not_hold_back_the_other_keys_of_its_partition() -> None:
-    # Given a partition with the default window (4 MiB: the 310 fit; a 256-message one did not),
-    # one key's head held by the endpoint
+    # Given a partition with the default window (2,048 messages at first: the 310 fit; a window
+    # of 256 messages did not), one key's head held by the endpoint
     rig = await a_rig()
     rig.target.hold("a0")
 
@@ -129,9 +129,9 @@ async def test_a_key_s_long_backlog_does_not_hold_back_the_other_keys_of_its_par
 
 @pytest.mark.timeout(5)
 async def test_the_window_holds_window_bytes_of_messages_of_the_mean_size_seen() -> None:
-    # Given a window of 40 KiB: before any message is seen, 4 KiB each is assumed
+    # Given a window of 40 KiB: before any message is seen, 2 KiB each is assumed
     rig = await a_rig(window_bytes=40 * 1024)
-    assert rig.channel.prefetch == 10
+    assert rig.channel.prefetch == 20
 
     # When messages of about 1 KiB each (their ~20-byte bodies and 1 KiB of overhead) were held
     for n in range(20):
@@ -149,7 +149,7 @@ async def test_the_window_holds_window_bytes_of_messages_of_the_mean_size_seen()
 @pytest.mark.parametrize(
     ("window", "window_bytes", "mean", "expected"),
     [
-        (8192, 4 * 1024 * 1024, 4096.0, 1024),  # the defaults, nothing seen yet
+        (8192, 4 * 1024 * 1024, 2048.0, 2048),  # the defaults, nothing seen yet
         (8192, 4 * 1024 * 1024, 1100.0, 3813),
         (8192, 4 * 1024 * 1024, 100.0, 8192),  # tiny messages: `window` caps the count
         (8192, 4 * 1024 * 1024, 10 * 1024 * 1024.0, 1),  # a message beyond the bytes: one

@@ -20,8 +20,9 @@ from typing import Generic, Protocol, TypeVar
 # What holding a message costs beyond its body, estimated: its properties and headers, the
 # delivery's objects in aiormq and relay's record of it
 MESSAGE_OVERHEAD_BYTES = 1024
-# The mean size assumed before a partition has seen a message: a few-KiB webhook
-ASSUMED_MESSAGE_BYTES = 4096
+# The mean size assumed before a partition has seen a message: a webhook of 1 KiB (an Envoice
+# activity's is about 500 bytes)
+ASSUMED_MESSAGE_BYTES = 2048
 
 
 class Keyed(Protocol):
