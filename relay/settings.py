@@ -136,7 +136,10 @@ class HandlerSettings:
     signing_secret: Secret | None = None
     partitions: int = 4
     concurrency: int = 64  # deliveries in flight per worker, across the handler's partitions
-    window: int = 256  # deliveries a partition holds at once (its prefetch)
+    # A partition holds about window_bytes of messages at once (bodies and about 1 KiB each
+    # besides), at most `window` of them (its prefetch; relay/worker/keys.py)
+    window: int = 8192
+    window_bytes: int = 4 * 1024 * 1024
     max_rate: float | None = None  # deliveries per second per worker
     max_attempts: int = 8
     backoff_initial_ms: int = 500
@@ -506,8 +509,8 @@ def _source(t: _Table) -> SourceSettings:
 def _handler(t: _Table) -> HandlerSettings:
     t.only(
         "name", "events", "url", "call", "signing_secret", "partitions", "concurrency", "window",
-        "max_rate", "max_attempts", "backoff_initial_ms", "backoff_max_ms", "timeout_seconds",
-        "backfill",
+        "window_bytes", "max_rate", "max_attempts", "backoff_initial_ms", "backoff_max_ms",
+        "timeout_seconds", "backfill",
     )  # fmt: skip
     events = t.get("events", list)
     if not events or not all(isinstance(e, str) for e in events):
@@ -540,7 +543,8 @@ def _handler(t: _Table) -> HandlerSettings:
         signing_secret=signing_secret,
         partitions=t.number("partitions", d.partitions, minimum=1, maximum=MAX_PARTITIONS),
         concurrency=t.number("concurrency", d.concurrency, minimum=1),
-        window=t.number("window", d.window, minimum=1, maximum=65535),
+        window=t.number("window", d.window, minimum=1, maximum=65535),  # prefetch is 16 bits
+        window_bytes=t.number("window_bytes", d.window_bytes, minimum=1),
         # 0 and unset alike: no limit (the field's None)
         max_rate=t.number("max_rate", 0, minimum=0, integer=False) or None,
         max_attempts=t.number("max_attempts", d.max_attempts, minimum=1),

@@ -12,6 +12,7 @@ real broker, and relay's handling of it shown to hold.
   relay closes channels instead.
 - consumer_timeout closes the channel of a delivery held too long: relay keeps order.
 - a delivery received before a connection drop cannot be acked: the broker delivers it again.
+- a consumer's prefetch is fixed when it starts: relay sizes a partition's window per channel.
 """
 
 from __future__ import annotations
@@ -610,3 +611,30 @@ async def test_cancelling_a_single_active_consumer_hands_the_queue_over_while_it
         assert numbers(held) == list(range(1, 11))
     finally:
         await (await connection.channel()).queue_delete(name)
+
+
+# --- prefetch ---------------------------------------------------------------------------------
+
+ABSENCE_SECONDS = 1.0  # how long a consumer is watched to see that nothing more comes
+
+
+async def test_a_later_basic_qos_changes_the_prefetch_of_later_consumers_only(
+    make_queue: MakeQueue, connection: AbstractConnection
+) -> None:
+    """Why a partition's window is sized when its channel opens (relay/worker/keys.py): a
+    consumer's prefetch cannot be raised or lowered while it consumes, only by a new channel."""
+    # Given 1..40 in a quorum queue, a consumer holding 1..5 with prefetch 5
+    queue = await make_queue("quorum")
+    await fill(queue, 40)
+    consumer = await on_own_channel(connection, queue)
+    held, _ = await hold(consumer, 5)
+
+    # When the channel's prefetch is raised to 20, and a second consumer starts on it
+    await consumer.channel.set_qos(prefetch_count=20)
+    other = await make_queue("quorum")
+    await fill(other, 40)
+    later, _ = await hold(await consumer.channel.get_queue(other.name, ensure=False), 20)
+
+    # Then the later consumer holds 20, and the first still 5 and no more (watched a while)
+    await asyncio.sleep(ABSENCE_SECONDS)
+    assert (len(later), numbers(held)) == (20, [1, 2, 3, 4, 5])

@@ -11,6 +11,7 @@ import pytest
 
 from relay import wire
 from relay.worker.delivery import Outcome
+from relay.worker.keys import prefetch
 from tests.fakes import REJECTED, UNAVAILABLE, a_rig, turns
 
 FOREVER = 60_000  # a backoff that does not end within a test (ms)
@@ -100,6 +101,64 @@ async def test_the_window_holds_at_most_window_unacked_deliveries() -> None:
 
     assert rig.channel.most_unacked == 3
     await rig.stop()
+
+
+@pytest.mark.timeout(5)
+async def test_a_key_s_long_backlog_does_not_hold_back_the_other_keys_of_its_partition() -> None:
+    # Given a partition with the default window (2,048 messages at first: the 310 fit; a window
+    # of 256 messages did not), one key's head held by the endpoint
+    rig = await a_rig()
+    rig.target.hold("a0")
+
+    # When 300 messages of that key are queued, then one each of 10 other keys
+    for n in range(300):
+        rig.queue.put(f"a{n}", key="invoice:1")
+    for n in range(10):
+        rig.queue.put(f"b{n}", key=f"invoice:{n + 2}")
+
+    # Then the 10 are delivered and acked while the busy key's head is still in flight
+    await rig.until(lambda: len(rig.queue.acked) == 10)
+    assert rig.queue.acked == [f"b{n}" for n in range(10)]
+    assert rig.target.called("a1") == 0
+    # and the busy key goes on in its order once its head is answered
+    rig.target.let_go("a0")
+    await rig.until(lambda: len(rig.queue.acked) == 310)
+    assert [m for m in rig.queue.acked if m.startswith("a")] == [f"a{n}" for n in range(300)]
+    await rig.stop()
+
+
+@pytest.mark.timeout(5)
+async def test_the_window_holds_window_bytes_of_messages_of_the_mean_size_seen() -> None:
+    # Given a window of 40 KiB: before any message is seen, 2 KiB each is assumed
+    rig = await a_rig(window_bytes=40 * 1024)
+    assert rig.channel.prefetch == 20
+
+    # When messages of about 1 KiB each (their ~20-byte bodies and 1 KiB of overhead) were held
+    for n in range(20):
+        rig.queue.put(f"m{n}", key=f"invoice:{n}")
+    await rig.until(lambda: len(rig.queue.acked) == 20)
+    await rig.cut()
+    await rig.consume()
+
+    # Then the next channel's window holds about 40 of them
+    mean = 1024 + len(b'{"id": "m10"}')
+    assert rig.channel.prefetch == 40 * 1024 // mean
+    await rig.stop()
+
+
+@pytest.mark.parametrize(
+    ("window", "window_bytes", "mean", "expected"),
+    [
+        (8192, 4 * 1024 * 1024, 2048.0, 2048),  # the defaults, nothing seen yet
+        (8192, 4 * 1024 * 1024, 1100.0, 3813),
+        (8192, 4 * 1024 * 1024, 100.0, 8192),  # tiny messages: `window` caps the count
+        (8192, 4 * 1024 * 1024, 10 * 1024 * 1024.0, 1),  # a message beyond the bytes: one
+    ],
+)
+def test_the_prefetch_is_the_bytes_over_the_mean_size_within_one_and_window(
+    window: int, window_bytes: int, mean: float, expected: int
+) -> None:
+    assert prefetch(window, window_bytes, mean) == expected
 
 
 # --- final outcomes: dead letters and records before the ack ---------------------------------

@@ -1,7 +1,14 @@
-"""The messages of one partition's window, queued per ordering key.
+"""The messages of one partition's window, queued per ordering key, and the window's size.
 
 Plain code, no broker: a key's next message is released only when the one before it is done,
 so many keys are delivered at once and each key one message at a time, in window order.
+
+The window is bounded by memory, not by a count of a few hundred messages: a key with a long
+backlog (a catch-up re-sends many activities of one invoice) must not fill it, or the other
+keys queued behind it in the partition wait for it. RabbitMQ bounds a consumer only by a count
+(its prefetch: basic.qos prefetch_size is not implemented), fixed when the consumer starts (a
+later basic.qos does not change it, docs/RABBITMQ.md); so the count is derived from the bytes
+allowed and the messages' mean size (`prefetch`).
 """
 
 from __future__ import annotations
@@ -9,6 +16,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
+
+# What holding a message costs beyond its body, estimated: its properties and headers, the
+# delivery's objects in aiormq and relay's record of it
+MESSAGE_OVERHEAD_BYTES = 1024
+# The mean size assumed before a partition has seen a message: a webhook of 1 KiB (an Envoice
+# activity's is about 500 bytes)
+ASSUMED_MESSAGE_BYTES = 2048
 
 
 class Keyed(Protocol):
@@ -53,3 +67,26 @@ class KeyQueues(Generic[T]):
 
     def clear(self) -> None:
         self._queues.clear()
+
+
+class Sizes:
+    """The mean size of the messages a partition has held (body and overhead), across its
+    channels: the next channel's prefetch is sized by it."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._bytes = 0
+
+    def add(self, body: int) -> None:
+        self._count += 1
+        self._bytes += body + MESSAGE_OVERHEAD_BYTES
+
+    @property
+    def mean(self) -> float:
+        return self._bytes / self._count if self._count else ASSUMED_MESSAGE_BYTES
+
+
+def prefetch(window: int, window_bytes: int, mean_size: float) -> int:
+    """A consumer's prefetch: as many messages of `mean_size` as `window_bytes` holds, at least
+    one, at most `window`."""
+    return max(1, min(window, int(window_bytes // max(mean_size, 1))))

@@ -2,8 +2,9 @@
 
 Order rests on one broker fact (docs/RABBITMQ.md, "Returned deliveries keep their order"):
 deliveries a consumer holds unacked go back to the head of the queue, in their original order,
-when its channel closes or its process dies. So a partition holds a window of `window`
-deliveries, hands the head of every key to the handler's deliveries at once, acks each message
+when its channel closes or its process dies. So a partition holds a window of deliveries (about
+`window_bytes` of messages, at most `window`: relay/worker/keys.py), hands the head of every
+key to the handler's deliveries at once, acks each message
 when its outcome is final (delivered, or dead-lettered with a confirm) and recorded in the
 handler's outcome log (confirmed), and never nacks: a stop, a crash or a cut returns the unacked
 rest in order.
@@ -34,7 +35,7 @@ from relay.settings import HandlerSettings
 from relay.worker.changes import Changes, Fence
 from relay.worker.decided import Decided
 from relay.worker.delivery import Outcome
-from relay.worker.keys import KeyQueues
+from relay.worker.keys import KeyQueues, Sizes, prefetch
 
 log = structlog.get_logger()
 
@@ -169,6 +170,7 @@ class Partition:
     active: bool = False  # has had deliveries on its current channel
     in_flight: InFlight = field(default_factory=InFlight)
     _keys: KeyQueues[Delivery] = field(default_factory=KeyQueues)
+    _sizes: Sizes = field(default_factory=Sizes)  # of the messages held so far: sizes the window
     _changes: Changes[Delivery] = field(default_factory=Changes)
     _blocked: list[Delivery] = field(default_factory=list)  # key heads a change holds
     _channel: Any = None  # the aiormq channel
@@ -179,6 +181,11 @@ class Partition:
     @property
     def queue(self) -> str:
         return self.replay_queue or self.handler.queue(self.index)
+
+    @property
+    def prefetch(self) -> int:
+        """The next channel's window: `window_bytes` of messages of the mean size held so far."""
+        return prefetch(self.handler.window, self.handler.window_bytes, self._sizes.mean)
 
     async def consume(self, connection: AbstractConnection, over: asyncio.Event) -> None:
         """Deliver until `over` is set or the broker closes the channel; what is unacked then
@@ -195,7 +202,7 @@ class Partition:
         self._channel = await channel.get_underlay_channel()
         self.active = False
         try:
-            await self._channel.basic_qos(prefetch_count=self.handler.window)
+            await self._channel.basic_qos(prefetch_count=self.prefetch)
             await self._channel.basic_consume(self.queue, self._receive)
             await until_set(closed.wait(), over, self.ended)
             if not closed.is_set():  # stopping: nothing new starts, what is in flight finishes
@@ -237,6 +244,7 @@ class Partition:
             earlier=earlier if isinstance(earlier, int) else 0,
         )
         self.active = True
+        self._sizes.add(len(message.body))
         self._changes.arrived(delivery)
         if self._keys.add(delivery):
             await self._next_of_key(delivery)
