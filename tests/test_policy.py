@@ -152,6 +152,22 @@ def test_max_rate_spaces_deliveries_evenly() -> None:
     assert starts == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+def test_a_start_a_little_late_keeps_the_pace_a_long_pause_does_not_bank_starts() -> None:
+    # Given a handler at 4/s whose starts each come 0.1 s after the policy allowed them
+    rules = policy(max_rate=4.0)
+    starts = []
+    now = 0.0
+    for _ in range(5):
+        now += rules.wait(now) + 0.1
+        rules.started(now)
+        starts.append(now)
+    # Then the pace stays 4/s: each start is due 0.25 s after the one before was due
+    assert starts == pytest.approx([0.1, 0.35, 0.6, 0.85, 1.1])
+    # And after a pause the next one is due an interval after it, not at once several times
+    rules.started(5.0)
+    assert rules.wait(5.0) == 0.25
+
+
 def test_state_is_unknown_until_the_first_outcome_then_follows_them() -> None:
     rules = policy(max_attempts=2)
     assert rules.state is None
@@ -261,10 +277,10 @@ def test_the_climb_slows_near_the_last_limit_and_speeds_up_past_it() -> None:
     # When it climbs: fast (3/s a second) up to 95% of 40, then slow (0.3/s a second)
     assert climb(0.0, 2.0) == pytest.approx(36.0)
     assert climb(2.0, 1.0) == pytest.approx(38.0 + 0.3 * 0.33, abs=0.02)
-    assert climb(3.0, 10.0) == pytest.approx(38.1 + 3.0, abs=0.03)
-    # Then, once past 105% of 40 (42) without another signal, fast again
-    rate.limit = 42.1
-    assert climb(13.0, 1.0) == pytest.approx(42.1 + 3.0, abs=0.03)
+    assert climb(3.0, 5.0) == pytest.approx(38.1 + 1.5, abs=0.03)
+    # Then, once past 40 without another signal, fast again
+    rate.limit = 40.1
+    assert climb(8.0, 1.0) == pytest.approx(40.1 + 3.0, abs=0.03)
 
 
 def test_an_unlimited_handler_backs_off_from_its_observed_rate_and_becomes_unlimited_again() -> (

@@ -84,7 +84,11 @@ class HandlerPolicy:
         self.rate.started(now, self.share)
         limit = self.rate.current(now)
         if limit is not None:
-            self._next_start = max(self._next_start, now) + 1 / (limit * self.share)
+            # Started late by less than one interval (the event loop's timers run late): keep
+            # the pace, else the rate would fall short by that lateness on every start
+            interval = 1 / (limit * self.share)
+            on_time = now - self._next_start < interval
+            self._next_start = (self._next_start if on_time else now) + interval
 
     def took(self, seconds: float, now: float) -> None:
         """A delivery succeeded after `seconds`: a rising latency backs the rate off."""
