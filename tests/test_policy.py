@@ -168,6 +168,21 @@ def test_a_start_a_little_late_keeps_the_pace_a_long_pause_does_not_bank_starts(
     assert rules.wait(5.0) == 0.25
 
 
+def test_starts_late_by_up_to_a_tenth_of_a_second_are_caught_up() -> None:
+    # Given a handler at 40/s (every 25 ms) whose loop was busy for 80 ms
+    rules = policy(max_rate=40.0)
+    rules.started(0.0)
+    # When it starts again at 105 ms, not 25 ms
+    now = 0.105
+    starts = 0
+    while rules.wait(now) == 0:
+        rules.started(now)
+        starts += 1
+    # Then it catches up the starts it was due by then (25, 50, 75, 100 ms), no more
+    assert starts == 4
+    assert rules.wait(now) == pytest.approx(0.02)
+
+
 def test_state_is_unknown_until_the_first_outcome_then_follows_them() -> None:
     rules = policy(max_attempts=2)
     assert rules.state is None

@@ -30,6 +30,7 @@ from relay.worker.rate import AdaptiveRate
 
 RETRY_AFTER_MAX_SECONDS = 900.0
 TOO_MANY_REQUESTS = 429
+CATCH_UP_SECONDS = 0.1  # a rate's starts this late are caught up (a burst of at most this long)
 CONGESTED = frozenset({TOO_MANY_REQUESTS, 503})  # statuses that back the rate off
 
 
@@ -84,10 +85,11 @@ class HandlerPolicy:
         self.rate.started(now, self.share)
         limit = self.rate.current(now)
         if limit is not None:
-            # Started late by less than one interval (the event loop's timers run late): keep
-            # the pace, else the rate would fall short by that lateness on every start
+            # Started late by less than CATCH_UP_SECONDS (the event loop's timers run late, a
+            # busy loop later still): keep the pace, else the rate would fall short by that
+            # lateness on every start; later than that (idle), start the pace anew
             interval = 1 / (limit * self.share)
-            on_time = now - self._next_start < interval
+            on_time = now - self._next_start < max(interval, CATCH_UP_SECONDS)
             self._next_start = (self._next_start if on_time else now) + interval
 
     def took(self, seconds: float, now: float) -> None:
