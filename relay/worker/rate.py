@@ -10,17 +10,20 @@ nothing queued leaves its part to its worker's other partitions, never to anothe
 the sum stays under the ceiling. The same goes for `max_concurrency` (`concurrency_share`). With
 a skewed key distribution a worker whose partitions ran dry leaves its share unused: the cluster
 delivers `rate * (partitions held by workers with something queued) / partitions`; one worker,
-or backlog on every worker, delivers exactly `rate`.
+or backlog on every worker, delivers exactly `rate`. A worker counts a partition as held once it
+has had a delivery from it on its current channel (AMQP does not tell a standby consumer from
+the active one): a partition that never had a message leaves its share unused, even in a single
+worker (under the ceiling, never over).
 
 **Adaptive (AIMD).** A 429, a 503 or a rising latency is congestion: the rate is cut to
 `BACKOFF` of itself (at most once per `CALM_SECONDS`: the deliveries already in flight answer
 from before the cut), and creeps back additively to its ceiling (`max_rate`; when unset, the
 rate observed when congestion first came, and past that the handler is unlimited again; with
 too few deliveries to observe a rate, an unlimited handler stays so: parking deals with an
-outage, and `Retry-After` holds the handler either way). The
-climb is fast (a twentieth of the ceiling a second) up to near the rate of the last congestion,
-then slow (a two-hundredth) until it passes it, then fast again: it settles just under an
-endpoint's limit, and still finds a lifted limit again. Rising latency counts only while the
+outage, and `Retry-After` holds the handler either way). The climb is fast (a twentieth of the
+ceiling a second) up to near the rate of the last congestion, then slow (a two-hundredth) until
+it passes it, then fast again: it settles just under an endpoint's limit, and still finds a
+lifted limit again. Rising latency counts only while the
 handler is rate-limited (`max_rate` set, or after a 429 or 503): a worker's own CPU saturation
 also looks like rising latency, and must not slow an unlimited handler.
 """
