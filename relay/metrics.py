@@ -49,6 +49,11 @@ HANDLER_STATE = Gauge(
     "relay_handler_state", "1 for the handler's current state in this worker, else 0",
     ["handler", "state"],
 )  # fmt: skip
+HANDLER_RATE = Gauge(
+    "relay_handler_rate", "The handler's delivery rate as this worker applies it, in deliveries "
+    "per second across the cluster (max_rate, backed off on 429, 503 or rising latency); 0: "
+    "no limit", ["handler"],
+)  # fmt: skip
 
 BROKER_BLOCKED = Gauge(
     "relay_broker_blocked", "1 while the broker blocks this process's publishing connection "

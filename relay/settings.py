@@ -140,7 +140,11 @@ class HandlerSettings:
     # besides), at most `window` of them (its prefetch; relay/worker/keys.py)
     window: int = 8192
     window_bytes: int = 4 * 1024 * 1024
-    max_rate: float | None = None  # deliveries per second per worker
+    # The handler's, across all its workers and processes (each worker takes the share of the
+    # partitions it holds: relay/worker/rate.py); max_rate adapts below itself to 429, 503
+    # and rising latency
+    max_rate: float | None = None  # deliveries per second
+    max_concurrency: int | None = None  # deliveries in flight (at least `partitions`)
     max_attempts: int = 8
     backoff_initial_ms: int = 500
     backoff_max_ms: int = 60_000
@@ -509,8 +513,8 @@ def _source(t: _Table) -> SourceSettings:
 def _handler(t: _Table) -> HandlerSettings:
     t.only(
         "name", "events", "url", "call", "signing_secret", "partitions", "concurrency", "window",
-        "window_bytes", "max_rate", "max_attempts", "backoff_initial_ms", "backoff_max_ms",
-        "timeout_seconds", "backfill",
+        "window_bytes", "max_rate", "max_concurrency", "max_attempts", "backoff_initial_ms",
+        "backoff_max_ms", "timeout_seconds", "backfill",
     )  # fmt: skip
     events = t.get("events", list)
     if not events or not all(isinstance(e, str) for e in events):
@@ -532,6 +536,7 @@ def _handler(t: _Table) -> HandlerSettings:
             raise ConfigError(f"{t.key('signing_secret')}: {exc}") from None
     d = HandlerSettings(name="", events=())  # the defaults (name and events have none)
     initial = t.number("backoff_initial_ms", d.backoff_initial_ms, minimum=1)
+    partitions = t.number("partitions", d.partitions, minimum=1, maximum=MAX_PARTITIONS)
     backfill = t.get("backfill", str, "")
     if backfill and duration_seconds(backfill) is None:
         raise ConfigError(f'{t.key("backfill")}: expected a duration such as "30d", "12h", "90m"')
@@ -541,12 +546,18 @@ def _handler(t: _Table) -> HandlerSettings:
         url=url or None,
         call=call or None,
         signing_secret=signing_secret,
-        partitions=t.number("partitions", d.partitions, minimum=1, maximum=MAX_PARTITIONS),
+        partitions=partitions,
         concurrency=t.number("concurrency", d.concurrency, minimum=1),
         window=t.number("window", d.window, minimum=1, maximum=65535),  # prefetch is 16 bits
         window_bytes=t.number("window_bytes", d.window_bytes, minimum=1),
         # 0 and unset alike: no limit (the field's None)
         max_rate=t.number("max_rate", 0, minimum=0, integer=False) or None,
+        # Each partition gets a whole share of it (relay/worker/rate.py): at least one each
+        max_concurrency=(
+            t.number("max_concurrency", partitions, minimum=partitions)
+            if "max_concurrency" in t.raw
+            else None
+        ),
         max_attempts=t.number("max_attempts", d.max_attempts, minimum=1),
         backoff_initial_ms=initial,
         # A default computed from another setting: never below backoff_initial_ms

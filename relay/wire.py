@@ -309,12 +309,19 @@ class State(StrEnum):
 
 
 def state_record(
-    *, handler: str, partition: str, state: str, detail: str, worker: str
+    *,
+    handler: str,
+    partition: str,
+    state: str,
+    detail: str,
+    worker: str,
+    rate: float | None = None,
 ) -> aio_pika.Message:
-    """A handler state change, appended to the relay.state stream."""
+    """A handler state change, or a large step of its rate (deliveries per second across the
+    cluster as `worker` applies it; None: unlimited), appended to the relay.state stream."""
     return _record(
         {"kind": "state", "handler": handler, "partition": partition, "state": state,
-         "detail": detail, "worker": worker}
+         "detail": detail, "worker": worker, "rate": rate}
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from relay.wire import State
 from relay.worker.delivery import Outcome, Verdict
 from relay.worker.keys import KeyQueues
 from relay.worker.policy import Fate, HandlerPolicy
+from relay.worker.rate import AdaptiveRate, concurrency_share, rate_share
 
 OK = Outcome(Verdict.SUCCESS, "HTTP 200", 200)
 DOWN = Outcome(Verdict.TRANSIENT, "HTTP 503", 503)
@@ -151,6 +152,37 @@ def test_max_rate_spaces_deliveries_evenly() -> None:
     assert starts == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+def test_a_start_a_little_late_keeps_the_pace_a_long_pause_does_not_bank_starts() -> None:
+    # Given a handler at 4/s whose starts each come 0.1 s after the policy allowed them
+    rules = policy(max_rate=4.0)
+    starts = []
+    now = 0.0
+    for _ in range(5):
+        now += rules.wait(now) + 0.1
+        rules.started(now)
+        starts.append(now)
+    # Then the pace stays 4/s: each start is due 0.25 s after the one before was due
+    assert starts == pytest.approx([0.1, 0.35, 0.6, 0.85, 1.1])
+    # And after a pause the next one is due an interval after it, not at once several times
+    rules.started(5.0)
+    assert rules.wait(5.0) == 0.25
+
+
+def test_starts_late_by_up_to_a_tenth_of_a_second_are_caught_up() -> None:
+    # Given a handler at 40/s (every 25 ms) whose loop was busy for 80 ms
+    rules = policy(max_rate=40.0)
+    rules.started(0.0)
+    # When it starts again at 105 ms, not 25 ms
+    now = 0.105
+    starts = 0
+    while rules.wait(now) == 0:
+        rules.started(now)
+        starts += 1
+    # Then it catches up the starts it was due by then (25, 50, 75, 100 ms), no more
+    assert starts == 4
+    assert rules.wait(now) == pytest.approx(0.02)
+
+
 def test_state_is_unknown_until_the_first_outcome_then_follows_them() -> None:
     rules = policy(max_attempts=2)
     assert rules.state is None
@@ -197,3 +229,114 @@ def test_only_a_keys_head_can_be_done() -> None:
 
     with pytest.raises(ValueError, match="is not the head"):
         keys.done(second)
+
+
+# --- the handler's rate: its share, and how it adapts (relay/worker/rate.py) -------------------
+
+
+def test_workers_shares_of_the_rate_add_up_to_max_rate_whatever_their_number() -> None:
+    # Given a handler at 40/s over 4 partitions, held 2/1/1 by three workers, or all by one
+    spreads = [[2, 1, 1], [4], [3, 1]]
+    for spread in spreads:
+        # When each worker spaces its starts by its share
+        total = 0.0
+        for held in spread:
+            rules = policy(max_rate=40.0, partitions=4)
+            rules.share = rate_share(held, 4)
+            now, starts = 0.0, 0
+            while now < 10.0:
+                now += rules.wait(now)
+                rules.started(now)
+                starts += 1
+            total += starts / 10.0
+        # Then the handler's rate is 40/s across them
+        assert total == pytest.approx(40.0, abs=0.5), spread
+
+
+def test_max_concurrency_quotas_add_up_exactly_over_the_partitions() -> None:
+    # Given 10 deliveries in flight at most over 4 partitions (quotas 3, 3, 2, 2)
+    # Then any split of the partitions among workers adds up to 10
+    assert concurrency_share([0, 1, 2, 3], 4, 10) == 10
+    assert concurrency_share([0], 4, 10) + concurrency_share([1, 2, 3], 4, 10) == 10
+    assert concurrency_share([2], 4, 10) == 2
+    # And a worker holding none yet (a replay's queue) gets one partition's least quota
+    assert concurrency_share([], 4, 10) == 2
+
+
+def test_a_429_backs_the_rate_off_once_per_calm_period_and_it_creeps_back_to_max_rate() -> None:
+    # Given a handler at 60/s
+    rules = policy(max_rate=60.0, max_attempts=100)
+    busy = Outcome(Verdict.TRANSIENT, "HTTP 429", 429)
+    # When 429s come in a burst
+    rules.outcome(busy, attempts=1, now=10.0)
+    rules.outcome(busy, attempts=1, now=10.2)
+    # Then the rate is cut once, multiplicatively
+    assert rules.rate.current(10.2) == pytest.approx(45.0 + 60 / 20 * 0.2)
+    # And it climbs back additively, never beyond max_rate
+    assert rules.rate.current(13.0) == pytest.approx(45.0 + 60 / 20 * 3.0)
+    assert rules.rate.current(100.0) == 60.0
+
+
+def test_the_climb_slows_near_the_last_limit_and_speeds_up_past_it() -> None:
+    # Given a handler at 60/s cut by a 503 at 40/s
+    rate = AdaptiveRate(60.0)
+    rate.limit = 40.0
+    rate.congestion(0.0)
+    assert rate.limit == 30.0
+
+    def climb(start: float, seconds: float) -> float | None:  # read every 10 ms, as deliveries do
+        for i in range(1, round(seconds * 100) + 1):
+            limit = rate.current(start + i / 100)
+        return limit
+
+    # When it climbs: fast (3/s a second) up to 95% of 40, then slow (0.3/s a second)
+    assert climb(0.0, 2.0) == pytest.approx(36.0)
+    assert climb(2.0, 1.0) == pytest.approx(38.0 + 0.3 * 0.33, abs=0.02)
+    assert climb(3.0, 5.0) == pytest.approx(38.1 + 1.5, abs=0.03)
+    # Then, once past 40 without another signal, fast again
+    rate.limit = 40.1
+    assert climb(8.0, 1.0) == pytest.approx(40.1 + 3.0, abs=0.03)
+
+
+def test_an_unlimited_handler_backs_off_from_its_observed_rate_and_becomes_unlimited_again() -> (
+    None
+):
+    # Given a handler with no max_rate delivering 100/s
+    rules = policy(max_attempts=100)
+    for i in range(300):
+        rules.started(i / 100)
+    assert rules.rate.limit is None
+    # When a 429 comes
+    rules.outcome(Outcome(Verdict.TRANSIENT, "HTTP 429", 429), attempts=1, now=3.0)
+    # Then it is limited below what it observed
+    assert rules.rate.limit == pytest.approx(75.0, rel=0.05)
+    assert rules.rate.large_step()
+    # And with no more signals it climbs back past that, unlimited again
+    assert rules.rate.current(60.0) is None
+    assert rules.rate.large_step()
+
+
+def test_rising_latency_backs_a_limited_rate_off_but_not_an_unlimited_one() -> None:
+    # Given a limited and an unlimited handler whose endpoint answers in 10 ms
+    limited, unlimited = AdaptiveRate(50.0), AdaptiveRate(None)
+    for i in range(50):
+        assert not limited.latency(0.010, i / 10)
+        assert not unlimited.latency(0.010, i / 10)
+    # When the latency rises to a second
+    cuts = [limited.latency(1.0, 5.0 + i / 10) for i in range(20)]
+    # Then the limited one backs off (once per calm period), the unlimited one does not
+    assert 1 <= sum(cuts) <= 2
+    assert limited.limit is not None
+    assert limited.limit < 50.0
+    assert not any(unlimited.latency(1.0, 5.0 + i / 10) for i in range(20))
+    assert unlimited.limit is None
+
+
+def test_small_rate_changes_are_not_logged_large_ones_are() -> None:
+    rate = AdaptiveRate(60.0)
+    rate.congestion(0.0)  # 45/s
+    assert rate.large_step()
+    rate.current(1.0)  # 48/s: 7% from 45
+    assert not rate.large_step()
+    rate.current(5.0)  # 60/s: 33% from 45
+    assert rate.large_step()

@@ -553,6 +553,8 @@ def test_bad_source_names_the_key(source: dict[str, Any], key: str) -> None:
         ({"backoff_initial_ms": 0}, "handlers[0].backoff_initial_ms"),
         ({"backoff_initial_ms": 1000, "backoff_max_ms": 999}, "handlers[0].backoff_max_ms"),
         ({"timeout_seconds": 0}, "handlers[0].timeout_seconds"),
+        ({"partitions": 4, "max_concurrency": 3}, "handlers[0].max_concurrency"),
+        ({"max_rate": -1}, "handlers[0].max_rate"),
         ({"name": "unrouted"}, "handlers[0].name"),
         ({"name": "activities"}, "handlers[0].name"),
         ({"signing_secret": 5}, "handlers[0].signing_secret"),

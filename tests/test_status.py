@@ -19,7 +19,14 @@ from aio_pika.abc import (
 
 from relay import topology
 from relay.ops import status
-from relay.ops.status import RUNBOOK, Status, Stranded, bound_by
+from relay.ops.status import (
+    RUNBOOK,
+    HandlerStatus,
+    PartitionStatus,
+    Status,
+    Stranded,
+    bound_by,
+)
 from relay.settings import HandlerSettings, Settings
 from relay.wire import topic_matches
 from tests.conftest import MakeSettings
@@ -121,6 +128,22 @@ def test_status_text_warns_with_counts_and_says_at_least_when_it_read_only_the_f
 
 
 @pytest.mark.rabbit
+def test_status_shows_the_handlers_rate_as_the_sum_of_its_partitions_shares() -> None:
+    # Given a handler of 4 partitions: 3 held by a worker at 40/s, 1 by a worker backed off to 20
+    def partition(i: int, rate: float | None) -> PartitionStatus:
+        return PartitionStatus(f"relay.b.{i}", 0, 0, 2, state="live", rate=rate)
+
+    limited = HandlerStatus("b", [partition(0, 40.0), *(partition(i, 20.0) for i in (1, 2, 3))], 0)
+    unlimited = HandlerStatus("u", [partition(0, 40.0), partition(1, None)], 0)
+    # Then its rate is 40/4 + 3 * 20/4 = 25/s; with a partition unlimited there is no limit
+    text = Status([limited, unlimited], 0).render().splitlines()
+    assert limited.rate == 25.0
+    assert text[0].split()[-1] == "rate/s"
+    assert text[1].split()[-1] == "25.0"
+    assert unlimited.rate is None
+    assert text[6].split()[-1] == "-"
+
+
 async def test_rabbitmq_routes_as_topic_matches_says(channel: AbstractChannel) -> None:
     # Given a topic exchange with a queue bound by each pattern (the test's own, gone after it)
     name = f"test-topic-{uuid.uuid4().hex[:8]}"

@@ -54,6 +54,7 @@ class PartitionStatus(QueueStatus):
     state: str = "unknown"  # live | retrying | parked | unknown (no record yet)
     detail: str = ""
     in_config: bool = True  # False: a partition of an older layout, still holding messages
+    rate: float | None = None  # its worker's handler rate, last recorded (None: no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +63,17 @@ class HandlerStatus:
     partitions: list[PartitionStatus]
     dead_letters: int
     state: str = field(init=False)
+    # Deliveries per second across the cluster: each partition's worker applies its recorded
+    # rate to its share, 1/partitions (relay/worker/rate.py); None: a partition has no limit
+    rate: float | None = field(init=False)
 
     def __post_init__(self) -> None:
         states = {p.state for p in self.partitions}
         worst = next((s for s in STATES if s in states), "unknown")
         object.__setattr__(self, "state", worst)
+        ours = [p.rate for p in self.partitions if p.in_config]
+        rate = None if None in ours or not ours else sum(ours) / len(ours)  # type: ignore[arg-type]
+        object.__setattr__(self, "rate", rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +120,16 @@ class Status:
         }
 
     def render(self) -> str:
-        head = f"{'':<24} {'state':<9} {'ready':>7} {'unacked':>7} {'consumers':>9} {'dead':>6}"
+        head = (f"{'':<24} {'state':<9} {'ready':>7} {'unacked':>7} {'consumers':>9} {'dead':>6}"
+                f" {'rate/s':>7}")  # fmt: skip
         lines = [head]
         for h in self.handlers:
             ready = sum(p.ready for p in h.partitions)
             unacked = sum(p.unacked for p in h.partitions)
             consumers = sum(p.consumers for p in h.partitions)
+            rate = "-" if h.rate is None else f"{h.rate:.1f}"
             lines.append(f"{h.name:<24} {h.state:<9} {ready:>7} {unacked:>7} {consumers:>9} "
-                         f"{h.dead_letters:>6}")  # fmt: skip
+                         f"{h.dead_letters:>6} {rate:>7}")  # fmt: skip
             for p in h.partitions:
                 note = "" if p.in_config else "  (not in the config: older layout)"
                 if p.detail and p.state != "live":
@@ -161,6 +170,7 @@ async def status(settings: Settings) -> Status:
                     state=record.get("state", "unknown"),
                     detail=record.get("detail", ""),
                     in_config=i < handler.partitions,
+                    rate=record.get("rate", handler.max_rate),
                 )
             )
         dead = _figures(handler.dead_letter_queue, queues.get(handler.dead_letter_queue))

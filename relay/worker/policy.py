@@ -12,7 +12,8 @@ One `HandlerPolicy` serves one handler in one worker process, across its partiti
   other messages, is dead-lettered; so is every permanent failure.
 - `Retry-After` (up to 15 minutes), and a 429 without one (for the message's backoff), hold the
   whole handler, not only the message's key.
-- `max_rate`, when set, spaces deliveries evenly: at most that many starts per second.
+- The handler's rate (relay/worker/rate.py: `max_rate`, this worker's share of it, backed off
+  on 429, 503 and rising latency) spaces deliveries evenly: at most that many starts a second.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from enum import Enum
 from relay.settings import HandlerSettings
 from relay.wire import State
 from relay.worker.delivery import Outcome, Verdict
+from relay.worker.rate import AdaptiveRate
 
 RETRY_AFTER_MAX_SECONDS = 900.0
 TOO_MANY_REQUESTS = 429
+CATCH_UP_SECONDS = 0.1  # a rate's starts this late are caught up (a burst of at most this long)
+CONGESTED = frozenset({TOO_MANY_REQUESTS, 503})  # statuses that back the rate off
 
 
 class Fate(Enum):
@@ -55,7 +59,8 @@ class HandlerPolicy:
         self._handler = handler
         self._jitter = jitter
         self._cap = handler.backoff_max_ms / 1000
-        self._interval = 1 / handler.max_rate if handler.max_rate else 0.0
+        self.rate = AdaptiveRate(handler.max_rate)
+        self.share = 1.0  # of the handler's rate, this worker's (the partitions it holds)
         self.streak = 0  # transient failures in a row across the handler
         self.parked = False
         self.state: State | None = None  # unknown until the first outcome
@@ -63,7 +68,7 @@ class HandlerPolicy:
         self._probing = False  # parked, and the probe is in flight
         self._probe_at = 0.0  # parked: when the next probe may start
         self._held_until = 0.0  # a Retry-After holds the handler until then
-        self._next_start = 0.0  # max_rate: the earliest next start
+        self._next_start = 0.0  # a limited rate: the earliest next start
 
     def wait(self, now: float) -> float:
         """Seconds until a delivery may start; 0 when one may start now."""
@@ -77,8 +82,19 @@ class HandlerPolicy:
         if self.parked:
             self._probing = True
             self._probe_at = now + self._cap
-        if self._interval:
-            self._next_start = max(self._next_start, now) + self._interval
+        self.rate.started(now, self.share)
+        limit = self.rate.current(now)
+        if limit is not None:
+            # Started late by less than CATCH_UP_SECONDS (the event loop's timers run late, a
+            # busy loop later still): keep the pace, else the rate would fall short by that
+            # lateness on every start; later than that (idle), start the pace anew
+            interval = 1 / (limit * self.share)
+            on_time = now - self._next_start < max(interval, CATCH_UP_SECONDS)
+            self._next_start = (self._next_start if on_time else now) + interval
+
+    def took(self, seconds: float, now: float) -> None:
+        """A delivery succeeded after `seconds`: a rising latency backs the rate off."""
+        self.rate.latency(seconds, now)
 
     def outcome(self, outcome: Outcome, attempts: int, now: float) -> Decision:
         """What becomes of a message whose attempt number `attempts` (this process's tries,
@@ -91,6 +107,8 @@ class HandlerPolicy:
         if outcome.verdict is Verdict.PERMANENT:
             return Decision(Fate.DEAD_LETTER, reason=outcome.detail)
         self.streak += 1
+        if outcome.status in CONGESTED:
+            self.rate.congestion(now)
         delay = self.backoff(attempts, outcome)
         if outcome.retry_after is not None or outcome.status == TOO_MANY_REQUESTS:
             self._held_until = max(self._held_until, now + delay)

@@ -1,9 +1,10 @@
 """Delivering one handler's messages in one worker process.
 
 Partitions hand over the head message of each key (relay/worker/partition.py); here at most
-`concurrency` of them are in flight at once, started as the handler's policy allows
-(relay/worker/policy.py), and each outcome is turned into an ack, a dead letter or a later
-retry. The handler's state (live, retrying, parked) is logged, exported and recorded.
+`concurrency` of them are in flight at once (and at most this worker's share of
+`max_concurrency`), started as the handler's policy and rate allow (relay/worker/policy.py,
+relay/worker/rate.py), and each outcome is turned into an ack, a dead letter or a later retry.
+The handler's state (live, retrying, parked) and rate are logged, exported and recorded.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from relay.settings import HandlerSettings, RepeatsSettings
 from relay.topology import STATE_STREAM
 from relay.wire import State
 from relay.worker.decided import Decided
-from relay.worker.delivery import Outcome, Target, attempt_delivery
+from relay.worker.delivery import Outcome, Target, Verdict, attempt_delivery
 from relay.worker.outcomes import OutcomeLog
 from relay.worker.partition import Delivery, Partition
 from relay.worker.policy import Fate, HandlerPolicy
+from relay.worker.rate import concurrency_share, rate_share
 
 log = structlog.get_logger()
 
@@ -50,6 +52,7 @@ class HandlerScheduler:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(handler.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._running = 0  # deliveries started and not done (max_concurrency)
         self._background: set[asyncio.Future[None]] = set()
         self._timers: dict[Delivery, asyncio.TimerHandle] = {}  # retries waiting for their time
         self._tries: dict[str, tuple[int, datetime, float]] = {}  # of messages that failed
@@ -67,6 +70,8 @@ class HandlerScheduler:
             v: metrics.DELIVERIES.labels(name, v) for v in ("success", "transient", "permanent")
         }
         self._seconds = metrics.DELIVERY_SECONDS.labels(name)
+        self._rate = metrics.HANDLER_RATE.labels(name)
+        self._rate.set(handler.max_rate or 0)
 
     # --- the partitions' side -----------------------------------------------------------------
 
@@ -198,6 +203,7 @@ class HandlerScheduler:
             if delivery is None:
                 self._slots.release()
                 return
+            self._running += 1
             task = asyncio.ensure_future(self._deliver(delivery))
             self._in_flight.add(task)
             task.add_done_callback(self._done)
@@ -205,6 +211,8 @@ class HandlerScheduler:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         self._slots.release()
+        self._running -= 1
+        self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             self._log.error("delivery crashed", error=repr(task.exception()))
 
@@ -214,7 +222,7 @@ class HandlerScheduler:
             while self._ready and self._ready[0].stale:
                 self._ready.popleft()
             wait: float | None = None
-            if self._ready:
+            if self._ready and self._may_start():
                 now = time.monotonic()
                 wait = self.policy.wait(now)
                 if wait <= 0:
@@ -225,6 +233,16 @@ class HandlerScheduler:
                 await asyncio.wait_for(self._wake.wait(), wait)
         return None
 
+    def _may_start(self) -> bool:
+        """Under this worker's share of max_concurrency (if set), with its share of the rate
+        updated: both from the partitions this worker holds (relay/worker/rate.py)."""
+        held = [p.index for p in self.partitions if p.active and not p.replay_queue]
+        self.policy.share = rate_share(len(held), self.handler.partitions)
+        ceiling = self.handler.max_concurrency
+        if ceiling is None:
+            return True
+        return self._running < concurrency_share(held, self.handler.partitions, ceiling)
+
     async def _deliver(self, delivery: Delivery) -> None:
         with delivery.in_flight:
             delivery.attempts += 1
@@ -234,9 +252,13 @@ class HandlerScheduler:
             outcome = await attempt_delivery(
                 self._target, delivery.body, delivery.message_id, delivery.attempt, delivery.replay
             )
-            self._seconds.observe(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self._seconds.observe(took)
             self._outcomes[outcome.verdict.value].inc()
+            if outcome.verdict is Verdict.SUCCESS:
+                self.policy.took(took, time.monotonic())
             decision = self.policy.outcome(outcome, delivery.attempts, time.monotonic())
+            self._rate_changed(outcome)
             self._logged(delivery, outcome, decision.fate, decision.delay)
             if decision.fate is Fate.RETRY:
                 delivery.not_before = time.monotonic() + decision.delay
@@ -284,6 +306,16 @@ class HandlerScheduler:
 
     # --- state --------------------------------------------------------------------------------
 
+    def _rate_changed(self, outcome: Outcome) -> None:
+        """Export the handler's rate; log and record it when it moved by a large step."""
+        rate = self.policy.rate
+        self._rate.set(rate.limit or 0)
+        if not rate.large_step():
+            return
+        limit = None if rate.limit is None else round(rate.limit, 1)
+        self._log.info("handler rate", rate=limit, ceiling=rate.ceiling, detail=outcome.detail)
+        self._write_state(self.policy.state or State.LIVE, outcome.detail)
+
     def _record_state(self, outcome: Outcome) -> None:
         state = self.policy.current_state()
         previous = self.policy.state
@@ -296,6 +328,9 @@ class HandlerScheduler:
               state=state.value, detail=detail)  # fmt: skip
         for each in State:
             metrics.HANDLER_STATE.labels(self.handler.name, each.value).set(each is state)
+        self._write_state(state, detail)
+
+    def _write_state(self, state: State, detail: str) -> None:
         if self._publish is not None:
             writing = asyncio.ensure_future(self._write_records(state, detail))
             self._background.add(writing)
@@ -313,6 +348,7 @@ class HandlerScheduler:
                 state=state.value,
                 detail=detail,
                 worker=WORKER_ID,
+                rate=self.policy.rate.limit,
             )
             try:
                 await asyncio.wait_for(self._publish(record, STATE_STREAM), 5)
