@@ -24,13 +24,21 @@ echo "== pytest"
 # The suite runs in a vhost of its own on the local broker, deleted afterwards, so that it
 # neither sees nor leaves anything in a vhost other things use. Node-wide settings a test
 # changes, it restores itself. With $RELAY_AMQP_URL set, the suite uses that instead.
+# Without arguments, in two runs: the tests that leave the broker alone two at a time
+# (pytest-xdist; each of its two processes in a vhost of its own, the suite's suffixed -gw0 and
+# -gw1, tests/support.py), then the fault tests, which stop the broker, one at a time.
+PARALLEL=()
 if [ -z "${RELAY_AMQP_URL:-}" ]; then
     VHOST="relay-test-$(date +%s)-$$"
-    rabbitmqctl -q add_vhost "$VHOST"
-    rabbitmqctl -q set_permissions -p "$VHOST" guest ".*" ".*" ".*"
-    trap 'rabbitmqctl -q delete_vhost "$VHOST"' EXIT
+    VHOSTS=("$VHOST" "$VHOST-gw0" "$VHOST-gw1")
+    for vhost in "${VHOSTS[@]}"; do
+        rabbitmqctl -q add_vhost "$vhost"
+        rabbitmqctl -q set_permissions -p "$vhost" guest ".*" ".*" ".*"
+    done
+    trap 'for vhost in "${VHOSTS[@]}"; do rabbitmqctl -q delete_vhost "$vhost"; done' EXIT
     export RELAY_AMQP_URL="amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/$VHOST"
     echo "(in vhost $VHOST)"
+    PARALLEL=(-n 2)
 fi
 # examples/invoice_store is tested on PostgreSQL too where a server answers on 127.0.0.1:5432
 # (this machine type runs one, trust auth); elsewhere those tests skip and say why.
@@ -38,4 +46,9 @@ if [ -z "${RELAY_TEST_POSTGRES_URL:-}" ] && command -v pg_isready >/dev/null \
     && pg_isready -q -h 127.0.0.1 -p 5432; then
     export RELAY_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:5432/postgres"
 fi
-"$VENV/bin/pytest" "$@"
+if [ $# -gt 0 ]; then
+    "$VENV/bin/pytest" "$@"
+    exit 0
+fi
+"$VENV/bin/pytest" "${PARALLEL[@]}" -m "not fault" --durations=15
+"$VENV/bin/pytest" -m fault --durations=15

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -35,7 +35,24 @@ from relay.settings import Settings, SourceSettings
 from relay.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
-AMQP_URL = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+
+
+def _suite_url() -> str:
+    """The suite's broker and vhost: $RELAY_AMQP_URL. Under pytest-xdist (`-n N`), each test
+    process takes a vhost of its own, the suite's vhost suffixed with its worker id (`...-gw0`),
+    which deploy/test.sh creates and deletes: tests that read a whole vhost (the archive, relay
+    status) see only their own process's traffic. Set in the environment too, so that the relay
+    processes a test starts use it."""
+    url = os.environ.get("RELAY_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and "," not in url:
+        parts = urlsplit(url)
+        url = urlunsplit(parts._replace(path=f"/{parts.path[1:] or 'relay-test'}-{worker}"))
+        os.environ["RELAY_AMQP_URL"] = url
+    return url
+
+
+AMQP_URL = _suite_url()
 
 
 @contextlib.contextmanager
