@@ -307,7 +307,9 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
         accepted.inc()
         answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
         response = web.Response(body=answer + b"}", headers=JSON_HEADERS)
-        if in_flight.draining:
+        if in_flight.draining or app[ACCEPT_QUEUE].behind():
+            # while behind, a kept-alive connection would pass the connections waiting: its next
+            # request waits in the accept queue like theirs (and is shed there if need be)
             response.force_close()
         return response
 

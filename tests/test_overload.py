@@ -292,6 +292,29 @@ async def test_while_connections_wait_a_webhook_on_an_open_connection_is_503_bef
     assert probe_status == 200
 
 
+async def test_with_admin_port_while_connections_wait_a_webhook_let_in_is_served_then_closed(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an ingress with admin_port set (connections are shed as they are accepted) and more
+    # connections waiting to be accepted than its bound
+    settings = make_settings(ingress={"admin_port": 1}, source={"tolerance_seconds": 300})
+    publisher = FakePublisher()
+    async with running_ingress(settings, publisher=publisher) as ingress:
+        queue = ingress.app[ACCEPT_QUEUE]
+        monkeypatch.setattr(queue, "waiting", lambda: queue.max_waiting + 1)
+
+        # When a webhook arrives on a connection let in
+        status, answer, headers = await ingress.post(
+            PATH, signed_body(settings.sources[0], activity())
+        )
+
+    # Then it is accepted, and its connection closed: its next request waits in the accept
+    # queue like the others' rather than pass them
+    assert (status, answer["status"]) == (200, "accepted")
+    assert headers["Connection"] == "close"
+    assert len(publisher.published) == 1
+
+
 def test_under_a_saturated_loop_the_connections_beyond_the_bound_get_the_cheap_503(
     make_settings: MakeSettings,
 ) -> None:
