@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, cast
@@ -137,8 +138,8 @@ class AcceptQueue:
     (docs/PERFORMANCE.md, "Overload"). More than `max_waiting` there, the process is behind.
 
     Read with TCP_INFO from the listening socket (Linux: `tcpi_unacked` of a listening socket is
-    its accept queue), a system call of about a microsecond per new connection or webhook; where
-    TCP_INFO is missing, nothing is watched and the queue reads 0.
+    its accept queue), a system call of about a microsecond per new connection or webhook; on
+    other systems nothing is watched and the queue reads 0.
     """
 
     def __init__(self, max_waiting: int) -> None:
@@ -148,7 +149,7 @@ class AcceptQueue:
         metrics.MAX_ACCEPT_QUEUE.set(max_waiting)
 
     def watch(self, sockets: Iterable[Any]) -> None:
-        if hasattr(socket, "TCP_INFO"):
+        if sys.platform == "linux":  # elsewhere struct tcp_info differs, or is missing
             self._sockets = list(sockets)
 
     def waiting(self) -> int:
