@@ -16,7 +16,8 @@ The sender cannot reach 4x of an ingress with a whole core on 2 shared cores, so
 in a cgroup (v1 cpu controller, root needed) limited to --cpu of one core (0.25 by default); C is
 that process's capacity. The ingress and the sender run at nice -10 and the cgroup has 10x the
 default cpu.shares, ahead of other loads on a shared machine. max_in_flight follows the rule
-docs/PERFORMANCE.md states for its default (C x 40 ms of work); max_accept_queue is the default.
+docs/PERFORMANCE.md states for its default (C x 40 ms of work), max_accept_queue too (C x 10 ms:
+64 for a whole core's 6,000/s).
 
     python -m tests.bench.overload                  # 3 rounds of 10 s; writes docs/PERFORMANCE.md
     python -m tests.bench.overload --rounds 1 --seconds 5 --no-write
@@ -48,7 +49,6 @@ import orjson
 from aio_pika.abc import AbstractQueue
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.settings import IngressSettings
 from tests.bench.common import (
     AMQP_URL,
     ROOT,
@@ -64,6 +64,7 @@ from tests.bench.ingress import POST_LUA, declare_topology, run_wrk, write_bodie
 SECRET = "bench-secret"
 PATH = "/webhooks/envoice"
 WORK_SECONDS = 0.040  # the bound: this much work at capacity (docs/PERFORMANCE.md, "Overload")
+QUEUE_SECONDS = 0.010  # the accept queue's bound: this much accepting at capacity (ditto)
 UNLOADED = 0.25  # of capacity
 LEVELS = (2, 4)  # times capacity
 HUGE = 1_000_000  # the bound "off"
@@ -265,6 +266,7 @@ async def run(args: argparse.Namespace, directory: Path, group: Path | None) -> 
         await queue.purge()
         c = statistics.median(rates)
         bound = args.max_in_flight or max(1, round(c * WORK_SECONDS))
+        args.max_accept_queue = args.max_accept_queue or max(1, round(c * QUEUE_SECONDS))
         on = directory / "on.toml"
         on.write_text(base.replace(
             "[ingress]\n",
@@ -333,7 +335,8 @@ def report(
         f"shared cores: one `relay ingress` process, its CPU {cpu}; RabbitMQ on loopback, one "
         f"quorum queue. Capacity C = {c:,.0f} accepted/s (wrk closed-loop, {args.connections} "
         f"connections; rounds {', '.join(f'{r:,.0f}' for r in rates)}); max_in_flight = {bound} "
-        f"(C x {WORK_SECONDS * 1000:g} ms) and max_accept_queue = {args.max_accept_queue} when "
+        f"(C x {WORK_SECONDS * 1000:g} ms, unless given) and max_accept_queue = "
+        f"{args.max_accept_queue} (C x {QUEUE_SECONDS * 1000:g} ms, unless given) when "
         f"shedding is on, both {HUGE:,} when off; ingress and sender at nice {PRIORITY}, the "
         f"cgroup's cpu.shares {SHARES}. Open-loop "
         f"(tests/bench/openloop.py), {args.seconds:g} s per run, a fresh ingress each; medians "
@@ -363,8 +366,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50, help="of wrk, for C")
     parser.add_argument("--cpu", type=float, default=0.25, help="of a core; 0: no limit")
     parser.add_argument("--max-in-flight", type=int, default=0, help="0: C x 40 ms")
-    parser.add_argument("--max-accept-queue", type=int, default=IngressSettings().max_accept_queue,
-                        help="the default's by default")  # fmt: skip
+    parser.add_argument("--max-accept-queue", type=int, default=0, help="0: C x 10 ms")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     with (
