@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web, web_response
 
@@ -22,18 +23,20 @@ def name_server(name: str) -> None:
     web_response.SERVER_SOFTWARE = name  # type: ignore[attr-defined]
 
 
-async def start_site(site: web.TCPSite, connections: Connections) -> None:
-    """Start `site` as `TCPSite.start` does (host, port, `reuse_port`; no TLS, backlog or
+async def start_site(site: web.TCPSite, connections: Connections, backlog: int) -> list[Any]:
+    """Start `site` as `TCPSite.start` does (host, port, `reuse_port`, `backlog`; no TLS or
     `reuse_address`, which relay does not set), but with its connections made by
-    `connections(server)`, `server` being the runner's `web.Server`."""
+    `connections(server)`, `server` being the runner's `web.Server`. Returns the listening
+    sockets."""
     await web.BaseSite.start(site)  # registers the site with its runner
     server = site._runner.server
     assert server is not None
     loop = asyncio.get_running_loop()
     site._server = await loop.create_server(
-        connections(server), site._host, site._port, reuse_port=site._reuse_port
+        connections(server), site._host, site._port, reuse_port=site._reuse_port, backlog=backlog
     )
     site._bound_port = site._server.sockets[0].getsockname()[1]
+    return list(site._server.sockets)
 
 
 async def send_continue(request: web.Request) -> None:

@@ -10,8 +10,11 @@ once.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, cast
 
 import orjson
@@ -127,6 +130,58 @@ class Acceptor:
             log.info("shedding stopped", max_in_flight=self.max_in_flight)
 
 
+class AcceptQueue:
+    """The connections waiting in the kernel's accept queue of the webhook port: where the line
+    of a CPU-bound process forms. Past capacity, connections arrive faster than the process
+    accepts them, so they wait there before relay reads a request: the loop's own work stays in
+    short turns (its lag stays low), and publishes in flight never reach their bound
+    (docs/PERFORMANCE.md, "Overload"). More than `max_waiting` there, the process is behind.
+
+    Read with TCP_INFO from the listening socket (Linux: `tcpi_unacked` of a listening socket is
+    its accept queue), a system call of about a microsecond per new connection or webhook; on
+    other systems nothing is watched and the queue reads 0.
+    """
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self.behind_since: float | None = None  # logged when it starts and when it ends
+        self._sockets: list[Any] = []  # listening sockets: socket.socket or uvloop's
+        metrics.MAX_ACCEPT_QUEUE.set(max_waiting)
+
+    def watch(self, sockets: Iterable[Any]) -> None:
+        if sys.platform == "linux":  # elsewhere struct tcp_info differs, or is missing
+            self._sockets = list(sockets)
+
+    def waiting(self) -> int:
+        """Connections waiting to be accepted, over the listening sockets."""
+        total = 0
+        for listening in self._sockets:
+            info = listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+            total += _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0]
+        return total
+
+    def behind(self) -> bool:
+        """Whether more than `max_waiting` connections wait; logs only when that changes."""
+        waiting = self.waiting()
+        metrics.ACCEPT_QUEUE.set(waiting)
+        if waiting > self.max_waiting:
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
+                log.warning("shedding load: connections waiting to be accepted, answering 503",
+                            waiting=waiting, max_accept_queue=self.max_waiting)  # fmt: skip
+            return True
+        if self.behind_since is not None and waiting <= self.max_waiting // 2:
+            log.info("shedding stopped: accept queue short again",
+                     seconds=round(time.monotonic() - self.behind_since, 1))  # fmt: skip
+            self.behind_since = None
+        return False
+
+
+# struct tcp_info: 8 one-byte fields, then rto, ato, snd_mss, rcv_mss, unacked (u32 each)
+_UNACKED_OFFSET, _TCP_INFO_BYTES = 24, 32
+_UNACKED = struct.Struct("=I")
+
+
 class InFlight:
     """The webhook requests being handled, for the drain to wait for: aiohttp's own shutdown
     stops reading every connection first, so a body still arriving would never arrive."""
@@ -158,6 +213,10 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 ACCEPTOR = web.AppKey("acceptor", Acceptor)
 PUBLISHER = web.AppKey("publisher", EventPublisher)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+ACCEPT_QUEUE = web.AppKey("accept_queue", AcceptQueue)
+# whether webhooks are shed one by one on the accept queue: only without `admin_port` (else new
+# connections are, before their request is read, and the connections let in are served)
+SHEDS_REQUESTS = web.AppKey("sheds_requests", bool)
 
 
 def create_app(settings: Settings, publisher: EventPublisher | None = None) -> web.Application:
@@ -168,6 +227,8 @@ def create_app(settings: Settings, publisher: EventPublisher | None = None) -> w
     app[PUBLISHER] = publisher or Publisher(settings)
     app[SOURCE_NAMES] = {source.path: source.name for source in settings.sources}
     app[IN_FLIGHT] = InFlight()
+    app[ACCEPT_QUEUE] = AcceptQueue(settings.ingress.max_accept_queue)
+    app[SHEDS_REQUESTS] = settings.ingress.admin_port is None
     app.cleanup_ctx.append(_broker)
     expect = _expect_handler(settings.ingress.max_body_bytes)
     for source in settings.sources:
@@ -225,6 +286,9 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
 
     async def receive(request: web.Request) -> web.Response:
         app = request.app
+        if app[SHEDS_REQUESTS] and app[ACCEPT_QUEUE].behind():  # before the body is read
+            shed.inc()
+            return _closing(_error(503, OVERLOADED, retry_after=True))
         in_flight = app[IN_FLIGHT]
         in_flight.enter()
         try:
@@ -244,7 +308,9 @@ def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.R
         accepted.inc()
         answer = b'{"status":"' + status.encode() + b'","id":' + orjson.dumps(event.message_id)
         response = web.Response(body=answer + b"}", headers=JSON_HEADERS)
-        if in_flight.draining:
+        if in_flight.draining or app[ACCEPT_QUEUE].behind():
+            # while behind, a kept-alive connection would pass the connections waiting: its next
+            # request waits in the accept queue like theirs (and is shed there if need be)
             response.force_close()
         return response
 
@@ -388,10 +454,12 @@ async def serve(settings: Settings, stopping: asyncio.Event, *, reuse_port: bool
     await runner.setup()
     try:
         try:
-            await LimitedSite(
+            site = LimitedSite(
                 runner, ingress.host, ingress.port, ingress.max_connections, reuse_port,
-                shedding=_shedding(app) if ingress.admin_port is not None else lambda: False,
-            ).start()  # fmt: skip
+                shedding=sheds(app) if ingress.admin_port is not None else lambda: False,
+            )  # fmt: skip
+            await site.start()
+            app[ACCEPT_QUEUE].watch(site.sockets)
             if ingress.admin_port is not None:
                 await admin.setup()
                 await web.TCPSite(
@@ -433,11 +501,14 @@ async def _drain(
         log.warning("ingress drain timed out", seconds=seconds)
 
 
-def _shedding(app: web.Application) -> Callable[[], bool]:
-    """Whether the ingress `app` sheds: then its site refuses new connections before reading
+def sheds(app: web.Application) -> Callable[[], bool]:
+    """Whether the ingress `app` sheds (its publishes in flight reached their bound, or too many
+    connections wait to be accepted): then its site refuses new connections before reading
     them. Only with `admin_port` set: else /healthz, /readyz and /metrics share the webhook port,
-    and refusing their connections would fail a liveness probe under load."""
-    return lambda: ACCEPTOR in app and app[ACCEPTOR].shedding
+    and refusing their connections would fail a liveness probe under load (webhooks are still
+    shed, once their request's head is read)."""
+    queue = app[ACCEPT_QUEUE]
+    return lambda: (ACCEPTOR in app and app[ACCEPTOR].shedding) or queue.behind()
 
 
 def runner_options(ingress: IngressSettings) -> dict[str, Any]:
@@ -480,9 +551,15 @@ class LimitedSite(web.TCPSite):
         super().__init__(runner, host, port, reuse_port=reuse_port or None)
         self._max_connections = max_connections
         self._shedding = shedding
+        self.sockets: list[Any] = []  # listening, once started
 
     async def start(self) -> None:
-        await _aiohttp.start_site(self, self._connections)
+        # the kernel's accept queue as deep as the connections served: past capacity, a connection
+        # waits there to be answered (cheaply, while shedding) rather than have its SYN dropped
+        # and retried 1, 3, 7 s later (docs/PERFORMANCE.md, "Overload")
+        self.sockets = await _aiohttp.start_site(
+            self, self._connections, backlog=self._max_connections
+        )
 
     def _connections(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
         limit, shedding = self._max_connections, self._shedding

@@ -12,7 +12,9 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `relay ingress --process
 
 REQUESTS = Counter(
     "relay_ingress_requests_total", "Webhook requests answered, by source and status (an HTTP "
-    "status; `shed`: 503 at once, max_in_flight publishes in flight; `client_closed`)",
+    "status; `shed`: 503 at once, max_accept_queue connections waiting or max_in_flight publishes "
+    "in flight; "
+    "`client_closed`)",
     ["source", "status"],
 )  # fmt: skip
 SHED = "shed"  # the status label of webhooks shed (answered 503 unpublished): not a broker 503
@@ -23,6 +25,15 @@ PUBLISHES_IN_FLIGHT = Gauge(
 )  # fmt: skip
 MAX_IN_FLIGHT = Gauge(
     "relay_ingress_max_in_flight", "The bound on publishes in flight (ingress.max_in_flight)",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+ACCEPT_QUEUE = Gauge(
+    "relay_ingress_accept_queue", "Connections waiting to be accepted, last read",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+MAX_ACCEPT_QUEUE = Gauge(
+    "relay_ingress_max_accept_queue",
+    "The accept queue beyond which new webhooks are shed (ingress.max_accept_queue)",
     multiprocess_mode="livesum",
 )  # fmt: skip
 PUBLISH_SECONDS = Histogram(

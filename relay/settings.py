@@ -78,6 +78,9 @@ class IngressSettings:
     # publishes in flight per process; new webhooks beyond get 503 at once (docs/PERFORMANCE.md,
     # "Overload", derives it)
     max_in_flight: int = 256
+    # connections waiting to be accepted beyond which new ones and new webhooks get 503 at once:
+    # the CPU-bound case (ditto)
+    max_accept_queue: int = 64
     drain_seconds: float = 10.0
 
 
@@ -377,7 +380,8 @@ def _broker_urls(t: _Table) -> tuple[str, ...]:
 def _ingress(t: _Table) -> IngressSettings:
     t.only(
         "host", "port", "admin_host", "admin_port", "max_body_bytes", "body_timeout_seconds",
-        "keepalive_seconds", "max_connections", "max_in_flight", "drain_seconds",
+        "keepalive_seconds", "max_connections", "max_in_flight", "max_accept_queue",
+        "drain_seconds",
     )  # fmt: skip
     d = IngressSettings()  # the defaults
     return IngressSettings(
@@ -394,6 +398,7 @@ def _ingress(t: _Table) -> IngressSettings:
         ),
         max_connections=t.number("max_connections", d.max_connections, minimum=1),
         max_in_flight=t.number("max_in_flight", d.max_in_flight, minimum=1),
+        max_accept_queue=t.number("max_accept_queue", d.max_accept_queue, minimum=1),
         drain_seconds=t.number("drain_seconds", d.drain_seconds, minimum=0, integer=False),
     )
 

@@ -1,22 +1,39 @@
-"""Load shedding at the ingress (issue 21, point 1): beyond `ingress.max_in_flight` publishes in
-flight, a new webhook is answered 503 with Retry-After at once and never published; repeats and
-copies of an id being published are answered as before. Figures: tests/bench/overload.py."""
+"""Load shedding at the ingress (issue 21, point 1): while more than `ingress.max_accept_queue`
+connections wait to be accepted (the process's CPU is the bottleneck), a new connection is answered
+503 before its request is read and a webhook on an open connection 503 before its body is read;
+beyond `ingress.max_in_flight` publishes in flight (the broker is), a new webhook is answered 503
+with Retry-After at once and never published, while repeats and copies of an id being published
+are answered as before. Figures: tests/bench/overload.py."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+import structlog
+import uvloop
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import metrics
 from relay.errors import BrokerUnavailable
-from relay.ingress import ACCEPTOR, OVERLOADED, SETTINGS, LimitedSite
+from relay.ingress import (
+    ACCEPT_QUEUE,
+    ACCEPTOR,
+    OVERLOADED,
+    SETTINGS,
+    AcceptQueue,
+    LimitedSite,
+    create_app,
+    not_ready,
+    sheds,
+)
 from relay.providers import Event
 from relay.publisher import Publisher
 from relay.settings import Settings
@@ -41,6 +58,7 @@ BILLING = {
     "partitions": 1,
 }
 Answer = tuple[int, dict[str, object], dict[str, str]]
+PROBE = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 class HeldPublisher(Publisher):
@@ -212,6 +230,171 @@ async def test_while_shedding_a_new_connection_is_503_before_its_request_is_read
         writer.close()
     finally:
         await runner.cleanup()
+
+
+# --- the accept queue, on loopback sockets (milliseconds) ---------------------------------
+
+
+def test_the_accept_queue_counts_the_connections_waiting_and_is_behind_beyond_its_bound() -> None:
+    # Given a listening socket nobody accepts from, watched with a bound of 3
+    queue = AcceptQueue(3)
+    with socket.create_server(("127.0.0.1", 0), backlog=50) as listening:
+        queue.watch([listening])
+        port = listening.getsockname()[1]
+        with structlog.testing.capture_logs() as logs:
+            # When 3, then 5 connections wait
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            at_bound = queue.behind()
+            clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+            beyond = (queue.waiting(), queue.behind(), queue.behind())
+            # And all but one are accepted
+            for _ in range(4):
+                listening.accept()[0].close()
+            after = queue.behind()
+        for client in clients:
+            client.close()
+
+    # Then it is behind only beyond the bound, exported, and logged once each way
+    assert not at_bound
+    assert beyond == (5, True, True)
+    assert not after
+    assert metrics.ACCEPT_QUEUE._value.get() == 1
+    assert metrics.MAX_ACCEPT_QUEUE._value.get() == 3
+    assert [log["event"] for log in logs] == [
+        "shedding load: connections waiting to be accepted, answering 503",
+        "shedding stopped: accept queue short again",
+    ]
+
+
+async def test_while_connections_wait_a_webhook_on_an_open_connection_is_503_before_its_body(
+    offline: tuple[Ingress, GatedFake], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an ingress with more connections waiting to be accepted than its bound
+    ingress, publisher = offline
+    before = requests_total(await metrics_text(ingress), "shed")
+    queue = ingress.app[ACCEPT_QUEUE]
+    monkeypatch.setattr(queue, "waiting", lambda: queue.max_waiting + 1)
+    source = ingress.app[SETTINGS].sources[0]
+
+    # When a webhook arrives on an open connection, and a probe
+    status, answer, headers = await ingress.post(PATH, signed_body(source, activity()))
+    async with ingress.client.get("/healthz") as probe:
+        probe_status = probe.status
+
+    # Then the webhook is 503 with Retry-After, closing its connection, never published,
+    # counted as shed for its source; the probe is answered
+    assert (status, answer) == (503, {"error": OVERLOADED})
+    assert int(headers["Retry-After"]) > 0
+    assert headers["Connection"] == "close"
+    assert publisher.waiting == 0
+    assert not publisher.published
+    assert requests_total(await metrics_text(ingress), "shed") == before + 1
+    assert probe_status == 200
+
+
+async def test_with_admin_port_while_connections_wait_a_webhook_let_in_is_served_then_closed(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an ingress with admin_port set (connections are shed as they are accepted) and more
+    # connections waiting to be accepted than its bound
+    settings = make_settings(ingress={"admin_port": 1}, source={"tolerance_seconds": 300})
+    publisher = FakePublisher()
+    async with running_ingress(settings, publisher=publisher) as ingress:
+        queue = ingress.app[ACCEPT_QUEUE]
+        monkeypatch.setattr(queue, "waiting", lambda: queue.max_waiting + 1)
+
+        # When a webhook arrives on a connection let in
+        status, answer, headers = await ingress.post(
+            PATH, signed_body(settings.sources[0], activity())
+        )
+
+    # Then it is accepted, and its connection closed: its next request waits in the accept
+    # queue like the others' rather than pass them
+    assert (status, answer["status"]) == (200, "accepted")
+    assert headers["Connection"] == "close"
+    assert len(publisher.published) == 1
+
+
+def test_under_a_saturated_loop_the_connections_beyond_the_bound_get_the_cheap_503(
+    make_settings: MakeSettings,
+) -> None:
+    # On uvloop, as `relay ingress` runs: it makes each connection's protocol as it accepts it,
+    # so the accept queue read then is what still waits (asyncio accepts a batch first).
+    # Given 6 clients connected while the ingress's loop is busy (all wait to be accepted)
+    settings = make_settings(ingress={"max_accept_queue": 2, "admin_port": 1})
+    before = metrics.REQUESTS.labels("", metrics.SHED)._value.get()
+    answers = uvloop.run(saturated(settings, clients=6))
+
+    # Then those accepted while more than 2 still waited behind them (the first 3) got a JSON
+    # 503 with Retry-After before any request was read, counted as shed with no source; the
+    # last 3 were let in
+    assert [bool(answer) for answer in answers] == [True] * 3 + [False] * 3, answers
+    for answer in answers[:3]:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert b"\r\nRetry-After: " in head
+        assert orjson.loads(body) == {"error": OVERLOADED}
+    assert metrics.REQUESTS.labels("", metrics.SHED)._value.get() == before + 3
+
+
+async def saturated(settings: Settings, clients: int) -> list[bytes]:
+    """What `clients` read within a second of being accepted by the ingress's site, having all
+    connected while its loop was busy (held, as a backlog of requests holds it); empty for a
+    connection let in (it waits for its request)."""
+    app = create_app(settings, FakePublisher())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = LimitedSite(runner, "127.0.0.1", 0, max_connections=100, shedding=sheds(app))
+    all_connected = threading.Event()
+
+    def connect() -> list[bytes]:
+        connected = [
+            socket.create_connection(("127.0.0.1", site.port), timeout=10) for _ in range(clients)
+        ]
+        all_connected.set()
+        answers = []
+        for client in connected:
+            client.settimeout(1.0)
+            try:
+                answers.append(read_all(client))
+            except TimeoutError:
+                answers.append(b"")
+            client.close()
+        return answers
+
+    try:
+        await site.start()
+        app[ACCEPT_QUEUE].watch(site.sockets)
+        await eventually(lambda: not not_ready(app), what="ingress ready")
+        # Given the loop busy until every client has connected
+        connecting = asyncio.ensure_future(asyncio.to_thread(connect))
+        asyncio.get_running_loop().call_soon(all_connected.wait, 10)
+        return await connecting
+    finally:
+        await runner.cleanup()
+
+
+def exchange(connection: socket.socket, request: bytes) -> bytes:
+    """One request and its answer's head and body, on a blocking socket."""
+    connection.sendall(request)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(65536) or b"\r\n\r\n"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+         if line.lower().startswith(b"content-length:")), 0
+    )  # fmt: skip
+    while len(body) < length and (chunk := connection.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def read_all(connection: socket.socket) -> bytes:
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    return answer
 
 
 # --- on the broker --------------------------------------------------------------------------
