@@ -149,7 +149,7 @@ async def test_handler_state_is_visible_in_status_logs_and_metrics(
     assert status["state"] == "retrying"
     assert status["partitions"] == [
         {"queue": partition, "ready": 0, "unacked": 1, "depth": 1, "consumers": 1,
-         "state": "retrying", "detail": "HTTP 503", "in_config": True}
+         "state": "retrying", "detail": "HTTP 503", "in_config": True, "rate": None}
     ]  # fmt: skip
     assert state_gauge(name) == {"live": 0, "retrying": 1, "parked": 0}
 

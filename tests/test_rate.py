@@ -111,6 +111,7 @@ async def test_max_rate_is_the_handlers_whatever_the_number_of_workers(
     assert tally.ok, str(tally)
     # at 40/s +- 15% at the endpoint over the steady part (until a partition ran dry)
     times = sorted(r.at for r in http_handler.requests if r.accepted)
+    await eventually(lambda: sum(w.logged("delivered") for w in started) >= 600, what="logged")
     delivered = [e for w in started for e in w.events("delivered")]
     steady, sizes = steady_rate(http_handler, delivered)
     held = [len({e["partition"] for e in w.events("delivered")}) for w in started]
@@ -208,6 +209,8 @@ async def test_workers_holding_different_shares_of_the_partitions_add_up_to_max_
     # at 40/s +- 15% over the steady part (until a partition ran dry: then its worker's share
     # goes unused, the skew docs/GUARANTEES.md "Rate" describes)
     times = sorted(r.at for r in http_handler.requests if r.accepted)
+    # (a worker logs `delivered` a moment after the endpoint answered)
+    await eventually(lambda: len(logged(logs, "delivered")) >= 600, timeout=10, what="logged")
     steady, sizes = steady_rate(http_handler, logged(logs, "delivered"))
     print(f"in-process workers holding {held}: steady={steady:.1f}/s "
           f"whole drain={rate(times):.1f}/s {sizes}")  # fmt: skip
