@@ -33,8 +33,9 @@ until its partitions' members and streams' replicas are online again, then the n
 `--fault partition` cuts the victim off (`deploy/cluster.sh cut`: its inter-node and client
 traffic dropped) until the others see it gone and it paused itself (pause_minority), --seconds
 more, heals it in any case, and adds `detected_seconds paused_seconds cut_seconds
-refused_while_cut longest_without_accept_seconds`, and prints when each relay process lost and
-made its connections; `--victim ingress` cuts off the node of the ingress's publisher.
+refused_while_cut longest_without_accept_seconds ingress_moved_seconds` (when the ingress was
+connected to another node), and prints when each relay process lost and made its
+connections; `--victim ingress` cuts off the node of the ingress's publisher.
 `delivered_in_seconds`: from the load's stop until everything accepted was delivered.
 
 Exit 0 only if nothing accepted was lost or reordered, load was accepted after the fault, the
@@ -70,6 +71,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from relay import topology, wire
+from relay.broker import BROKER_ERRORS
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import (
     EnvoiceSender,
@@ -472,13 +474,20 @@ async def partition(
     }
     print(f"relay's connections since the cut: {moved}", flush=True)
     cut_seconds = healed - started
+    # when the ingress's publisher was connected again, to a node not cut off: how long a client
+    # of the cut-off node took to notice (its AMQP heartbeat) and move
+    again = [at for at, what in connections(processes[0], cut_at)
+             if what == f"publisher broker connected {5680 + up[0]}"
+             or what == f"publisher broker connected {5680 + up[1]}"]  # fmt: skip
+    ingress_moved = f"{again[0]:.1f}" if again else "never"
     return {
         "node": node(victim), "up": up, "failover": detected, "recovered": recovered,
         "streams_recovered": streams_recovered, "accepted_after": accepted_after,
         "extra": f"detected_seconds={detected:.1f} paused_seconds={paused_after:.1f} "
                  f"cut_seconds={cut_seconds:.1f} "
                  f"refused_while_cut={sender.refused_in(started, healed)} "
-                 f"longest_without_accept_seconds={stall:.1f} ",
+                 f"longest_without_accept_seconds={stall:.1f} "
+                 f"ingress_moved_seconds={ingress_moved} ",
     }  # fmt: skip
 
 
@@ -557,6 +566,9 @@ async def remembered(
         accepted = sum(1 for ids in ledger.accepted.values() for i in ids if i in missing)
         problems.append(f"  of those {len(missing)}: {accepted} accepted by the ingress; their "
                         f"other records in the log: {dict(others)}")  # fmt: skip
+        # the survivor's replica behind, or the records gone from every replica (the broker)?
+        for i in (n for n in NODES if n != survivor):
+            problems.append(f"  {await recorded_on(i, urls[i - 1], outcome_log, missing)}")
     return Memory(
         archived=in_archive.delivered,
         archive_lost=in_archive.lost,
@@ -566,6 +578,19 @@ async def remembered(
         outcome_duplicates=sum(n - 1 for n in recorded.values()),
         problems=tuple(problems),
     )
+
+
+async def recorded_on(i: int, url: str, outcome_log: str, ids: set[str]) -> str:
+    """How many of `ids` have a record in node `i`'s replica of the outcome log, read whole."""
+    try:
+        end = await committed(i, outcome_log)
+        connection = await aio_pika.connect(url, timeout=10)
+        async with connection:
+            messages, last = await read_stream(connection, outcome_log, "first", end)
+    except (AssertionError, *BROKER_ERRORS) as exc:
+        return f"{node(i)}: not read ({exc!r})"
+    found = {str(r["id"]) for m in messages for r in wire.read_outcomes(m.body)} & ids
+    return f"{node(i)}: {len(found)} of them recorded (read to offset {last} of {end})"
 
 
 async def committed(i: int, stream: str) -> int:
