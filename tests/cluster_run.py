@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -184,7 +185,8 @@ async def run(args: argparse.Namespace) -> int:
             billing = config.settings.handlers[0]
             partitions = list(billing.queues)
             streams = [topology.ARCHIVE, billing.outcome_log]
-            processes = await relay.start(config, workers=2)
+            # (debug: each worker logs the ids of every outcome-log write the broker confirmed)
+            processes = await relay.start(config, workers=2, worker_args=("--log-level", "debug"))
             sender = EnvoiceSender.to(config, pause_seconds=0.01)
             stop = asyncio.Event()
             async with in_background(sender.send(INVOICES, stop=stop)):
@@ -215,7 +217,7 @@ async def run(args: argparse.Namespace) -> int:
             # the load has stopped and what could be delivered is: the streams are read to their end
             memory = await remembered(
                 result["up"][0], urls, config.settings.broker.exchange, since,
-                billing.outcome_log, sender.ledger, handler,
+                billing.outcome_log, sender.ledger, handler, processes[1:],
             )  # fmt: skip
     answers = dict(sender.answers.most_common())
     print(f"{tally.line()} failover_seconds={result['failover']:.1f} "
@@ -526,6 +528,7 @@ async def remembered(
     outcome_log: str,
     ledger: Ledger,
     handler: HttpHandler,
+    workers: Sequence[RelayProcess],
 ) -> Memory:
     """Read from node `survivor` the archive's messages of `exchange` from `since` on, and the
     outcome log, each up to its leader's committed offset; count them against `ledger` and what
@@ -566,6 +569,14 @@ async def remembered(
         accepted = sum(1 for ids in ledger.accepted.values() for i in ids if i in missing)
         problems.append(f"  of those {len(missing)}: {accepted} accepted by the ingress; their "
                         f"other records in the log: {dict(others)}")  # fmt: skip
+        # confirmed by the broker (then lost by it), or acked by relay without a confirm?
+        confirmed = [
+            (str(event["timestamp"]), str(w.process.pid))
+            for w in workers
+            for event in w.events("outcome records confirmed")
+            if missing & set(event.get("ids", ()))
+        ]
+        problems.append(f"  the broker confirmed their records to a worker: {confirmed or 'never'}")
         # the survivor's replica behind, or the records gone from every replica (the broker)?
         for i in (n for n in NODES if n != survivor):
             problems.append(f"  {await recorded_on(i, urls[i - 1], outcome_log, missing)}")
