@@ -77,7 +77,7 @@ class AcceptedIds:
 
     def start(self) -> None:
         if self._follow:
-            urls = self._settings.broker.urls
+            urls = self._settings.broker.connection_urls
             self._task = asyncio.create_task(keep_connected(urls, self._session, what="ids"))
 
     async def stop(self) -> None:

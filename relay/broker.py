@@ -129,7 +129,7 @@ async def connect(broker: BrokerSettings) -> AbstractConnection:
     """A connection for a command that needs the broker now, to the first of its nodes that
     answers; if none does, BrokerUnavailable saying why in words an operator can act on."""
     reasons = []
-    for url in broker.urls:
+    for url in broker.connection_urls:
         where = masked(url)
         try:
             return await aio_pika.connect(url, timeout=CONNECT_SECONDS)

@@ -67,7 +67,10 @@ class Publisher:
     def start(self) -> None:
         self._task = asyncio.create_task(
             keep_connected(
-                self._settings.broker.urls, self._session, what="publisher", blocked=self.blocked
+                self._settings.broker.connection_urls,
+                self._session,
+                what="publisher",
+                blocked=self.blocked,
             )
         )
 

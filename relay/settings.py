@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from relay.errors import ConfigError
 from relay.secrets import LOOPBACK_HOSTS, Secret, resolve_secret, standard_webhooks_key
@@ -33,10 +33,19 @@ class BrokerSettings:
     exchange: str = "relay.activities"
     publish_timeout_seconds: float = 5.0
     management_url: str = ""  # RabbitMQ's management API; "" is http://<url's host>:15672/
+    # AMQP heartbeat asked for on every connection, unless a URL says ?heartbeat= itself: a
+    # client of a node cut off from it notices in about 3 x (this + 1) s (0: no heartbeats)
+    heartbeat_seconds: int = 10
 
     @property
     def urls(self) -> tuple[str, ...]:
         return (self.url, *self.other_urls)
+
+    @property
+    def connection_urls(self) -> tuple[str, ...]:
+        """The URLs relay connects with: each asks for heartbeat_seconds unless it names a
+        heartbeat of its own (aiormq otherwise asks for 60 s, whatever the broker offers)."""
+        return tuple(with_heartbeat(url, self.heartbeat_seconds) for url in self.urls)
 
     @property
     def vhost(self) -> str:
@@ -335,8 +344,17 @@ def masked(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def with_heartbeat(url: str, seconds: int) -> str:
+    """`url` with ?heartbeat=`seconds` added, unless its query names a heartbeat already."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "heartbeat" for name, _ in query):
+        return url
+    return urlunsplit(parts._replace(query=urlencode([*query, ("heartbeat", str(seconds))])))
+
+
 def _broker(t: _Table) -> BrokerSettings:
-    t.only("url", "exchange", "publish_timeout_seconds", "management_url")
+    t.only("url", "exchange", "publish_timeout_seconds", "management_url", "heartbeat_seconds")
     d = BrokerSettings()  # the defaults
     management_url = t.get("management_url", str, d.management_url)
     if management_url and urlsplit(management_url).scheme not in ("http", "https"):
@@ -350,6 +368,7 @@ def _broker(t: _Table) -> BrokerSettings:
             "publish_timeout_seconds", d.publish_timeout_seconds, minimum=0.1, integer=False
         ),
         management_url=management_url,
+        heartbeat_seconds=t.number("heartbeat_seconds", d.heartbeat_seconds, minimum=0),
     )
 
 

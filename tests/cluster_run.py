@@ -33,8 +33,9 @@ until its partitions' members and streams' replicas are online again, then the n
 `--fault partition` cuts the victim off (`deploy/cluster.sh cut`: its inter-node and client
 traffic dropped) until the others see it gone and it paused itself (pause_minority), --seconds
 more, heals it in any case, and adds `detected_seconds paused_seconds cut_seconds
-refused_while_cut longest_without_accept_seconds`, and prints when each relay process lost and
-made its connections; `--victim ingress` cuts off the node of the ingress's publisher.
+refused_while_cut longest_without_accept_seconds ingress_moved_seconds` (when the ingress was
+connected to another node), and prints when each relay process lost and made its
+connections; `--victim ingress` cuts off the node of the ingress's publisher.
 `delivered_in_seconds`: from the load's stop until everything accepted was delivered.
 
 Exit 0 only if nothing accepted was lost or reordered, load was accepted after the fault, the
@@ -57,6 +58,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,6 +72,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from relay import topology, wire
+from relay.broker import BROKER_ERRORS
 from tests.handlers_for_tests import HttpHandler
 from tests.processes import (
     EnvoiceSender,
@@ -182,7 +185,8 @@ async def run(args: argparse.Namespace) -> int:
             billing = config.settings.handlers[0]
             partitions = list(billing.queues)
             streams = [topology.ARCHIVE, billing.outcome_log]
-            processes = await relay.start(config, workers=2)
+            # (debug: each worker logs the ids of every outcome-log write the broker confirmed)
+            processes = await relay.start(config, workers=2, worker_args=("--log-level", "debug"))
             sender = EnvoiceSender.to(config, pause_seconds=0.01)
             stop = asyncio.Event()
             async with in_background(sender.send(INVOICES, stop=stop)):
@@ -213,7 +217,7 @@ async def run(args: argparse.Namespace) -> int:
             # the load has stopped and what could be delivered is: the streams are read to their end
             memory = await remembered(
                 result["up"][0], urls, config.settings.broker.exchange, since,
-                billing.outcome_log, sender.ledger, handler,
+                billing.outcome_log, sender.ledger, handler, processes[1:],
             )  # fmt: skip
     answers = dict(sender.answers.most_common())
     print(f"{tally.line()} failover_seconds={result['failover']:.1f} "
@@ -472,13 +476,20 @@ async def partition(
     }
     print(f"relay's connections since the cut: {moved}", flush=True)
     cut_seconds = healed - started
+    # when the ingress's publisher was connected again, to a node not cut off: how long a client
+    # of the cut-off node took to notice (its AMQP heartbeat) and move
+    again = [at for at, what in connections(processes[0], cut_at)
+             if what == f"publisher broker connected {5680 + up[0]}"
+             or what == f"publisher broker connected {5680 + up[1]}"]  # fmt: skip
+    ingress_moved = f"{again[0]:.1f}" if again else "never"
     return {
         "node": node(victim), "up": up, "failover": detected, "recovered": recovered,
         "streams_recovered": streams_recovered, "accepted_after": accepted_after,
         "extra": f"detected_seconds={detected:.1f} paused_seconds={paused_after:.1f} "
                  f"cut_seconds={cut_seconds:.1f} "
                  f"refused_while_cut={sender.refused_in(started, healed)} "
-                 f"longest_without_accept_seconds={stall:.1f} ",
+                 f"longest_without_accept_seconds={stall:.1f} "
+                 f"ingress_moved_seconds={ingress_moved} ",
     }  # fmt: skip
 
 
@@ -493,8 +504,12 @@ class Memory:
     archive_lost: int  # accepted ids not in the archive
     archive_reordered: int  # keys whose first archived copies are not in acceptance order
     outcomes: int  # ids the handler answered 2xx that have a `delivered` record
-    outcomes_lost: int  # ids the handler answered 2xx without one
+    outcomes_lost: int  # ids the handler answered 2xx without one (less those below)
     outcome_duplicates: int  # `delivered` records beyond the first of an id (informational)
+    # ids 2xx without a record whose record the broker confirmed to a worker and no node's
+    # replica holds: RabbitMQ 3.10.8 losing confirmed stream writes in a failover (reported, not
+    # failed: relay acked on the broker's confirm; a repeat of such an id is delivered again)
+    outcomes_dropped_by_broker: int = 0
     problems: tuple[str, ...] = ()
 
     @property
@@ -505,7 +520,8 @@ class Memory:
         return (
             f"archived={self.archived} archive_lost={self.archive_lost} "
             f"archive_reordered={self.archive_reordered} outcomes={self.outcomes} "
-            f"outcomes_lost={self.outcomes_lost} outcome_duplicates={self.outcome_duplicates}"
+            f"outcomes_lost={self.outcomes_lost} outcome_duplicates={self.outcome_duplicates} "
+            f"outcomes_dropped_by_broker={self.outcomes_dropped_by_broker}"
         )
 
 
@@ -517,6 +533,7 @@ async def remembered(
     outcome_log: str,
     ledger: Ledger,
     handler: HttpHandler,
+    workers: Sequence[RelayProcess],
 ) -> Memory:
     """Read from node `survivor` the archive's messages of `exchange` from `since` on, and the
     outcome log, each up to its leader's committed offset; count them against `ledger` and what
@@ -548,6 +565,7 @@ async def remembered(
     recorded = Counter(str(r["id"]) for r in records if r["outcome"] == wire.DELIVERED)
     delivered = set(handler.accepted())
     unrecorded = sorted(delivered - recorded.keys())
+    dropped: set[str] = set()
     problems += [f"archive {p.replace(', delivered ', ', archived ')}" for p in in_archive.problems]
     if unrecorded:
         more = " ..." if len(unrecorded) > 5 else ""
@@ -557,15 +575,49 @@ async def remembered(
         accepted = sum(1 for ids in ledger.accepted.values() for i in ids if i in missing)
         problems.append(f"  of those {len(missing)}: {accepted} accepted by the ingress; their "
                         f"other records in the log: {dict(others)}")  # fmt: skip
+        # confirmed by the broker (then lost by it), or acked by relay without a confirm?
+        confirmed_ids: set[str] = set()
+        confirmed = []
+        for w in workers:
+            for event in w.events("outcome records confirmed"):
+                if ids := missing & {str(i) for i in event.get("ids", ())}:
+                    confirmed_ids |= ids
+                    confirmed.append((str(event["timestamp"]), w.process.pid, len(ids)))
+        problems.append(f"  the broker confirmed {len(confirmed_ids)} of their records to a "
+                        f"worker (when, worker, ids): {confirmed or 'never'}")  # fmt: skip
+        # the survivor's replica behind, or the records gone from every replica (the broker)?
+        held: set[str] = set()
+        for i in (n for n in NODES if n != survivor):
+            said, found = await recorded_on(i, urls[i - 1], outcome_log, missing)
+            problems.append(f"  {said}")
+            held |= found if found is not None else missing  # not read: cannot rule it out
+        dropped = confirmed_ids - held  # confirmed, and on no replica: the broker lost them
     return Memory(
         archived=in_archive.delivered,
         archive_lost=in_archive.lost,
         archive_reordered=in_archive.reordered,
         outcomes=len(delivered & recorded.keys()),
-        outcomes_lost=len(unrecorded),
+        outcomes_lost=len(unrecorded) - len(dropped),
         outcome_duplicates=sum(n - 1 for n in recorded.values()),
+        outcomes_dropped_by_broker=len(dropped),
         problems=tuple(problems),
     )
+
+
+async def recorded_on(
+    i: int, url: str, outcome_log: str, ids: set[str]
+) -> tuple[str, set[str] | None]:
+    """Which of `ids` have a record in node `i`'s replica of the outcome log, read whole (None:
+    not read), and that said in words."""
+    try:
+        end = await committed(i, outcome_log)
+        connection = await aio_pika.connect(url, timeout=10)
+        async with connection:
+            messages, last = await read_stream(connection, outcome_log, "first", end)
+    except (AssertionError, *BROKER_ERRORS) as exc:
+        return f"{node(i)}: not read ({exc!r})", None
+    found = {str(r["id"]) for m in messages for r in wire.read_outcomes(m.body)} & ids
+    return f"{node(i)}: {len(found)} of them recorded (read to offset {last} of {end})", found
 
 
 async def committed(i: int, stream: str) -> int:

@@ -209,11 +209,19 @@ class Relay:
         return worker
 
     async def start(
-        self, config: Config, *, workers: int = 1, env: dict[str, str] | None = None
+        self,
+        config: Config,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        worker_args: tuple[str, ...] = (),
     ) -> tuple[RelayProcess, ...]:
-        """`relay ingress` and `workers` x `relay worker`, started together; once all are ready."""
+        """`relay ingress` and `workers` x `relay worker` (with `worker_args`), started together;
+        once all are ready."""
         ingress = await self.run("ingress", config=config)
-        started = [await self.run("worker", config=config, env=env) for _ in range(workers)]
+        started = [
+            await self.run("worker", *worker_args, config=config, env=env) for _ in range(workers)
+        ]
         await eventually(
             lambda: ingress_ready(ingress, config), timeout=STARTUP_SECONDS, what="ingress ready"
         )

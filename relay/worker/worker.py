@@ -93,7 +93,10 @@ class Worker:
             for partition in self._partitions:
                 self._deliveries[partition.handler.name].partitions.append(partition)
             await keep_connected(
-                self._settings.broker.urls, self._session, what="worker", until=self._stopping
+                self._settings.broker.connection_urls,
+                self._session,
+                what="worker",
+                until=self._stopping,
             )
 
     async def _session(self, connection: AbstractConnection, over: asyncio.Event) -> None:
