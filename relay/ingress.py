@@ -574,12 +574,20 @@ class LimitedSite(web.TCPSite):
         return protocol
 
 
-class _Overloaded(asyncio.Protocol):
-    ANSWER = (
+def _refusal(error: str, retry_after: str) -> bytes:
+    """A whole HTTP 503 answer, written before any of the request is read."""
+    body = orjson.dumps({"error": error})
+    return (
         b"HTTP/1.1 503 Service Unavailable\r\nServer: relay\r\nConnection: close\r\n"
-        b"Retry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
-        b'{"error":"too many connections"}\n'
+        b"Retry-After: " + retry_after.encode() + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
+
+
+class _Overloaded(asyncio.Protocol):
+    """A connection over `max_connections`: 503 and closed at once, logged."""
+
+    ANSWER = _refusal("too many connections", "1")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.warning("connection refused: too many connections")
@@ -590,14 +598,9 @@ class _Overloaded(asyncio.Protocol):
 class _Shed(asyncio.Protocol):
     """A new connection while the ingress sheds: 503 before its request is read, counted as shed
     with no source (a source is known by its path, which is never read); logged only when
-    shedding starts (Acceptor)."""
+    shedding starts (Acceptor, AcceptQueue)."""
 
-    BODY = orjson.dumps({"error": OVERLOADED})
-    ANSWER = (
-        b"HTTP/1.1 503 Service Unavailable\r\nServer: relay\r\nConnection: close\r\n"
-        b"Retry-After: " + RETRY_AFTER_SECONDS.encode() + b"\r\nContent-Type: application/json"
-        b"\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
-    )
+    ANSWER = _refusal(OVERLOADED, RETRY_AFTER_SECONDS)
     counted = metrics.REQUESTS.labels("", metrics.SHED)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
