@@ -59,10 +59,8 @@ from tests.bench.common import (
     memory_kb,
     wait_ok,
 )
-from tests.bench.ingress import POST_LUA, declare_topology, run_wrk, write_bodies
+from tests.bench.ingress import PATH, POST_LUA, SECRET, declare_topology, run_wrk, write_bodies
 
-SECRET = "bench-secret"
-PATH = "/webhooks/envoice"
 WORK_SECONDS = 0.040  # the bound: this much work at capacity (docs/PERFORMANCE.md, "Overload")
 QUEUE_SECONDS = 0.010  # the accept queue's bound: this much accepting at capacity (ditto)
 UNLOADED = 0.25  # of capacity
