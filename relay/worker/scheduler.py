@@ -52,7 +52,6 @@ class HandlerScheduler:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(handler.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._running = 0  # deliveries started and not done (max_concurrency)
         self._background: set[asyncio.Future[None]] = set()
         self._timers: dict[Delivery, asyncio.TimerHandle] = {}  # retries waiting for their time
         self._tries: dict[str, tuple[int, datetime, float]] = {}  # of messages that failed
@@ -203,7 +202,6 @@ class HandlerScheduler:
             if delivery is None:
                 self._slots.release()
                 return
-            self._running += 1
             task = asyncio.ensure_future(self._deliver(delivery))
             self._in_flight.add(task)
             task.add_done_callback(self._done)
@@ -211,7 +209,6 @@ class HandlerScheduler:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         self._slots.release()
-        self._running -= 1
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             self._log.error("delivery crashed", error=repr(task.exception()))
@@ -241,7 +238,7 @@ class HandlerScheduler:
         ceiling = self.handler.max_concurrency
         if ceiling is None:
             return True
-        return self._running < concurrency_share(held, self.handler.partitions, ceiling)
+        return len(self._in_flight) < concurrency_share(held, self.handler.partitions, ceiling)
 
     async def _deliver(self, delivery: Delivery) -> None:
         with delivery.in_flight:
