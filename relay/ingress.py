@@ -156,7 +156,10 @@ class AcceptQueue:
         """Connections waiting to be accepted, over the listening sockets."""
         total = 0
         for listening in self._sockets:
-            info = listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+            try:
+                info = listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+            except (OSError, ValueError):  # closed: the site stopped (a drain), nothing waits
+                continue
             total += _UNACKED.unpack_from(info, _UNACKED_OFFSET)[0]
         return total
 

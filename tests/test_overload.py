@@ -266,6 +266,20 @@ def test_the_accept_queue_counts_the_connections_waiting_and_is_behind_beyond_it
     ]
 
 
+async def test_once_the_listening_socket_closed_nothing_waits_and_nothing_raises() -> None:
+    # Given a watched listening socket of a server that stopped (a drain: the requests it let in
+    # are still being answered, and each answer reads the queue)
+    queue = AcceptQueue(3)
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    queue.watch(server.sockets)
+    server.close()
+    await server.wait_closed()
+
+    # Then the queue reads empty
+    assert queue.waiting() == 0
+    assert not queue.behind()
+
+
 async def test_while_connections_wait_a_webhook_on_an_open_connection_is_503_before_its_body(
     offline: tuple[Ingress, GatedFake], monkeypatch: pytest.MonkeyPatch
 ) -> None:
