@@ -3,6 +3,7 @@
 source "$(dirname "$0")/setup.sh"
 ensure_venv "[test,dev,examples]"
 ensure_rabbitmq
+ensure_broker_clock
 # nginx: tests/test_nginx.py balances two ingresses with it; docker-compose, prometheus
 # (promtool) and kubectl validate deploy/ offline (tests/test_deploy.py). kubectl is Debian's
 # kubernetes-client unless one is installed already (Kubernetes' own `kubectl` package puts the
