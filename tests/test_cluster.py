@@ -65,12 +65,7 @@ async def test_a_lost_node_is_replaced_by_the_next_at_once(
 @pytest.mark.cluster
 @pytest.mark.timeout(RUN_SECONDS + 60)
 def test_a_killed_node_loses_and_reorders_nothing_and_its_queues_recover() -> None:
-    done = subprocess.run(
-        [str(ROOT / "deploy" / "cluster.sh"), "run", "--seconds", "10", "--warmup", "5",
-         "--fault", "kill"],
-        capture_output=True, text=True, timeout=RUN_SECONDS, check=False,
-    )  # fmt: skip
-    print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
+    done = cluster_run("--seconds", "10", "--warmup", "5", "--fault", "kill", timeout=RUN_SECONDS)
 
     assert done.returncode == 0
     found = re.search(
@@ -112,12 +107,9 @@ def test_a_rolling_restart_under_load_loses_and_reorders_nothing_and_refuses_lit
     # Given relay (ingress and two workers given all three nodes) under a provider's load
     # When each node in turn is stopped (stop_app) for 10 s, started, and its queues and streams
     # are back in sync before the next
-    done = subprocess.run(
-        [str(ROOT / "deploy" / "cluster.sh"), "run", "--seconds", "10", "--warmup", "10",
-         "--fault", "rolling"],
-        capture_output=True, text=True, timeout=ROLLING_SECONDS, check=False,
-    )  # fmt: skip
-    print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
+    done = cluster_run(
+        "--seconds", "10", "--warmup", "10", "--fault", "rolling", timeout=ROLLING_SECONDS
+    )
 
     # Then everything accepted was delivered once at least, in order, and archived
     assert done.returncode == 0
@@ -148,12 +140,17 @@ def test_a_node_cut_off_pauses_and_loses_and_reorders_nothing() -> None:
     # relay's default AMQP heartbeat (broker.heartbeat_seconds, 10 s)
     # When that node's inter-node and client traffic is dropped until the others see it gone and
     # it paused itself (pause_minority), 30 s more, and then the cut is healed
-    done = subprocess.run(
-        [str(ROOT / "deploy" / "cluster.sh"), "run", "--seconds", "30", "--warmup", "10",
-         "--fault", "partition", "--victim", "ingress"],
-        capture_output=True, text=True, timeout=PARTITION_SECONDS, check=False,
-    )  # fmt: skip
-    print(done.stdout, done.stderr)  # shown with -rP, and when the test fails
+    done = cluster_run(
+        "--seconds",
+        "30",
+        "--warmup",
+        "10",
+        "--fault",
+        "partition",
+        "--victim",
+        "ingress",
+        timeout=PARTITION_SECONDS,
+    )
 
     # Then everything accepted was delivered, in order, and archived; the node paused itself
     # and came back; the provider waited no longer than until the others saw the node gone (the
@@ -176,6 +173,16 @@ def test_a_node_cut_off_pauses_and_loses_and_reorders_nothing() -> None:
     moved = re.search(r"ingress_moved_seconds=([\d.]+) ", done.stdout)
     assert moved is not None
     assert float(moved[1]) < 3 * (10 + 1) + 10
+
+
+def cluster_run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`deploy/cluster.sh run ARGS`, its output printed (shown with -rP, and when a test fails)."""
+    done = subprocess.run(
+        [str(ROOT / "deploy" / "cluster.sh"), "run", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    print(done.stdout, done.stderr)
+    return done
 
 
 def counted(stdout: str) -> tuple[int, int, int, int, int]:
