@@ -1,5 +1,5 @@
-"""Prometheus metrics: requests, publishes, deliveries, handler states, queue depths, broker
-blocks."""
+"""Prometheus metrics: requests, publishes, deliveries, end-to-end latency and its waits,
+handler states, queue depths, broker blocks."""
 
 from __future__ import annotations
 
@@ -46,6 +46,33 @@ DELIVERIES = Counter(
 DELIVERY_SECONDS = Histogram(
     "relay_delivery_seconds", "Duration of one delivery attempt", ["handler"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+# End to end, a webhook takes well under a second when all is well, tens of seconds through
+# retries (the default backoff waits about 64 s over 8 attempts), and minutes to hours when it
+# waits out a handler's outage or a backlog behind it: buckets from 50 ms to a day, with 300 s
+# (the alert EndToEndLatencyHigh) a bound so that its quantile is not interpolated across it
+END_TO_END_SECONDS = Histogram(
+    "relay_end_to_end_seconds", "Time from the ingress accepting a webhook (its received_at) to "
+    "its final outcome for a handler, recorded in the handler's outcome log; by handler and "
+    "outcome (delivered, dead-lettered). Messages sent again on purpose (replays, `relay dlq "
+    "replay`) are not counted", ["handler", "outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
+             21600, 86400),
+)  # fmt: skip
+# Most messages are their key's head at once (0); behind another, a message waits its delivery
+# (milliseconds), its retries (seconds to a minute) or its handler's outage (up to hours)
+KEY_WAIT_SECONDS = Histogram(
+    "relay_key_wait_seconds", "Time a message waited in a worker's window behind older "
+    "messages of its key (their deliveries and retries) before it was its key's next",
+    ["handler"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)  # fmt: skip
+# A park lasts at least one probe interval (backoff_max_ms: a second to a minute), an outage
+# up to hours
+PARKED_SECONDS = Histogram(
+    "relay_parked_seconds", "How long a handler stayed parked in a worker, observed when a "
+    "probe succeeds", ["handler"],
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
 )  # fmt: skip
 REPEATS = Counter(
     "relay_repeats_total", "Copies of a message whose outcome was already recorded, acked "

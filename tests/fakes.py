@@ -108,6 +108,7 @@ class Queued:
     change: str = ""
     buckets: list[int] = field(default_factory=list)
     deliveries: int = 0
+    body: bytes | None = None  # None: {"id": message_id}
 
 
 class FakeQueue:
@@ -126,9 +127,12 @@ class FakeQueue:
         *,
         headers: dict[str, Any] | None = None,
         delivered_before: int = 0,
+        body: bytes | None = None,
     ) -> None:
         """Publish a message (`delivered_before`: times it was delivered and not acked)."""
-        self.ready.append(Queued(message_id, key, headers or {}, deliveries=delivered_before))
+        self.ready.append(
+            Queued(message_id, key, headers or {}, deliveries=delivered_before, body=body)
+        )
         if self.channel is not None:
             self.channel.pump()
 
@@ -194,6 +198,7 @@ class FakeChannel:
                     tag,
                     queued.message_id,
                     key=queued.key,
+                    body=queued.body,
                     headers=queued.headers,
                     delivery_count=queued.deliveries,
                 )

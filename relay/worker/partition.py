@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from relay import wire
+from relay import metrics, wire
 from relay.broker import BROKER_ERRORS, until_set
 from relay.settings import HandlerSettings
 from relay.worker.changes import Changes, Fence
@@ -116,6 +117,7 @@ class Delivery:
     body: bytes
     properties: Any  # pamqp BasicProperties: headers, message_id, ...
     earlier: int  # deliveries of it before this one (the quorum queue's x-delivery-count)
+    arrived: float = 0.0  # when it came into the window (monotonic clock)
     attempts: int = 0  # tries in this process
     first_attempt: datetime | None = None
     not_before: float = 0.0  # a retry waits until then (monotonic clock)
@@ -242,11 +244,13 @@ class Partition:
             body=message.body,
             properties=properties,
             earlier=earlier if isinstance(earlier, int) else 0,
+            arrived=time.monotonic(),
         )
         self.active = True
         self._sizes.add(len(message.body))
         self._changes.arrived(delivery)
         if self._keys.add(delivery):
+            self._heads(delivery)
             await self._next_of_key(delivery)
 
     async def _next_of_key(self, delivery: Delivery) -> None:
@@ -330,7 +334,15 @@ class Partition:
             self._pass(fence)
         following = self._keys.done(delivery)
         if following is not None:
+            self._heads(following)
             await self._next_of_key(following)
+
+    def _heads(self, delivery: Delivery) -> None:
+        """`delivery` is its key's head now: export how long it waited behind older messages
+        of its key (0 for most)."""
+        metrics.KEY_WAIT_SECONDS.labels(self.handler.name).observe(
+            time.monotonic() - delivery.arrived
+        )
 
     async def _ack(self, tag: int) -> bool:
         try:

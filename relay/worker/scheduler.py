@@ -69,6 +69,12 @@ class HandlerScheduler:
             v: metrics.DELIVERIES.labels(name, v) for v in ("success", "transient", "permanent")
         }
         self._seconds = metrics.DELIVERY_SECONDS.labels(name)
+        self._end_to_end = {
+            v: metrics.END_TO_END_SECONDS.labels(name, v)
+            for v in (wire.DELIVERED, wire.DEAD_LETTERED)
+        }
+        self._parked = metrics.PARKED_SECONDS.labels(name)
+        self._parked_at = 0.0  # when the handler was last parked here (monotonic clock)
         self._rate = metrics.HANDLER_RATE.labels(name)
         self._rate.set(handler.max_rate or 0)
 
@@ -167,6 +173,10 @@ class HandlerScheduler:
         )
         await self._outcome_log.write(record)
         self.decided.add(delivery.message_id)
+        if record["received_at"] is not None and not delivery.sent_again:
+            # received_at is by the ingress host's clock: skewed ahead of this one's, it reads 0
+            accepted = datetime.fromisoformat(record["received_at"]).timestamp()
+            self._end_to_end[record["outcome"]].observe(max(0.0, time.time() - accepted))
 
     # --- running ------------------------------------------------------------------------------
 
@@ -319,6 +329,10 @@ class HandlerScheduler:
         if state is previous:
             return
         self.policy.state = state
+        if state is State.PARKED:
+            self._parked_at = time.monotonic()
+        elif previous is State.PARKED:
+            self._parked.observe(time.monotonic() - self._parked_at)
         detail = "" if state is State.LIVE else outcome.detail
         level = self._log.info if state is State.LIVE else self._log.warning
         level("handler state", previous=previous.value if previous else "unknown",
