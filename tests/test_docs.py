@@ -1,7 +1,8 @@
 """The documentation holds together, offline: every relative Markdown link in README.md, docs/
 and the other pages points to a file that exists, every `#anchor` to a heading of its page (as
-GitHub slugs headings), and the README's quick start has exactly two set-up commands, the
-second of which is the test command CI runs (.ci/run)."""
+GitHub slugs headings), the README's quick start has exactly two set-up commands, the
+second of which is the test command CI runs (.ci/run), and docs/OPERATIONS.md lists every
+metric relay exports."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 
+from relay import metrics
 from tests.support import ROOT
 
 PAGES = sorted(
@@ -90,3 +93,13 @@ def test_the_quick_start_has_one_command_to_run_relay_and_one_to_test_it() -> No
     assert commands == ["deploy/run.sh", "deploy/test.sh"]
     ci = (ROOT / ".ci" / "run").read_text("utf-8")
     assert "exec bash deploy/test.sh" in ci
+
+
+def test_every_metric_is_listed_in_operations() -> None:
+    exported = [m._name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    page = (ROOT / "docs" / "OPERATIONS.md").read_text("utf-8")
+    # a counter's _name is without the _total it is exported (and listed) with
+    listed = {name.removesuffix("_total") for name in re.findall(r"`(relay_[a-z_]+)`", page)}
+
+    assert "relay_end_to_end_seconds" in exported  # else the check below checks little
+    assert sorted(set(exported) - listed) == []

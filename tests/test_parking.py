@@ -112,6 +112,13 @@ def state_gauge(name: str) -> dict[str, float]:
     }
 
 
+def parks(name: str) -> tuple[float, float]:
+    """relay_parked_seconds of the handler: parks ended, and their seconds."""
+    count = REGISTRY.get_sample_value("relay_parked_seconds_count", {"handler": name})
+    seconds = REGISTRY.get_sample_value("relay_parked_seconds_sum", {"handler": name})
+    return count or 0, seconds or 0
+
+
 async def test_handler_state_is_visible_in_status_logs_and_metrics(
     http_handler: HttpHandler,
     make_settings: MakeSettings,
@@ -159,6 +166,7 @@ async def test_handler_state_is_visible_in_status_logs_and_metrics(
     # Then it shows parked
     await eventually(lambda: shows(config, name, "parked"), timeout=20, what="status parked")
     assert state_gauge(name) == {"live": 0, "retrying": 0, "parked": 1}
+    assert parks(name) == (0, 0)  # counted when it ends
     probes = len(http_handler.requests)
 
     # When the handler is back
@@ -169,6 +177,10 @@ async def test_handler_state_is_visible_in_status_logs_and_metrics(
     assert http_handler.accepted() == [event.message_id]
     assert len(http_handler.requests) == probes + 1
     assert state_gauge(name) == {"live": 1, "retrying": 0, "parked": 0}
+    # and the park counts once, at least the second until the probe
+    count, seconds = parks(name)
+    assert count == 1
+    assert 1 <= seconds < 20
     # and the worker logged each change
     changes = [(line["previous"], line["state"]) for line in logged(logs, "handler state")]
     assert changes == [("unknown", "retrying"), ("retrying", "parked"), ("parked", "live")]
