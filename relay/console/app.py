@@ -54,8 +54,9 @@ def create_app(settings: Settings, read_status: pages.ReadStatus | None = None) 
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await _guarded(request, handler)
-    except web.HTTPException as exc:
-        response = exc
+    except web.HTTPException as exc:  # a redirect, a 404
+        exc.headers.update(SECURITY_HEADERS)
+        raise
     response.headers.update(SECURITY_HEADERS)
     return response
 
@@ -124,19 +125,24 @@ async def _login(request: web.Request) -> web.Response:
                           failed=True)  # fmt: skip
     key, session = opened
     log.info("console login", who=session.who, role=session.role, remote=request.remote)
-    response = web.HTTPSeeOther(target)
+    response = _see_other(target)
     response.set_cookie(COOKIE, key, httponly=True, samesite="Strict", secure=request.secure,
                         path="/")  # fmt: skip
     return response
 
 
 async def _logout(request: web.Request) -> web.Response:
-    session: Session = request[pages.SESSION]
+    session = pages.acting(request)
     request.app[pages.SESSIONS].logout(request.cookies.get(COOKIE))
     log.info("console logout", who=session.who, role=session.role, remote=request.remote)
-    response = web.HTTPSeeOther("/login")
+    response = _see_other("/login")
     response.del_cookie(COOKIE, path="/")
     return response
+
+
+def _see_other(location: str) -> web.Response:
+    """A redirect that carries a cookie (an HTTPException is raised, not returned)."""
+    return web.Response(status=303, headers={"Location": location})
 
 
 async def serve(settings: Settings, stopping: asyncio.Event) -> None:

@@ -27,7 +27,7 @@ FRAGMENTS = "/fragments/"  # what the page's script fetches: answered 401, never
 ReadStatus = Callable[..., Awaitable[Status]]
 SETTINGS = web.AppKey("settings", Settings)
 SESSIONS = web.AppKey("sessions", Sessions)
-SESSION = "relay.console.session"  # the request's Session, or None
+SESSION: web.RequestKey[Session | None] = web.RequestKey("session")  # None: no login
 
 
 class Overview:
@@ -81,6 +81,13 @@ def html(request: web.Request, template: str, *, code: int = 200, **context: Any
     return web.Response(text=text, status=code, content_type="text/html")
 
 
+def acting(request: web.Request) -> Session:
+    """The session of a POST: the guard lets none through without one."""
+    session = request[SESSION]
+    assert session is not None, "a POST past the guard has a session"
+    return session
+
+
 def _handler(request: web.Request) -> HandlerSettings:
     try:
         return request.app[SETTINGS].handler(request.match_info["handler"])
@@ -90,7 +97,7 @@ def _handler(request: web.Request) -> HandlerSettings:
 
 def _acted(request: web.Request, what: str, **fields: Any) -> None:
     """Log an action with who did it and from where."""
-    session: Session = request[SESSION]
+    session = acting(request)
     log.info("console action", action=what, who=session.who, role=session.role,
              remote=request.remote, **fields)  # fmt: skip
 
@@ -158,7 +165,7 @@ async def _act(request: web.Request) -> web.Response:
     if not ids:
         raise web.HTTPBadRequest(text="no dead letter chosen")
     act = deadletters.replay if action == "replay" else deadletters.purge
-    session: Session = request[SESSION]
+    session = acting(request)
     try:
         count = await act(request.app[SETTINGS], handler, ids)
     except RelayError as exc:
@@ -237,7 +244,7 @@ async def _replay(request: web.Request) -> web.Response:
     handler = _handler(request)
     form = await request.post()
     since, key = str(form.get("since", "")).strip(), str(form.get("key", "")).strip()
-    session: Session = request[SESSION]
+    session = acting(request)
     try:
         wanted = _wanted(handler, since, key)
         done = await replay.replay(request.app[SETTINGS], handler, wanted, dry_run=False)
