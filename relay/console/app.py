@@ -24,7 +24,9 @@ SECURITY_HEADERS = {
     "base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",  # a journey's URL names a webhook: not for other sites
+    # A journey's URL names a webhook: not for other sites. (Not no-referrer: a browser then
+    # sends `Origin: null` with the console's own forms, which the guard refuses.)
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
