@@ -4,6 +4,7 @@ own. The browser tests (tests/test_console_browser.py) run it against a real rel
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,11 +16,14 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from relay.console import create_app
+from relay.console.pages import Overview
 from relay.console.render import BODY_CHARS, page, readable
 from relay.console.sessions import COOKIE, cross_site
+from relay.errors import BrokerUnavailable
 from relay.ops.status import HandlerStatus, PartitionStatus, Status
 from relay.secrets import Secret
 from relay.settings import ConsoleSettings, HandlerSettings, Settings
+from tests.support import eventually
 
 OPERATOR, READER = "operator-token", "reader-token"
 SCRIPT = "<script>window.pwned = 1</script>"
@@ -259,3 +263,53 @@ def test_a_request_another_origin_started_is_cross_site() -> None:
     assert cross_site(None, "same-site", own)
     assert not cross_site(own, "same-origin", own)
     assert not cross_site(None, None, own)  # no browser: no page could have driven it
+
+
+async def test_a_broker_that_cannot_be_read_is_said_on_the_page() -> None:
+    app_settings = settings(public_read=True)
+
+    async def unreachable(_: Settings, **__: Any) -> Status:
+        raise BrokerUnavailable("management API unreachable at http://127.0.0.1:15672/")
+
+    server = TestServer(create_app(app_settings, unreachable), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with ClientSession(base_url=str(server.make_url(""))) as client:
+            answer = await client.get("/fragments/overview")
+            text = await answer.text()
+    finally:
+        await server.close()
+
+    assert answer.status == 503
+    assert "Cannot read relay's state: management API unreachable" in text
+
+
+async def test_the_overview_shows_the_last_reading_while_the_next_is_read() -> None:
+    readings = [a_status("first"), a_status("second")]
+    go_on = asyncio.Event()
+
+    async def read(_: Settings, **__: Any) -> Status:
+        if len(readings) == 1:  # the second read waits for the test
+            await go_on.wait()
+        return readings.pop(0)
+
+    overview = Overview(settings(refresh_seconds=0.5), read)
+    first = await overview.get()  # the first read is waited for
+    await asyncio.sleep(0.3)  # stale: half the refresh has gone by
+
+    meanwhile = await asyncio.wait_for(overview.get(), 1)  # not waiting on the read it started
+    go_on.set()
+    after = await eventually(lambda: _detail(overview), what="the second reading")
+    await overview.close()
+
+    assert (_first_detail(first), _first_detail(meanwhile)) == ("first", "first")
+    assert after == "second"
+
+
+def _first_detail(found: Status) -> str:
+    return found.handlers[0].partitions[0].detail
+
+
+async def _detail(overview: Overview) -> str | None:
+    found = _first_detail(await overview.get())
+    return found if found == "second" else None

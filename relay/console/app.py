@@ -44,6 +44,7 @@ def create_app(settings: Settings, read_status: pages.ReadStatus | None = None) 
     app[pages.SETTINGS] = settings
     app[pages.SESSIONS] = Sessions(settings.console)
     app[pages.OVERVIEW] = pages.Overview(settings, read_status)
+    app.on_cleanup.append(lambda app: app[pages.OVERVIEW].close())
     app.router.add_get("/login", _login_form)
     app.router.add_post("/login", _login)
     app.router.add_post("/logout", _logout)

@@ -31,23 +31,45 @@ SESSION: web.RequestKey[Session | None] = web.RequestKey("session")  # None: no 
 
 
 class Overview:
-    """`relay status`'s figures, read at most once per half refresh interval however many
-    pages poll (relay.unrouted is not read: that read holds its head for a moment)."""
+    """`relay status`'s figures (relay.unrouted not read: that read holds its head a moment),
+    read at most once per half refresh interval however many pages poll. A page gets the
+    newest reading at once, a stale one starting the next read meanwhile: it waits on the
+    broker only for the first read, and after a read failed (to say why)."""
 
     def __init__(self, settings: Settings, read: ReadStatus | None = None) -> None:
         self._settings = settings
         self._read = read or status.status
         self._fresh = settings.console.refresh_seconds / 2
-        self._lock = asyncio.Lock()
         self._read_at = -float("inf")
         self._status: Status | None = None
+        self._failed: RelayError | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self.read_at = ""  # when the reading `get` returns was taken (ISO 8601, UTC)
 
     async def get(self) -> Status:
-        async with self._lock:
-            if time.monotonic() - self._read_at >= self._fresh or self._status is None:
-                self._status = await self._read(self._settings, read_unrouted=False)
-                self._read_at = time.monotonic()
-            return self._status
+        stale = time.monotonic() - self._read_at >= self._fresh
+        if self._reading is None or (self._reading.done() and stale):
+            self._reading = asyncio.create_task(self._read_now())
+        if self._status is None or self._failed is not None:
+            await asyncio.shield(self._reading)
+        if self._failed is not None:
+            raise self._failed
+        assert self._status is not None
+        return self._status
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+
+    async def _read_now(self) -> None:
+        try:
+            self._status = await self._read(self._settings, read_unrouted=False)
+        except RelayError as exc:
+            self._failed = exc
+        else:
+            self._failed, self._read_at = None, time.monotonic()
+            self.read_at = datetime.now(UTC).isoformat()
 
 
 OVERVIEW = web.AppKey("overview", Overview)
@@ -106,11 +128,12 @@ def _acted(request: web.Request, what: str, **fields: Any) -> None:
 
 
 async def _overview_context(request: web.Request) -> tuple[int, dict[str, Any]]:
+    overview = request.app[OVERVIEW]
     try:
-        found = await request.app[OVERVIEW].get()
+        found = await overview.get()
     except RelayError as exc:
         return 503, {"status": None, "error": str(exc)}
-    return 200, {"status": found, "error": "", "read_at": _now()}
+    return 200, {"status": found, "error": "", "read_at": overview.read_at}
 
 
 async def _overview(request: web.Request) -> web.Response:
@@ -123,10 +146,6 @@ async def _overview(request: web.Request) -> web.Response:
 async def _overview_table(request: web.Request) -> web.Response:
     code, context = await _overview_context(request)
     return html(request, "overview_table.html", code=code, **context)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 # --- dead letters -----------------------------------------------------------------------------
