@@ -23,7 +23,8 @@ import orjson
 import prometheus_client
 import structlog
 
-from relay import __version__, config, console, ingress, processes, wire
+from relay import __version__, config, ingress, processes, wire
+from relay.console import app as console
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, OptionError, RelayError
 from relay.logging import configure
 from relay.ops import bench, deadletters, replay, status, topology, trace

@@ -15,7 +15,7 @@ from aiohttp import ClientResponse, ClientSession, CookieJar
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from relay.console import create_app
+from relay.console.app import create_app
 from relay.console.pages import Overview
 from relay.console.render import BODY_CHARS, page, readable
 from relay.console.sessions import COOKIE, cross_site

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from relay.config import from_dict as config_from_dict
-from relay.console import create_app
+from relay.console.app import create_app
 from relay.ops import deadletters
 from relay.settings import HandlerSettings, Settings
 from tests.conftest import settings_dict

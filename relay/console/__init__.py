@@ -7,7 +7,3 @@ queues; the console is for people, on loopback or behind a VPN, and needs sessio
 that the ingress has no business holding. Server-rendered (jinja2, autoescaping every value: a
 webhook body is attacker-controlled), one CSS file and one small script, no build step.
 """
-
-from relay.console.app import create_app, serve
-
-__all__ = ["create_app", "serve"]

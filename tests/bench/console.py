@@ -31,7 +31,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from relay.config import from_dict
-from relay.console import create_app
+from relay.console.app import create_app
 from relay.console.render import QueueLinks, page
 from relay.ops import status
 from relay.ops import topology as declared
