@@ -4,6 +4,7 @@ do, cross-site forms, security headers), the login, and the pages (relay/console
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -157,7 +158,8 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
         await runner.cleanup()
-        raise CannotListen(f"console on {host}:{port}: {exc.strerror}") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's long sentence
+        raise CannotListen(f"console on {host}:{port}: {why}") from None
     log.info("console serving", url=f"http://{host}:{port}/")
     try:
         await stopping.wait()
