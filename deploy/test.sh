@@ -9,6 +9,9 @@ ensure_broker_clock
 # kubernetes-client unless one is installed already (Kubernetes' own `kubectl` package puts the
 # same file in place, and the two conflict).
 apt_install nginx docker-compose prometheus || exit 1
+# Chromium: tests/test_console_browser.py drives Debian's headless browser with Playwright (the
+# `test` extra), which then downloads none of its own.
+apt_install chromium chromium-driver || exit 1
 command -v kubectl >/dev/null || apt_install kubernetes-client || exit 1
 # Every tool the suite uses is installed now: a test that finds one missing fails, not skips
 # (tests/support.py, missing_tool).

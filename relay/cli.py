@@ -24,6 +24,7 @@ import prometheus_client
 import structlog
 
 from relay import __version__, config, ingress, processes, wire
+from relay.console import app as console
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, OptionError, RelayError
 from relay.logging import configure
 from relay.ops import bench, deadletters, replay, status, topology, trace
@@ -267,6 +268,14 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object (--key: one per line, oldest first)"
     )
 
+    page = command(
+        "console",
+        _console,
+        "Serve the operators' web page: handler states, dead letters, journeys, replays.",
+    )
+    page.add_argument("--host", help="override console.host")
+    page.add_argument("--port", type=int, help="override console.port")
+
     stat = command("status", _status, "Per handler: partitions, depth, consumers, state.")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -442,6 +451,24 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
             print(orjson.dumps(journey.as_dict()).decode())
     else:
         print("\n\n".join(journey.render() for journey in journeys))
+    return EXIT_OK
+
+
+async def _console(settings: Settings, args: argparse.Namespace) -> int:
+    page = replace(
+        settings.console,
+        host=args.host or settings.console.host,
+        port=args.port if args.port is not None else settings.console.port,
+    )
+    if not (page.token or page.read_token or page.public_read):
+        raise ConfigError(
+            "console: set token (operators), read_token (readers) or public_read = true: "
+            "else nobody can use it"
+        )
+    stopping = asyncio.Event()
+    _stop_on_signals(stopping.set)
+    await console.serve(replace(settings, console=page), stopping)
+    log.info("console stopped")
     return EXIT_OK
 
 

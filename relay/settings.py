@@ -100,6 +100,23 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConsoleSettings:
+    """`relay console`, the operators' web page: where it listens and who may do what.
+
+    `token` logs in an operator, who may also act (replay, purge); `read_token` logs in a
+    reader, who may only look; with `public_read`, anyone who reaches the page may look. With
+    none of them, nobody gets in (refused when loaded)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+    token: Secret | None = None
+    read_token: Secret | None = None
+    public_read: bool = False
+    refresh_seconds: float = 5.0  # the overview polls this often
+    management_ui: str = ""  # links to queues; "" is the first of broker.management_bases
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArchiveSettings:
     """The archive stream (every accepted webhook) and the handlers' outcome logs: retention."""
 
@@ -194,6 +211,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     repeats: RepeatsSettings = field(default_factory=RepeatsSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     sources: tuple[SourceSettings, ...] = ()
     handlers: tuple[HandlerSettings, ...] = ()
 
@@ -220,12 +238,15 @@ class Settings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Settings:
         t = _Table(raw, "")
-        t.only("broker", "ingress", "worker", "archive", "repeats", "sources", "handlers")
+        t.only(
+            "broker", "ingress", "worker", "archive", "repeats", "console", "sources", "handlers"
+        )  # fmt: skip
         broker = _broker(t.table("broker"))
         ingress = _ingress(t.table("ingress"))
         worker = _worker(t.table("worker"))
         archive = _archive(t.table("archive"))
         repeats = _repeats(t.table("repeats"), archive)
+        console = _console(t.table("console"))
         sources = tuple(_source(s) for s in t.tables("sources"))
         development_secrets_on_loopback_only(sources, ingress)
         _unique(sources, "name", "sources")
@@ -247,6 +268,7 @@ class Settings:
             worker=worker,
             archive=archive,
             repeats=repeats,
+            console=console,
             sources=sources,
             handlers=handlers,
         )
@@ -427,6 +449,34 @@ def _worker(t: _Table) -> WorkerSettings:
     return WorkerSettings(
         metrics_host=t.get("metrics_host", str, WorkerSettings().metrics_host),
         metrics_port=t.optional_port("metrics_port"),
+    )
+
+
+def _console(t: _Table) -> ConsoleSettings:
+    t.only("host", "port", "token", "read_token", "public_read", "refresh_seconds", "management_ui")
+    d = ConsoleSettings()  # the defaults
+    token, read_token = (
+        resolve_secret(spec, t.key(name)) if (spec := t.get(name, str, "")) else None
+        for name in ("token", "read_token")
+    )
+    host = t.get("host", str, d.host)
+    for name, secret in (("token", token), ("read_token", read_token)):
+        if secret is not None and secret.development and host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"{t.key(name)}: {secret.origin.removesuffix(' default')} is not set, and its "
+                f"development default is refused while console.host is {host!r} (not loopback)"
+            )
+    management_ui = t.get("management_ui", str, d.management_ui)
+    if management_ui and urlsplit(management_ui).scheme not in ("http", "https"):
+        raise ConfigError(f"{t.key('management_ui')}: expected an http:// or https:// URL")
+    return ConsoleSettings(
+        host=host,
+        port=t.port("port", d.port),
+        token=token,
+        read_token=read_token,
+        public_read=t.get("public_read", bool, d.public_read),
+        refresh_seconds=t.number("refresh_seconds", d.refresh_seconds, minimum=0.5, integer=False),
+        management_ui=management_ui,
     )
 
 

@@ -80,6 +80,7 @@ def settings_dict(
         **({"worker": sections.pop("worker")} if "worker" in sections else {}),
         **({"archive": sections.pop("archive")} if "archive" in sections else {}),
         **({"repeats": sections.pop("repeats")} if "repeats" in sections else {}),
+        **({"console": sections.pop("console")} if "console" in sections else {}),
         "sources": [source],
         "handlers": [
             {**h, "name": f"{h['name']}-{suffix}"}

@@ -24,7 +24,7 @@ from tests.conftest import AMQP_URL, MakeSettings
 from tests.support import FakePublisher, relay_command, run_relay
 
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/"
-COMMANDS = ["ingress", "worker", "run", "send", "bench", "topology", "trace"]
+COMMANDS = ["ingress", "worker", "run", "send", "bench", "topology", "trace", "console"]
 
 
 def write_config(
@@ -416,6 +416,30 @@ def test_a_busy_metrics_port_is_a_runtime_failure_not_the_broker(tmp_path: Path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"relay: worker metrics on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_a_console_nobody_could_use_is_a_config_error(tmp_path: Path) -> None:
+    result = run_relay("console", "--config", write_config(tmp_path))
+
+    assert result.returncode == 2
+    assert "console: set token (operators), read_token (readers) or public_read" in result.stderr
+
+
+def test_a_busy_console_port_is_a_runtime_failure(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = run_relay(
+            "console", "--config", write_config(tmp_path, extra="[console]\npublic_read = true\n"),
+            "--port", str(port), env={"RELAY_AMQP_URL": CLOSED_BROKER},
+        )  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"relay: console on 127.0.0.1:{port}: Address already in use"
     ]
 
 

@@ -16,6 +16,7 @@ from relay.providers import PROVIDERS
 from relay.settings import (
     ArchiveSettings,
     BrokerSettings,
+    ConsoleSettings,
     HandlerSettings,
     IngressSettings,
     RepeatsSettings,
@@ -32,6 +33,7 @@ SECTIONS: dict[str, type] = {
     "worker": WorkerSettings,
     "archive": ArchiveSettings,
     "repeats": RepeatsSettings,
+    "console": ConsoleSettings,
     "sources": SourceSettings,
     "handlers": HandlerSettings,
 }
@@ -104,6 +106,7 @@ def test_the_example_loads_as_a_whole_and_its_sections_are_the_defaults(
     assert settings.worker == WorkerSettings()
     assert settings.archive == ArchiveSettings()
     assert settings.repeats == RepeatsSettings()
+    assert settings.console == ConsoleSettings()
 
 
 @pytest.mark.parametrize("section", list(SECTIONS))

@@ -63,11 +63,18 @@ async def list_dead_letters(
 ) -> list[wire.DeadLetter]:
     """The first `limit` dead letters in queue order, or of those with the given ids (all read to
     find them; NotFound if one is not there)."""
+    return [letter for letter, _ in await read_dead_letters(settings, handler, limit, ids)]
+
+
+async def read_dead_letters(
+    settings: Settings, handler: HandlerSettings, limit: int, ids: list[str] | None = None
+) -> list[tuple[wire.DeadLetter, bytes]]:
+    """As `list_dead_letters`, each with its body (the envelope relay delivered)."""
     selected = _selector(ids)
     async with _held(settings, handler, None if ids else limit) as (_, held):
         chosen = [m for m in held if selected(m)]
     _all_found(handler, ids, chosen)
-    return [wire.DeadLetter.of(m) for m in chosen[:limit]]
+    return [(wire.DeadLetter.of(m), m.body) for m in chosen[:limit]]
 
 
 def _selector(ids: list[str] | None) -> Callable[[AbstractIncomingMessage], bool]:

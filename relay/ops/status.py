@@ -55,6 +55,8 @@ class PartitionStatus(QueueStatus):
     detail: str = ""
     in_config: bool = True  # False: a partition of an older layout, still holding messages
     rate: float | None = None  # its worker's handler rate, last recorded (None: no limit)
+    since: str = ""  # when it entered its state: the state record's time (ISO 8601, UTC)
+    acked_per_second: float = 0.0  # final outcomes (delivered or dead-lettered), as sampled
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +64,23 @@ class HandlerStatus:
     name: str
     partitions: list[PartitionStatus]
     dead_letters: int
+    dead_lettered_per_second: float = 0.0  # as sampled: the dead-letter queue's publish rate
     state: str = field(init=False)
     # Deliveries per second across the cluster: each partition's worker applies its recorded
     # rate to its share, 1/partitions (relay/worker/rate.py); None: a partition has no limit
     rate: float | None = field(init=False)
+
+    @property
+    def delivered_per_second(self) -> float:
+        """Final outcomes per second that were deliveries: acks less dead letters."""
+        acked = sum(p.acked_per_second for p in self.partitions)
+        return max(0.0, acked - self.dead_lettered_per_second)
+
+    @property
+    def since(self) -> str:
+        """When the earliest of its partitions in its state entered it ("" if unknown)."""
+        return min((p.since for p in self.partitions if p.state == self.state and p.since),
+                   default="")  # fmt: skip
 
     def __post_init__(self) -> None:
         states = {p.state for p in self.partitions}
@@ -141,7 +156,9 @@ class Status:
         return "\n".join(lines)
 
 
-async def status(settings: Settings) -> Status:
+async def status(settings: Settings, *, read_unrouted: bool = True) -> Status:
+    """What `relay status` shows; with `unrouted` False, relay.unrouted is not read for the
+    events handlers bind (a poll every few seconds, `relay console`'s, would hold its head)."""
     async with Management(settings.broker) as api:
         queues = {q["name"]: q for q in await api.queues() if q["name"].startswith("relay.")}
     states: dict[str, dict[str, Any]] = {}
@@ -151,7 +168,7 @@ async def status(settings: Settings) -> Status:
         async with connection:
             if topology.STATE_STREAM in queues:
                 states = await latest_states(await connection.channel())
-            if topology.UNROUTED in queues:
+            if read_unrouted and topology.UNROUTED in queues:
                 stranded = await stranded_in_unrouted(connection, settings)
     handlers = []
     for handler in settings.handlers:
@@ -171,10 +188,18 @@ async def status(settings: Settings) -> Status:
                     detail=record.get("detail", ""),
                     in_config=i < handler.partitions,
                     rate=record.get("rate", handler.max_rate),
+                    since=record.get("at", ""),
+                    acked_per_second=_rate(queues.get(name), "ack"),
                 )
             )
-        dead = _figures(handler.dead_letter_queue, queues.get(handler.dead_letter_queue))
-        handlers.append(HandlerStatus(handler.name, partitions, dead["ready"] + dead["unacked"]))
+        dlq = queues.get(handler.dead_letter_queue)
+        dead = _figures(handler.dead_letter_queue, dlq)
+        handlers.append(
+            HandlerStatus(
+                handler.name, partitions, dead["ready"] + dead["unacked"],
+                dead_lettered_per_second=_rate(dlq, "publish"),
+            )
+        )  # fmt: skip
     unrouted = _figures(topology.UNROUTED, queues.get(topology.UNROUTED))
     sampled = unrouted["ready"] + unrouted["unacked"]  # up to 5 s old: the read's, if any
     return Status(handlers, sampled if stranded.queued is None else stranded.queued, stranded)
@@ -190,6 +215,12 @@ def _figures(name: str, queue: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _rate(queue: dict[str, Any] | None, stat: str) -> float:
+    """Messages per second of `stat` (ack, publish) in the broker's last sample (0 if none)."""
+    details = ((queue or {}).get("message_stats") or {}).get(f"{stat}_details") or {}
+    return float(details.get("rate") or 0.0)
+
+
 async def latest_states(
     channel: AbstractChannel, idle_seconds: float = 0.5
 ) -> dict[str, dict[str, Any]]:
@@ -201,6 +232,9 @@ async def latest_states(
     async def on_record(incoming: AbstractIncomingMessage) -> None:
         entry = wire.read_record(incoming.body)
         if entry is not None and entry["kind"] == "state":
+            before = found.get(entry["partition"], {})
+            if before.get("state") == entry["state"]:  # a step of its rate: in it since before
+                entry = {**entry, "at": before.get("at")}
             found[entry["partition"]] = entry
         arrived.set()
         await incoming.ack()
