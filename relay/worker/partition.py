@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,6 +121,8 @@ class Delivery:
     first_attempt: datetime | None = None
     not_before: float = 0.0  # a retry waits until then (monotonic clock)
     failed: bool = False  # counted among the handler's messages awaiting another try
+    arrived: float = field(default_factory=time.time)  # when it reached the window (tracing)
+    head_at: float = 0.0  # when it became its key's head (tracing)
 
     @property
     def stale(self) -> bool:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import aio_pika
 import structlog
 
-from relay import metrics, wire
+from relay import metrics, tracing, wire
 from relay.settings import HandlerSettings, RepeatsSettings
 from relay.topology import STATE_STREAM
 from relay.wire import State
@@ -76,6 +76,7 @@ class HandlerScheduler:
 
     def ready(self, delivery: Delivery) -> None:
         """`delivery` is its key's head: deliver it as soon as the policy allows."""
+        delivery.head_at = delivery.head_at or time.time()
         tried = self._tries.get(delivery.message_id)
         if tried is not None and not delivery.attempts:  # back after a cut: its tries go on
             delivery.attempts, delivery.first_attempt, delivery.not_before = tried
@@ -246,9 +247,12 @@ class HandlerScheduler:
             if delivery.first_attempt is None:
                 delivery.first_attempt = datetime.now(UTC)
             started = time.perf_counter()
+            # current in this task (one per attempt) from here: its log lines carry the trace_id
+            traced = tracing.attempt(self.handler.name, delivery)
             outcome = await attempt_delivery(
                 self._target, delivery.body, delivery.message_id, delivery.attempt, delivery.replay
             )
+            traced.ended(outcome)
             took = time.perf_counter() - started
             self._seconds.observe(took)
             self._outcomes[outcome.verdict.value].inc()
