@@ -9,11 +9,11 @@ attribute lookup.
 
 What is traced:
 - the ingress request (a server span, continuing the provider's `traceparent` if it sent a valid
-  one), with a child span for verifying and validating the body and one for the publish up to
-  the broker's confirm, whose W3C `traceparent`/`tracestate` go into the message's headers;
+  one), with events when the body is verified and validated and when the broker confirmed the
+  publish; its W3C `traceparent`/`tracestate` go into the message's headers;
 - in the worker, per message, the wait before its first attempt (a span from acceptance, its
   attributes split it: in the broker, behind its key, for the handler), then each attempt (a
-  span, child of the publish's, whose `traceparent` an HTTP handler receives).
+  span, child of the request's, whose `traceparent` an HTTP handler receives).
 """
 
 from __future__ import annotations
@@ -131,14 +131,17 @@ class Request:
 
 
 def verified(parse: Callable[..., Event]) -> Callable[..., Event]:
-    """`parse` (a provider's: verify, then validate; the schemes interleave the two) timed in a
-    span; the event it returns describes the request's span."""
+    """`parse` (a provider's: verify, then validate; the schemes interleave the two), marked on
+    the request's span by a `relay.verified` event; the event it returns describes the span.
+
+    Events, not child spans: a span costs the ingress about as much again as the request's own
+    (docs/PERFORMANCE.md, "Tracing"), and their times say the same."""
 
     def traced(*args: Any) -> Event:
-        request = trace.get_current_span()
-        with _tracer_of().start_as_current_span("relay.verify"):
-            event = parse(*args)
-        request.set_attributes(
+        event = parse(*args)
+        span = trace.get_current_span()
+        span.add_event("relay.verified")
+        span.set_attributes(
             {
                 "relay.message_id": event.message_id,
                 "relay.event": event.name,
@@ -152,16 +155,12 @@ def verified(parse: Callable[..., Event]) -> Callable[..., Event]:
 
 
 def published(publish: Callable[[Event], Any]) -> Callable[[Event], Any]:
-    """`publish` (up to the broker's confirm) timed in a producer span: the message carries its
-    context (`carrier()`), so the worker's spans are its children."""
+    """`publish`, whose message carries the request span's context (`carrier()`), marked on the
+    span by a `relay.confirmed` event once the broker confirmed it."""
 
     async def traced(event: Event) -> None:
-        with _tracer_of().start_as_current_span(
-            "relay.publish",
-            kind=SpanKind.PRODUCER,
-            attributes={"relay.message_id": event.message_id},
-        ):
-            await publish(event)
+        await publish(event)
+        trace.get_current_span().add_event("relay.confirmed")
 
     return traced
 

@@ -99,7 +99,7 @@ def envelope(event: Event, received_at: datetime) -> bytes:
 def webhook_headers(event: Event, trace: dict[str, str] | None = None) -> dict[str, str]:
     """The headers of an accepted webhook's message (published by relay.publisher with the
     envelope as body, persistent, `application/json`, `message_id` and `timestamp`); with
-    tracing on, `trace`: the W3C `traceparent` (and `tracestate`) of its publish span."""
+    tracing on, `trace`: the W3C `traceparent` (and `tracestate`) of its request span."""
     headers = {
         SOURCE_HEADER: event.source,
         EVENT_HEADER: event.name,
