@@ -82,9 +82,10 @@ def start(exporter: SpanExporter, *, batch: bool = True) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    resource = Resource.create(
-        {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": "relay"}
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
     )
+    resource = Resource.create({} if named else {"service.name": "relay"})
     _provider = TracerProvider(resource=resource)
     processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
     _provider.add_span_processor(processor)

@@ -225,3 +225,27 @@ def test_log_lines_carry_the_trace_id_of_the_current_span(spans: InMemorySpanExp
 
     assert inside == {"event": "delivered", "trace_id": PROVIDER_TRACE}
     assert outside == {"event": "delivered"}
+
+
+@pytest.mark.parametrize(
+    ("environment", "on"),
+    [
+        ({}, False),
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false"}, True),
+    ],
+)
+def test_tracing_is_on_when_the_environment_names_an_exporter(
+    environment: dict[str, str], on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    try:
+        tracing.configure()
+        assert tracing.ON is on
+    finally:
+        tracing.stop()
