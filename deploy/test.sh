@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: venv + package + test tools, RabbitMQ, then lint, types and the test suite.
 source "$(dirname "$0")/setup.sh"
-ensure_venv "[test,dev,examples]"
+ensure_venv "[test,dev,examples,otel]"
 ensure_rabbitmq
 ensure_broker_clock
 # nginx: tests/test_nginx.py balances two ingresses with it; docker-compose, prometheus

@@ -2,7 +2,7 @@
 
 aiormq's `basic_publish` builds pamqp objects and marshals them for every message, which cost
 the ingress more per request than the rest of publishing. Every publish of the ingress has the
-same shape (persistent, mandatory, JSON, a message id, a timestamp and four string headers), so
+same shape (persistent, mandatory, JSON, a message id, a timestamp and string headers), so
 `Publish` encodes its three frames (method, content header, body) directly; tests/test_amqp.py
 checks the bytes against pamqp's. The frames go to aiormq's writer like its own
 (relay/publisher.py).

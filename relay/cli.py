@@ -23,7 +23,7 @@ import orjson
 import prometheus_client
 import structlog
 
-from relay import __version__, config, ingress, processes, wire
+from relay import __version__, config, ingress, processes, tracing, wire
 from relay.console import app as console
 from relay.errors import BrokerUnavailable, CannotListen, ConfigError, OptionError, RelayError
 from relay.logging import configure
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = config.load(args.config)
         args.log_level = args.log_level or args.default_log_level
+        tracing.configure()  # before logging: log lines carry trace ids only while it is on
         configure(args.log_level)
         try:
             return _run(args.run(settings, args))

@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from relay import _aiohttp, metrics
+from relay import _aiohttp, metrics, tracing
 from relay.accepted import AcceptedIds
 from relay.errors import BrokerUnavailable, CannotListen, RequestError, Unroutable
 from relay.providers import PROVIDERS, Event, Request
@@ -74,6 +74,7 @@ class Acceptor:
         self, publisher: EventPublisher, accepted: AcceptedIds, max_in_flight: int
     ) -> None:
         self.publisher = publisher
+        self._publish = tracing.published(publisher.publish) if tracing.ON else publisher.publish
         self.accepted = accepted
         self.max_in_flight = max_in_flight
         self.shedding = False  # since the bound was reached, until half of it is free again
@@ -99,7 +100,7 @@ class Acceptor:
         metrics.PUBLISHES_IN_FLIGHT.inc()
         try:
             started = time.perf_counter()
-            await self.publisher.publish(event)
+            await self._publish(event)
             metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
             self.accepted.add(accepted)
         except BaseException as exc:
@@ -225,7 +226,8 @@ SHEDS_REQUESTS = web.AppKey("sheds_requests", bool)
 def create_app(settings: Settings, publisher: EventPublisher | None = None) -> web.Application:
     """The webhook app; with no `ingress.admin_port`, also /healthz, /readyz and /metrics.
     `publisher` replaces the broker publisher (tests)."""
-    app = web.Application(middlewares=[error_middleware])
+    middlewares = [tracing_middleware, error_middleware] if tracing.ON else [error_middleware]
+    app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[PUBLISHER] = publisher or Publisher(settings)
     app[SOURCE_NAMES] = {source.path: source.name for source in settings.sources}
@@ -284,6 +286,8 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
 def _receiver(source: SourceSettings) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The handler of a source's path: the hot path, so everything per source is bound once."""
     parse = PROVIDERS[source.scheme].parse
+    if tracing.ON:
+        parse = tracing.verified(parse)
     accepted = metrics.REQUESTS.labels(source.name, "200")
     shed = metrics.REQUESTS.labels(source.name, metrics.SHED)
 
@@ -374,6 +378,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def tracing_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A span for each webhook request, around the answer error_middleware renders (only while
+    tracing is on: relay/tracing.py)."""
+    source = request.app[SOURCE_NAMES].get(request.path)
+    if source is None:  # /healthz, /metrics, an unknown path: not a webhook
+        return await handler(request)
+    span = tracing.Request(request.method, request.path, request.headers, source)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        span.answered(status)
 
 
 @web.middleware

@@ -10,6 +10,8 @@ import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 from structlog.tracebacks import ExceptionDictTransformer
 
+from relay import tracing
+
 # Tracebacks without the frames' local variables: a secret or a payload may be one of them.
 _TRACEBACKS = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 
@@ -21,6 +23,8 @@ def configure(level: str = "info") -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if tracing.ON:  # so that logs and traces join
+        processors.append(tracing.add_trace_id)
     renderer: structlog.typing.Processor
     if on_terminal:
         renderer = _console()

@@ -34,7 +34,7 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import DeliveryError, PublishError
 
-from relay import _aiormq, amqp, provision, wire
+from relay import _aiormq, amqp, provision, tracing, wire
 from relay.broker import BROKER_ERRORS, Blocked, keep_connected, until_set
 from relay.errors import BrokerUnavailable, Unroutable
 from relay.providers import Event
@@ -138,7 +138,7 @@ class Publisher:
             routing_key=event.routing_key,
             message_id=message_id,
             timestamp=int(received_at.timestamp()),
-            headers=wire.webhook_headers(event),
+            headers=wire.webhook_headers(event, tracing.carrier() if tracing.ON else None),
         )
         confirmation, tag = _aiormq.expect_confirm(channel, message_id)  # failed if it closes
         expiry = asyncio.get_running_loop().call_later(self._timeout, _expire, confirmation)

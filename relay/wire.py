@@ -96,15 +96,19 @@ def envelope(event: Event, received_at: datetime) -> bytes:
     return head[:-1] + b',"data":' + data + b"}"
 
 
-def webhook_headers(event: Event) -> dict[str, str]:
+def webhook_headers(event: Event, trace: dict[str, str] | None = None) -> dict[str, str]:
     """The headers of an accepted webhook's message (published by relay.publisher with the
-    envelope as body, persistent, `application/json`, `message_id` and `timestamp`)."""
-    return {
+    envelope as body, persistent, `application/json`, `message_id` and `timestamp`); with
+    tracing on, `trace`: the W3C `traceparent` (and `tracestate`) of its request span."""
+    headers = {
         SOURCE_HEADER: event.source,
         EVENT_HEADER: event.name,
         KEY_HEADER: event.key,
         BUCKET_HEADER: str(bucket(event.key)),
     }
+    if trace:
+        headers.update(trace)
+    return headers
 
 
 def received_at(body: bytes, message: Properties) -> datetime | None:

@@ -181,7 +181,10 @@ def promtool_check(rules: dict[str, Any], tmp_path: Path) -> None:
 def test_compose_file_resolves() -> None:
     services = compose_services()
 
-    assert set(services) == {"rabbitmq", "topology", "ingress-1", "ingress-2", "worker", "nginx"}
+    assert set(services) == {
+        "rabbitmq", "topology", "ingress-1", "ingress-2", "worker", "nginx", "otel-collector",
+    }  # fmt: skip
+    assert services["otel-collector"]["profiles"] == ["tracing"]  # started only when asked
     for name in ("ingress-1", "ingress-2"):
         assert services[name]["command"] == ["ingress", "--host", ANY_ADDRESS]
         assert services[name]["environment"]["RELAY_AMQP_URL"].endswith("@rabbitmq:5672/")

@@ -5,6 +5,7 @@ other handlers are not held up."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -154,10 +155,13 @@ async def test_handler_state_is_visible_in_status_logs_and_metrics(
 
     status = await eventually(holding, timeout=20, what="status shows the held message")
     assert status["state"] == "retrying"
-    assert status["partitions"] == [
-        {"queue": partition, "ready": 0, "unacked": 1, "depth": 1, "consumers": 1,
-         "state": "retrying", "detail": "HTTP 503", "in_config": True, "rate": None}
-    ]  # fmt: skip
+    [shown] = status["partitions"]
+    assert datetime.fromisoformat(shown.pop("since")) <= datetime.now(UTC)  # in it since then
+    assert shown.pop("acked_per_second") >= 0  # as the broker sampled it
+    assert shown == {
+        "queue": partition, "ready": 0, "unacked": 1, "depth": 1, "consumers": 1,
+        "state": "retrying", "detail": "HTTP 503", "in_config": True, "rate": None,
+    }  # fmt: skip
     assert state_gauge(name) == {"live": 0, "retrying": 1, "parked": 0}
 
     # When the second attempt fails too

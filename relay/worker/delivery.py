@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from relay import wire
+from relay import tracing, wire
 from relay.errors import ConfigError, Reject, Retry
 from relay.secrets import standard_webhooks_key
 from relay.settings import HandlerSettings
@@ -110,6 +110,8 @@ class HttpTarget:
         }
         if replay:  # a receiver that drops ids it has seen must take this one again
             headers[wire.REPLAYED_HEADER] = replay
+        if tracing.ON:  # the attempt's span: the handler's own spans join the webhook's trace
+            headers.update(tracing.carrier())
         if self._key is not None:
             headers["webhook-signature"] = standard_webhooks_signature(
                 self._key, message_id, timestamp, body

@@ -117,11 +117,12 @@ class Delivery:
     body: bytes
     properties: Any  # pamqp BasicProperties: headers, message_id, ...
     earlier: int  # deliveries of it before this one (the quorum queue's x-delivery-count)
-    arrived: float = 0.0  # when it came into the window (monotonic clock)
     attempts: int = 0  # tries in this process
     first_attempt: datetime | None = None
     not_before: float = 0.0  # a retry waits until then (monotonic clock)
     failed: bool = False  # counted among the handler's messages awaiting another try
+    arrived: float = field(default_factory=time.time)  # when it reached the window
+    head_at: float = 0.0  # when it became its key's head (both by the wall clock: traces)
 
     @property
     def stale(self) -> bool:
@@ -244,7 +245,6 @@ class Partition:
             body=message.body,
             properties=properties,
             earlier=earlier if isinstance(earlier, int) else 0,
-            arrived=time.monotonic(),
         )
         self.active = True
         self._sizes.add(len(message.body))
@@ -340,8 +340,9 @@ class Partition:
     def _heads(self, delivery: Delivery) -> None:
         """`delivery` is its key's head now: export how long it waited behind older messages
         of its key (0 for most)."""
+        delivery.head_at = time.time()
         metrics.KEY_WAIT_SECONDS.labels(self.handler.name).observe(
-            time.monotonic() - delivery.arrived
+            max(0.0, delivery.head_at - delivery.arrived)
         )
 
     async def _ack(self, tag: int) -> bool:

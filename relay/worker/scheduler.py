@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import aio_pika
 import structlog
 
-from relay import metrics, wire
+from relay import metrics, tracing, wire
 from relay.settings import HandlerSettings, RepeatsSettings
 from relay.topology import STATE_STREAM
 from relay.wire import State
@@ -256,9 +256,12 @@ class HandlerScheduler:
             if delivery.first_attempt is None:
                 delivery.first_attempt = datetime.now(UTC)
             started = time.perf_counter()
+            # current in this task (one per attempt) from here: its log lines carry the trace_id
+            traced = tracing.attempt(self.handler.name, delivery)
             outcome = await attempt_delivery(
                 self._target, delivery.body, delivery.message_id, delivery.attempt, delivery.replay
             )
+            traced.ended(outcome)
             took = time.perf_counter() - started
             self._seconds.observe(took)
             self._outcomes[outcome.verdict.value].inc()
