@@ -100,6 +100,11 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+# Activity Ids: from the time in microseconds, never the same twice in a process (two activities
+# made within one microsecond would be one webhook to relay)
+_event_ids = itertools.count(time.time_ns() // 1000)
+
+
 def activity(**fields: Any) -> dict[str, Any]:
     """An Envoice Activity with sensible defaults (Paid on invoice 42)."""
     base: dict[str, Any] = {
@@ -110,7 +115,7 @@ def activity(**fields: Any) -> dict[str, Any]:
         "InvoiceId": 42,
         "OrderNumber": "",
         "OrderId": 0,
-        "Id": int(time.time_ns() // 1000),
+        "Id": next(_event_ids),
         "CreatedOn": "2026-11-28T11:59:59.9Z",
     }
     base.update(fields)
@@ -292,8 +297,6 @@ class TcpProxy:
 
 # --- events -----------------------------------------------------------------------------------
 
-_event_ids = itertools.count(time.time_ns() // 1000)
-
 
 def handler(target: dict[str, Any], **options: Any) -> dict[str, Any]:
     """A handler of every Envoice event: one partition and quick retries unless told otherwise."""
@@ -312,7 +315,7 @@ def handler(target: dict[str, Any], **options: Any) -> dict[str, Any]:
 def new_event(settings: Settings, invoice: int = 42) -> Event:
     """A verified Envoice `paid` event on `invoice`, as the ingress would publish it."""
     source = settings.sources[0]
-    act = activity(Id=next(_event_ids), InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
+    act = activity(InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
     request = Request(signed_body(source, act), {})
     return PROVIDERS[source.scheme].parse(request, source, time.time())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -99,7 +98,7 @@ async def relay(vhost: str, http_handler: HttpHandler) -> AsyncIterator[Relay]:
         stack.push_async_callback(console.close)
 
         async def send(**fields: Any) -> str:
-            body = signed_body(source, activity(Id=time.time_ns() // 1000, **fields))
+            body = signed_body(source, activity(**fields))
             status, answer, _ = await ingress.post(source.path, body)
             assert status == 200, answer
             return str(answer["id"])
