@@ -39,7 +39,7 @@ from relay.config import load as load_config
 from relay.settings import Settings, SourceSettings
 from tests.conftest import AMQP_URL, delete_topology, settings_dict
 from tests.handlers_for_tests import HttpHandler
-from tests.support import ROOT, activity, eventually, signed_body, toml
+from tests.support import ROOT, activity, activity_ids, eventually, signed_body, toml
 
 STARTUP_SECONDS = 20.0
 EXIT_SECONDS = 20.0
@@ -579,9 +579,6 @@ def http_deliveries(handler: HttpHandler) -> Deliveries:
     return [(r.key, r.id) for r in handler.requests if r.accepted]
 
 
-_activity_ids = itertools.count(time.time_ns() // 1000)
-
-
 class EnvoiceSender:
     """POSTs signed Envoice webhooks to an ingress the way Envoice sends them.
 
@@ -640,7 +637,7 @@ class EnvoiceSender:
         for _ in range(each) if each is not None else itertools.count():
             if stop.is_set():
                 return
-            event_id = next(_activity_ids)
+            event_id = next(activity_ids)
             act = activity(Id=event_id, InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
             await self._post_until_accepted(client, act)
             self.ledger.accept(f"invoice:{invoice}", f"envoice:{event_id}")

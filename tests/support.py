@@ -101,8 +101,9 @@ async def eventually(
 
 
 # Activity Ids: from the time in microseconds, never the same twice in a process (two activities
-# made within one microsecond would be one webhook to relay)
-_event_ids = itertools.count(time.time_ns() // 1000)
+# made within one microsecond would be one webhook to relay); every test module takes its Ids here
+# (two counters started milliseconds apart would soon give the same Ids)
+activity_ids = itertools.count(time.time_ns() // 1000)
 
 
 def activity(**fields: Any) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def activity(**fields: Any) -> dict[str, Any]:
         "InvoiceId": 42,
         "OrderNumber": "",
         "OrderId": 0,
-        "Id": next(_event_ids),
+        "Id": next(activity_ids),
         "CreatedOn": "2026-11-28T11:59:59.9Z",
     }
     base.update(fields)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import itertools
 import os
 import re
 import time
@@ -29,16 +28,10 @@ pytestmark = pytest.mark.rabbit
 # --- helpers ----------------------------------------------------------------------------------
 
 
-_activity_ids = itertools.count(time.time_ns() // 1000)
-
-
 def activities(invoices: int, each: int) -> dict[int, list[dict[str, Any]]]:
     """`each` Envoice activities for each of invoices 1..`invoices`, in sending order."""
     return {
-        invoice: [
-            activity(Id=next(_activity_ids), InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}")
-            for _ in range(each)
-        ]
+        invoice: [activity(InvoiceId=invoice, InvoiceNumber=f"INV-{invoice}") for _ in range(each)]
         for invoice in range(1, invoices + 1)
     }
 
@@ -220,7 +213,7 @@ async def test_ingress_processes_share_a_port_and_their_metrics(relay: Relay) ->
 
     # When 40 webhooks arrive, each on a new connection (the kernel spreads them)
     source = config.settings.sources[0]
-    acts = [activity(Id=next(_activity_ids), InvoiceId=7) for _ in range(40)]
+    acts = [activity(InvoiceId=7) for _ in range(40)]
     answers = []
     for act in acts:
         async with (
