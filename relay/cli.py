@@ -31,7 +31,7 @@ from relay.ops import bench, deadletters, replay, status, topology, trace
 from relay.ops.send import send
 from relay.replays import Replay
 from relay.secrets import resolve_secret
-from relay.settings import Settings, development_secrets_on_loopback_only
+from relay.settings import Settings, console_exposed, development_secrets_on_loopback_only
 from relay.worker import Worker
 
 EXIT_OK = 0
@@ -456,10 +456,12 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _console(settings: Settings, args: argparse.Namespace) -> int:
-    page = replace(
-        settings.console,
-        host=args.host or settings.console.host,
-        port=args.port if args.port is not None else settings.console.port,
+    page = console_exposed(
+        replace(
+            settings.console,
+            host=args.host or settings.console.host,
+            port=args.port if args.port is not None else settings.console.port,
+        )
     )
     if not (page.token or page.read_token or page.public_read):
         raise ConfigError(

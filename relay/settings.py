@@ -452,6 +452,20 @@ def _worker(t: _Table) -> WorkerSettings:
     )
 
 
+def console_exposed(console: ConsoleSettings) -> ConsoleSettings:
+    """`console`, unless it would serve a token's development default beyond loopback (its
+    host from the config or from `relay console --host`)."""
+    for name in ("token", "read_token"):
+        secret: Secret | None = getattr(console, name)
+        if secret is not None and secret.development and console.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"console.{name}: {secret.origin.removesuffix(' default')} is not set, and its "
+                f"development default is refused while console.host is {console.host!r} (not "
+                "loopback)"
+            )
+    return console
+
+
 def _console(t: _Table) -> ConsoleSettings:
     t.only("host", "port", "token", "read_token", "public_read", "refresh_seconds", "management_ui")
     d = ConsoleSettings()  # the defaults
@@ -459,24 +473,21 @@ def _console(t: _Table) -> ConsoleSettings:
         resolve_secret(spec, t.key(name)) if (spec := t.get(name, str, "")) else None
         for name in ("token", "read_token")
     )
-    host = t.get("host", str, d.host)
-    for name, secret in (("token", token), ("read_token", read_token)):
-        if secret is not None and secret.development and host not in LOOPBACK_HOSTS:
-            raise ConfigError(
-                f"{t.key(name)}: {secret.origin.removesuffix(' default')} is not set, and its "
-                f"development default is refused while console.host is {host!r} (not loopback)"
-            )
     management_ui = t.get("management_ui", str, d.management_ui)
     if management_ui and urlsplit(management_ui).scheme not in ("http", "https"):
         raise ConfigError(f"{t.key('management_ui')}: expected an http:// or https:// URL")
-    return ConsoleSettings(
-        host=host,
-        port=t.port("port", d.port),
-        token=token,
-        read_token=read_token,
-        public_read=t.get("public_read", bool, d.public_read),
-        refresh_seconds=t.number("refresh_seconds", d.refresh_seconds, minimum=0.5, integer=False),
-        management_ui=management_ui,
+    return console_exposed(
+        ConsoleSettings(
+            host=t.get("host", str, d.host),
+            port=t.port("port", d.port),
+            token=token,
+            read_token=read_token,
+            public_read=t.get("public_read", bool, d.public_read),
+            refresh_seconds=t.number(
+                "refresh_seconds", d.refresh_seconds, minimum=0.5, integer=False
+            ),
+            management_ui=management_ui,
+        )
     )
 
 

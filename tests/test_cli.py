@@ -426,6 +426,22 @@ def test_a_console_nobody_could_use_is_a_config_error(tmp_path: Path) -> None:
     assert "console: set token (operators), read_token (readers) or public_read" in result.stderr
 
 
+def test_a_console_moved_off_loopback_refuses_the_development_token() -> None:
+    # config/relay.toml's console listens on loopback with a development default token
+    result = run_relay(
+        "console", "--config", "config/relay.toml", "--host", "0.0.0.0",  # noqa: S104
+        unset=("RELAY_CONSOLE_TOKEN",),
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.endswith(
+        "console.token: env:RELAY_CONSOLE_TOKEN is not set, and its development default is refused "
+        "while console.host is '0.0.0.0' (not loopback)"
+    )
+    assert "dev-insecure-console" not in result.stderr
+
+
 def test_a_busy_console_port_is_a_runtime_failure(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
