@@ -183,8 +183,12 @@ def test_compose_file_resolves() -> None:
 
     assert set(services) == {
         "rabbitmq", "topology", "ingress-1", "ingress-2", "worker", "nginx", "otel-collector",
+        "console",
     }  # fmt: skip
     assert services["otel-collector"]["profiles"] == ["tracing"]  # started only when asked
+    assert services["console"]["profiles"] == ["console"]
+    assert services["console"]["command"] == ["console", "--host", ANY_ADDRESS]
+    assert services["console"]["ports"] == ["127.0.0.1:8090:8090/tcp"]  # never beyond the host
     for name in ("ingress-1", "ingress-2"):
         assert services[name]["command"] == ["ingress", "--host", ANY_ADDRESS]
         assert services[name]["environment"]["RELAY_AMQP_URL"].endswith("@rabbitmq:5672/")
