@@ -285,7 +285,7 @@ async def test_status_counts_per_handler_what_relay_unrouted_holds_for_it_and_mo
     assert as_json.returncode == 0, as_json.stderr
     found = orjson.loads(as_json.stdout)
     stranded = found["stranded"]
-    assert (stranded["complete"], stranded["not_read"]) == (True, "")
+    assert (stranded["complete"], stranded["not_read"]) == (True, ""), stranded
     assert found["unrouted"] == stranded["queued"] == stranded["read"] >= len(before)
     assert stranded["handlers"] == {paid: 2, every: 3}
     # and says so in its text, with where to read what to do
