@@ -481,6 +481,22 @@ async def test_a_development_secret_on_loopback_is_logged_loudly(tmp_path: Path)
     assert "dev-secret" not in ingress.output()
 
 
+@pytest.mark.timeout(60)
+async def test_a_development_console_token_on_loopback_is_logged_loudly(tmp_path: Path) -> None:
+    assert "RELAY_TEST_UNSET" not in os.environ
+    port = free_port()
+    async with Relay(tmp_path) as relay:
+        config = relay.config(console={"token": "env:RELAY_TEST_UNSET:-dev-token", "port": port})
+        console = await relay.run("console", config=config)
+        warning = "DEVELOPMENT TOKEN IN USE: anyone who read the config can log in"
+        await eventually(lambda: console.logged(warning), timeout=30, what="the warning")
+
+    [line] = console.events(warning)
+    assert (line["level"], line["token"]) == ("warning", "token")
+    assert line["secret"] == "Secret(<env:RELAY_TEST_UNSET default>)"
+    assert "dev-token" not in console.output()
+
+
 @pytest.mark.rabbit
 @pytest.mark.timeout(60)
 async def test_worker_metrics_listen_on_loopback_by_default(tmp_path: Path) -> None:

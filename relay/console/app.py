@@ -161,6 +161,11 @@ async def serve(settings: Settings, stopping: asyncio.Event) -> None:
         why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's long sentence
         raise CannotListen(f"console on {host}:{port}: {why}") from None
     log.info("console serving", url=f"http://{host}:{port}/")
+    for name in ("token", "read_token"):
+        secret = getattr(settings.console, name)
+        if secret is not None and secret.development:
+            log.warning("DEVELOPMENT TOKEN IN USE: anyone who read the config can log in",
+                        token=name, secret=repr(secret))  # fmt: skip
     try:
         await stopping.wait()
     finally:
